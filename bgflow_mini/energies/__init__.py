@@ -1,0 +1,5 @@
+"""Energies returning reduced energies u/kT of shape ``(batch,)``."""
+
+from .base import Energy
+
+__all__ = ["Energy"]
