@@ -1,0 +1,152 @@
+"""Tests of the Trainer: losses, phases, skipped steps, clipping, checkpoint/resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bgflow_mini import BoltzmannGenerator, StandardNormal
+from bgflow_mini.flows import coupling_flow
+from bgflow_mini.training import Phase, Trainer
+
+
+def shifted_gaussian(x):
+    """u = |x - 1|^2 / 2 (a unit Gaussian centred at 1), shape (batch,)."""
+    return 0.5 * ((x - 1.0) ** 2).sum(-1)
+
+
+def make_bg(kind="rnvp", seed=0):
+    torch.manual_seed(seed)
+    flow = coupling_flow(2, 2, hidden=(16, 16), kind=kind)
+    return BoltzmannGenerator(StandardNormal(2), flow, shifted_gaussian)
+
+
+def data(n=512, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, generator=g) + 1.0
+
+
+@pytest.mark.parametrize("kind", ["rnvp", "nice"])
+def test_ml_and_kl_reduce_losses(kind):
+    bg = make_bg(kind)
+    trainer = Trainer(bg, lr=5e-3, batch_size=128, progress=False)
+    hist = trainer.fit(150, data=data(), w_ml=1.0)
+    first = sum(r["nll"] for r in hist[:10]) / 10
+    last = sum(r["nll"] for r in hist[-10:]) / 10
+    assert last < first - 0.3
+    hist = trainer.fit(100, w_ml=0.0, w_kl=1.0)
+    # the reverse KL is bounded below by -log Z = -log(2 pi) for this target
+    assert hist[-1]["kl"] > -math.log(2 * math.pi) - 0.2
+    assert sum(r["kl"] for r in hist[-10:]) / 10 < -math.log(2 * math.pi) + 0.1
+    assert trainer.step == 250 and len(trainer.history) == 250
+
+
+def test_phases_and_resume_give_identical_losses(tmp_path):
+    phases = [
+        Phase(steps=12, w_ml=1.0, lr=3e-3, name="ml"),
+        Phase(steps=12, w_ml=0.5, w_kl=1.0, lr=1e-3, name="mixed"),
+    ]
+    sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.9)  # noqa: E731
+    kw = dict(batch_size=32, kl_batch_size=32, ess_every=5, ess_samples=64, progress=False)
+
+    full = Trainer(make_bg(), scheduler=sched, **kw)
+    full.fit_phases(phases, data=data())
+    ref = [(r["loss"], r["lr"], r.get("ess_eval")) for r in full.history]
+    assert len(ref) == 24 and full.history[-1]["phase"] == "mixed"
+
+    # interrupted run: stop in the middle of phase 2, then resume in a fresh process-like state
+    part = Trainer(make_bg(), scheduler=sched, **kw)
+    part.fit_phases([phases[0], Phase(**{**phases[1].__dict__, "steps": 5})], data=data())
+    ckpt = part.save_checkpoint(tmp_path / "ckpt.pt", extra={"system": "toy"})
+    torch.manual_seed(12345)  # disturb the global RNG: the checkpoint must restore it
+
+    resumed = Trainer(make_bg(seed=99), scheduler=sched, **kw)
+    assert resumed.load_checkpoint(ckpt) == {"system": "toy"}
+    assert resumed.step == 17
+    resumed.fit_phases(phases, data=data())
+    got = [(r["loss"], r["lr"], r.get("ess_eval")) for r in resumed.history]
+    assert got == ref
+
+
+def test_checkpoint_from_other_model_is_rejected(tmp_path):
+    t = Trainer(make_bg(), progress=False)
+    path = t.save_checkpoint(tmp_path / "a.pt")
+    torch.manual_seed(0)
+    other = BoltzmannGenerator(StandardNormal(3), coupling_flow(3, 2), shifted_gaussian)
+    with pytest.raises(ValueError, match="does not match"):
+        Trainer(other, progress=False).load_checkpoint(path)
+    with pytest.raises(FileNotFoundError):
+        t.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_nonfinite_loss_step_is_skipped_and_counted():
+    calls = {"n": 0}
+
+    def flaky(x):
+        calls["n"] += 1
+        u = shifted_gaussian(x)
+        if calls["n"] % 2 == 0:  # every second call: NaN energy for the whole batch
+            return torch.full_like(u, math.nan)
+        return u
+
+    bg = BoltzmannGenerator(StandardNormal(2), coupling_flow(2, 1), flaky)
+    trainer = Trainer(bg, kl_batch_size=16, w_ml=0.0, w_kl=1.0, progress=False)
+    before = [p.detach().clone() for p in bg.parameters()]
+    hist = trainer.fit(1, w_ml=0.0, w_kl=1.0)
+    assert not hist[0]["skipped"]
+    mid = [p.detach().clone() for p in bg.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, mid))
+    hist = trainer.fit(1, w_ml=0.0, w_kl=1.0)
+    assert hist[0]["skipped"] and trainer.n_skipped == 1
+    after = [p.detach() for p in bg.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(mid, after))  # never applied
+
+
+def test_infinite_energies_dropped_and_counted():
+    def partly_inf(x):
+        u = shifted_gaussian(x)
+        return torch.where(x[:, 0] > 1.5, torch.full_like(u, math.inf), u)
+
+    bg = BoltzmannGenerator(StandardNormal(2), coupling_flow(2, 1), partly_inf)
+    trainer = Trainer(bg, kl_batch_size=256, w_ml=0.0, w_kl=1.0, progress=False)
+    rec = trainer.fit(1)[0]
+    assert not rec["skipped"] and math.isfinite(rec["kl"])
+    assert rec["n_nonfinite"] > 0 and trainer.n_nonfinite_samples == rec["n_nonfinite"]
+    strict = Trainer(bg, kl_batch_size=256, w_ml=0, w_kl=1, drop_nonfinite=False, progress=False)
+    assert strict.fit(1)[0]["skipped"]
+
+
+def test_gradient_clipping_bounds_the_update():
+    bg = make_bg()
+    trainer = Trainer(bg, lr=1.0, batch_size=64, clip_grad_norm=1e-3, progress=False)
+    trainer.optimizer = torch.optim.SGD(bg.parameters(), lr=1.0)
+    before = torch.cat([p.detach().flatten().clone() for p in bg.parameters()])
+    rec = trainer.fit(1, data=data() * 50)[0]
+    after = torch.cat([p.detach().flatten() for p in bg.parameters()])
+    assert rec["grad_norm"] > 1e-3  # the raw norm is logged
+    assert float((after - before).norm()) <= 1e-3 * (1 + 1e-6)
+
+
+def test_bad_data_and_settings_are_clear_errors():
+    bg = make_bg()
+    trainer = Trainer(bg, progress=False)
+    bad = data()
+    bad[7, 1] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        trainer.fit(1, data=bad)
+    with pytest.raises(ValueError, match="needs data"):
+        trainer.fit(1)
+    with pytest.raises(ValueError, match="shape"):
+        trainer.fit(1, data=torch.zeros(10))
+    with pytest.raises(ValueError, match="features"):
+        trainer.fit(1, data=torch.zeros(10, 3))
+    with pytest.raises(ValueError):
+        trainer.fit(1, data=data(), w_ml=0.0, w_kl=0.0)
+    with pytest.raises(ValueError, match="energy"):
+        Trainer(BoltzmannGenerator(StandardNormal(2), coupling_flow(2, 1)), progress=False).fit(
+            1, w_ml=0, w_kl=1
+        )
+    with pytest.raises(ValueError):
+        Trainer(bg, lr=-1.0)
