@@ -1,0 +1,108 @@
+"""linlogcut / LinLogCut: identity below the threshold, bounded and finite above."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bgflow_mini.energies import DoubleWell, Energy, LinLogCut, linlogcut
+
+HIGH, MAX = 100.0, 1e6
+CAP = HIGH + math.log1p(MAX - HIGH)
+
+
+def test_identity_below_and_log_above():
+    u = torch.tensor([-1e4, -3.0, 0.0, 50.0, 99.999, 100.0], dtype=torch.float64)
+    assert torch.equal(linlogcut(u, HIGH, MAX), u)
+    v = torch.tensor([101.0, 200.0, 1e5], dtype=torch.float64)
+    expected = HIGH + torch.log(1 + v - HIGH)
+    torch.testing.assert_close(linlogcut(v, HIGH, MAX), expected, rtol=1e-15, atol=0)
+
+
+def test_continuous_and_monotone_at_threshold():
+    eps = 1e-7
+    u = torch.tensor([HIGH - eps, HIGH, HIGH + eps], dtype=torch.float64)
+    out = linlogcut(u, HIGH, MAX)
+    assert (out[1:] - out[:-1] >= 0).all()
+    assert abs(out[2].item() - out[0].item()) < 3 * eps
+    grid = torch.linspace(HIGH - 50, 2 * MAX, 100_001, dtype=torch.float64)
+    assert (linlogcut(grid, HIGH, MAX).diff() >= 0).all()
+    # slope 1 on both sides of the threshold (C1)
+    g = torch.tensor([HIGH - 1e-9, HIGH + 1e-9], dtype=torch.float64, requires_grad=True)
+    (dg,) = torch.autograd.grad(linlogcut(g, HIGH, MAX).sum(), g)
+    torch.testing.assert_close(dg, torch.ones_like(dg), rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nonfinite_and_huge_inputs_are_capped_with_finite_gradients(dtype):
+    u = torch.tensor(
+        [1e30, float("inf"), float("nan"), float("-inf"), MAX, 2 * MAX, 10.0, 150.0],
+        dtype=dtype,
+        requires_grad=True,
+    )
+    out = linlogcut(u, HIGH, MAX)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out[:6], torch.full((6,), CAP, dtype=dtype))
+    (g,) = torch.autograd.grad(out.sum(), u)
+    assert torch.isfinite(g).all()
+    expected = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1 / 51], dtype=dtype)
+    torch.testing.assert_close(g, expected)
+
+
+def test_bad_thresholds():
+    with pytest.raises(ValueError):
+        linlogcut(torch.zeros(3), high=10.0, max=5.0)
+    with pytest.raises(ValueError):
+        LinLogCut(DoubleWell(), high=10.0, max=10.0)
+
+
+class _Singular(Energy):
+    """u = 1/|x1| + x2^2: +inf at x1 = 0, NaN for a NaN input."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def _energy(self, x: torch.Tensor) -> torch.Tensor:
+        return 1.0 / x[:, 0].abs() + x[:, 1] ** 2
+
+
+def test_wrapper_values_gradients_and_stats():
+    e = LinLogCut(_Singular(), high=HIGH, max=MAX)
+    assert e.dim == 2
+    x = torch.tensor(
+        [[1.0, 2.0], [0.0, 1.0], [float("nan"), 0.0], [1e-3, 0.5], [0.5, -1.0]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    u = e(x)
+    assert torch.isfinite(u).all()
+    torch.testing.assert_close(u[[0, 4]], torch.tensor([5.0, 3.0], dtype=torch.float64))
+    assert u[1].item() == pytest.approx(CAP) and u[2].item() == pytest.approx(CAP)
+    assert u[3].item() == pytest.approx(HIGH + math.log(1 + 1000.25 - HIGH))
+    (g,) = torch.autograd.grad(u.sum(), x)
+    assert torch.isfinite(g).all()
+    # good rows: exact gradient of the cut energy; bad rows: zero
+    torch.testing.assert_close(g[0], torch.tensor([-1.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(g[4], torch.tensor([-4.0, -2.0], dtype=torch.float64))
+    slope = 1.0 / (1.0 + 1000.25 - HIGH)
+    torch.testing.assert_close(g[3], torch.tensor([-1e6 * slope, 1.0 * slope], dtype=torch.float64))
+    assert (g[1:3] == 0).all()
+    assert e.stats == {"evaluated": 5, "nonfinite": 2, "above_high": 1}
+    with torch.no_grad():
+        e(x)
+    assert e.stats == {"evaluated": 10, "nonfinite": 4, "above_high": 2}
+    e.reset_stats()
+    assert e.stats == {"evaluated": 0, "nonfinite": 0, "above_high": 0}
+    # a batch where every energy is non-finite still gives zero, finite gradients
+    x_bad = torch.zeros(3, 2, dtype=torch.float64, requires_grad=True)
+    (g_bad,) = torch.autograd.grad(e(x_bad).sum(), x_bad)
+    assert torch.equal(g_bad, torch.zeros_like(g_bad))
+
+
+def test_wrapper_is_transparent_in_normal_range():
+    dw = DoubleWell(dim=3)
+    x = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(LinLogCut(dw)(x), dw(x))
+    assert LinLogCut(dw)(x.float()).dtype == torch.float32
