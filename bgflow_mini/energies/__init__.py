@@ -1,5 +1,15 @@
 """Energies returning reduced energies u/kT of shape ``(batch,)``."""
 
 from .base import Energy
+from .openmm import OpenMMEnergy
+from .regularization import LinLogCut, linlogcut
+from .toy import DoubleWell, MuellerBrown
 
-__all__ = ["Energy"]
+__all__ = [
+    "Energy",
+    "OpenMMEnergy",
+    "LinLogCut",
+    "linlogcut",
+    "DoubleWell",
+    "MuellerBrown",
+]
