@@ -1,0 +1,30 @@
+"""Internal coordinates: Z-matrices, the IC <-> Cartesian flow and IC normalisation."""
+
+from __future__ import annotations
+
+from .internal import InternalCoordinates, bond_angles, bond_lengths, dihedral_angles
+from .normalization import (
+    CircularShift,
+    ICTransform,
+    Standardize,
+    ic_transform,
+    least_populated_angle,
+    wrap_angle,
+)
+from .zmatrix import bond_graph, build_zmatrix, validate_zmatrix
+
+__all__ = [
+    "InternalCoordinates",
+    "bond_lengths",
+    "bond_angles",
+    "dihedral_angles",
+    "Standardize",
+    "CircularShift",
+    "ICTransform",
+    "ic_transform",
+    "least_populated_angle",
+    "wrap_angle",
+    "build_zmatrix",
+    "validate_zmatrix",
+    "bond_graph",
+]

@@ -1,0 +1,250 @@
+"""Normalisation of internal coordinates and the full IC transform.
+
+All layers follow the package convention: ``forward`` maps latent -> data,
+``inverse`` maps data -> latent, logdets are exact and of shape ``(batch,)``.
+
+* :class:`Standardize`: affine ``x = z * std + mean`` on selected features.
+* :class:`CircularShift`: ``x = wrap(z + shift)`` on selected angles, chosen so
+  that each angle's least-populated region sits at the +-pi cut of the latent.
+* :class:`ICTransform` / :func:`ic_transform`: ``Sequential(Standardize,
+  CircularShift, InternalCoordinates)`` fitted to training positions, i.e.
+  ``flow(latent_ics) -> (cartesian, logdet)`` and
+  ``flow.inverse(cartesian) -> (latent_ics, logdet)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..flows.base import Flow, Sequential, check_batch
+from .internal import InternalCoordinates
+
+__all__ = [
+    "wrap_angle",
+    "least_populated_angle",
+    "Standardize",
+    "CircularShift",
+    "ICTransform",
+    "ic_transform",
+]
+
+
+def wrap_angle(a: Tensor) -> Tensor:
+    """Wrap angles (radians) into [-pi, pi)."""
+    w = torch.remainder(a + math.pi, 2 * math.pi) - math.pi
+    return torch.where(w >= math.pi, w - 2 * math.pi, w)
+
+
+def least_populated_angle(angles: Tensor, n_bins: int = 36) -> Tensor:
+    """Centre (radians) of the widest circular run of least-populated histogram bins.
+
+    Arguments:
+        angles: ``(n_samples, k)`` angles in radians (any range; wrapped first).
+        n_bins: histogram bins over [-pi, pi).
+
+    Returns:
+        ``(k,)`` angles in [-pi, pi), same dtype/device as ``angles``.
+    """
+    check_batch(angles, None, "angles")
+    if n_bins < 2:
+        raise ValueError(f"n_bins must be >= 2, got {n_bins}")
+    a = wrap_angle(angles.detach()).cpu().double().numpy()
+    width = 2 * math.pi / n_bins
+    idx = np.clip(np.floor((a + math.pi) / width).astype(np.int64), 0, n_bins - 1)
+    out = np.empty(a.shape[1])
+    for j in range(a.shape[1]):
+        counts = np.bincount(idx[:, j], minlength=n_bins)
+        is_min = np.concatenate([counts, counts]) == counts.min()
+        best_len, best_start, run = 0, 0, 0
+        for i in range(2 * n_bins):  # runs on the doubled array handle wrap-around
+            run = run + 1 if is_min[i] else 0
+            if min(run, n_bins) > best_len:
+                best_len, best_start = min(run, n_bins), i - min(run, n_bins) + 1
+        centre_bin = best_start + best_len / 2.0  # in bin units, may exceed n_bins
+        out[j] = -math.pi + centre_bin * width
+    return wrap_angle(torch.as_tensor(out, dtype=angles.dtype, device=angles.device))
+
+
+def _full(values: Any, mask: Tensor, fill: float, name: str) -> Tensor:
+    """Expand ``values`` of shape ``(dim,)`` or ``(mask.sum(),)`` to a ``(dim,)`` tensor."""
+    v = torch.as_tensor(values).detach()
+    if not v.is_floating_point():
+        v = v.double()
+    v = v.to(mask.device)
+    out = torch.full(mask.shape, fill, dtype=v.dtype, device=mask.device)
+    if v.shape == mask.shape:
+        out[mask] = v[mask]
+    elif v.shape == (int(mask.sum()),):
+        out[mask] = v
+    else:
+        raise ValueError(
+            f"{name} must have shape ({mask.numel()},) or ({int(mask.sum())},), got "
+            f"{tuple(v.shape)}"
+        )
+    return out
+
+
+def _as_mask(mask: Any) -> Tensor:
+    m = torch.as_tensor(mask)
+    if m.dtype != torch.bool or m.ndim != 1:
+        raise ValueError(f"mask must be a 1-d bool tensor, got {m.dtype} {tuple(m.shape)}")
+    return m.clone()
+
+
+class Standardize(Flow):
+    """Affine normalisation of the features selected by ``mask``.
+
+    ``forward(z) = z * std + mean`` (latent -> data, logdet ``sum log std``);
+    ``inverse(x) = (x - mean) / std`` (logdet ``-sum log std``); unselected features
+    pass through.  ``mean`` and ``std`` have shape ``(dim,)`` or ``(mask.sum(),)``.
+    """
+
+    def __init__(self, mean: Any, std: Any, mask: Any) -> None:
+        super().__init__()
+        mask = _as_mask(mask)
+        self.dim = mask.numel()
+        shift = _full(mean, mask, 0.0, "mean")
+        scale = _full(std, mask, 1.0, "std").to(shift.dtype)
+        if not torch.all(scale[mask] > 0):
+            raise ValueError("std must be positive for all selected features")
+        self.register_buffer("mask", mask)
+        self.register_buffer("shift", shift)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_data(cls, data: Tensor, mask: Any, min_std: float = 1e-6) -> Standardize:
+        """Mean and std (clamped at ``min_std``) of ``data`` ``(n_samples, dim)``."""
+        mask = _as_mask(mask)
+        check_batch(data, mask.numel(), "data")
+        if data.shape[0] < 2:
+            raise ValueError("need at least 2 samples to estimate a standard deviation")
+        d = data.detach()
+        return cls(d.mean(0), d.std(0).clamp_min(min_std), mask)
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        return torch.log(self.scale.to(x)).sum().expand(x.shape[0])
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        check_batch(z, self.dim, "latent")
+        return z * self.scale.to(z) + self.shift.to(z), self._logdet(z)
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_batch(x, self.dim, "data")
+        return (x - self.shift.to(x)) / self.scale.to(x), -self._logdet(x)
+
+
+class CircularShift(Flow):
+    """Rotate the angles selected by ``mask``: ``x = wrap(z + shift)``, ``z = wrap(x - shift)``.
+
+    Selected outputs are wrapped into [-pi, pi); unselected features pass through.
+    The map is a bijection of the circle, logdet 0.  With ``shift = a + pi`` the data
+    angle ``a`` lands on the latent cut ``-pi``: :meth:`from_data` uses ``a`` =
+    :func:`least_populated_angle`.
+    """
+
+    def __init__(self, shift: Any, mask: Any) -> None:
+        super().__init__()
+        mask = _as_mask(mask)
+        self.dim = mask.numel()
+        self.register_buffer("mask", mask)
+        self.register_buffer("shift", _full(shift, mask, 0.0, "shift"))
+
+    @classmethod
+    def from_data(cls, angles: Tensor, mask: Any, n_bins: int = 36) -> CircularShift:
+        """Shift each selected column of ``angles`` ``(n, dim)`` so that its least
+        populated bin sits at the +-pi cut."""
+        mask = _as_mask(mask)
+        check_batch(angles, mask.numel(), "angles")
+        cut = least_populated_angle(angles[:, mask], n_bins)
+        return cls(wrap_angle(cut + math.pi), mask)
+
+    def _apply(self, v: Tensor, sign: float) -> Tensor:
+        out = wrap_angle(v + sign * self.shift.to(v))
+        return torch.where(self.mask, out, v)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        check_batch(z, self.dim, "latent")
+        return self._apply(z, 1.0), z.new_zeros(z.shape[0])
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_batch(x, self.dim, "data")
+        return self._apply(x, -1.0), x.new_zeros(x.shape[0])
+
+
+def _positions_tensor(positions: Any, n_atoms: int) -> Tensor:
+    """Training positions as ``(n_frames, 3 * n_atoms)`` tensor (nm); validates shape."""
+    if hasattr(positions, "xyz") and not isinstance(positions, Tensor):  # mdtraj.Trajectory
+        positions = positions.xyz
+    x = torch.as_tensor(np.asarray(positions) if not isinstance(positions, Tensor) else positions)
+    if not x.is_floating_point():
+        raise ValueError(f"train_positions must be floating point, got {x.dtype}")
+    if x.ndim == 3 and x.shape[1:] == (n_atoms, 3):
+        x = x.reshape(x.shape[0], 3 * n_atoms)
+    if x.ndim != 2 or x.shape[1] != 3 * n_atoms:
+        raise ValueError(
+            f"train_positions must have shape (n_frames, {3 * n_atoms}) or "
+            f"(n_frames, {n_atoms}, 3), got {tuple(x.shape)}"
+        )
+    if x.shape[0] < 2:
+        raise ValueError(f"need at least 2 training frames, got {x.shape[0]}")
+    if not torch.isfinite(x).all():
+        raise ValueError("train_positions contain non-finite values")
+    return x.detach()
+
+
+class ICTransform(Sequential):
+    """``Sequential(Standardize, CircularShift, InternalCoordinates)``.
+
+    ``forward(z)`` maps normalised ICs ``(batch, 3N-6)`` -> Cartesian ``(batch, 3N)``
+    nm; ``inverse(x)`` maps back.  Latent layout equals the IC layout of
+    :class:`InternalCoordinates`: standardised bonds and angles, then torsions that
+    stay angles in [-pi, pi) (``circular`` mask).
+    """
+
+    def __init__(
+        self, standardize: Standardize, shift: CircularShift, internal: InternalCoordinates
+    ) -> None:
+        if not (standardize.dim == shift.dim == internal.dim):
+            raise ValueError("standardize, shift and internal must have the same dim")
+        super().__init__(standardize, shift, internal)
+        self.dim = internal.dim
+        self.register_buffer("circular", internal.circular.clone())
+
+    @property
+    def internal(self) -> InternalCoordinates:
+        return self.flows[2]
+
+
+def ic_transform(
+    zmatrix: Any,
+    train_positions: Any,
+    *,
+    n_bins: int = 36,
+    min_std: float = 1e-6,
+) -> tuple[ICTransform, Tensor]:
+    """Fit the IC normalisation to training data.
+
+    Arguments:
+        zmatrix: ``(N, 4)`` Z-matrix (see :func:`build_zmatrix`).
+        train_positions: ``(n_frames, 3N)`` or ``(n_frames, N, 3)`` nm (tensor, array
+            or mdtraj.Trajectory).
+        n_bins: histogram bins for the torsion cut.
+        min_std: lower bound of the bond/angle standard deviations.
+
+    Returns:
+        ``(flow, circular)``: the :class:`ICTransform` (buffers in the training data's
+        dtype; inputs of other dtypes work too) and its bool mask ``(3N-6,)`` of
+        torsion features.
+    """
+    internal = InternalCoordinates(zmatrix)
+    x = _positions_tensor(train_positions, internal.n_atoms)
+    ics, _ = internal.inverse(x)
+    standardize = Standardize.from_data(ics, ~internal.circular, min_std=min_std)
+    shift = CircularShift.from_data(ics, internal.circular, n_bins=n_bins)
+    flow = ICTransform(standardize, shift, internal)
+    return flow, flow.circular
