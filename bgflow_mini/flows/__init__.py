@@ -1,5 +1,23 @@
 """Invertible flows: ``flow(z) -> (x, logdet)``, ``flow.inverse(x) -> (z, logdet)``."""
 
 from .base import Flow, Inverse, Sequential, check_batch
+from .circular import circular_spline, n_circular_spline_params, wrap
+from .coupling import AdditiveCoupling, AffineCoupling, as_mask, coupling_flow
+from .nets import MLP
+from .permutation import Permutation
 
-__all__ = ["Flow", "Sequential", "Inverse", "check_batch"]
+__all__ = [
+    "Flow",
+    "Sequential",
+    "Inverse",
+    "check_batch",
+    "MLP",
+    "AffineCoupling",
+    "AdditiveCoupling",
+    "Permutation",
+    "coupling_flow",
+    "as_mask",
+    "wrap",
+    "circular_spline",
+    "n_circular_spline_params",
+]

@@ -92,5 +92,3 @@ class Inverse(Flow):
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.flow(x)
-
-

@@ -1,0 +1,267 @@
+"""Coupling layers (RealNVP affine, NICE additive) with optional circular features.
+
+A coupling layer splits features by a boolean ``mask``: ``True`` = transformed
+(``b``), ``False`` = conditioning (``a``, passed through unchanged). A conditioner
+:class:`~bgflow_mini.flows.nets.MLP` maps the conditioning features to the
+parameters of an elementwise bijection of the transformed features.
+
+Circular features (angles on ``[-pi, pi)``, e.g. torsions) are marked by
+``circular`` (a boolean mask or a list of indices):
+
+* the conditioner sees ``(cos a, sin a)`` of each circular conditioning feature
+  instead of the raw angle, so it is 2 pi-periodic in them;
+* in :class:`AffineCoupling` a transformed circular feature goes through a
+  circular rational-quadratic spline plus a rotation
+  (:func:`~bgflow_mini.flows.circular.circular_spline`), a smooth circle
+  diffeomorphism whose density is continuous across the cut at ``+-pi``;
+* in :class:`AdditiveCoupling` it is rotated, ``x_b = wrap(z_b + t(z_a))``
+  (volume preserving).
+
+Non-circular transformed features: affine ``x_b = z_b * exp(s) + t`` with the
+log-scale kept tame by ``s = a * tanh(raw)`` (``a`` a learnable per-feature
+bound, initialised to 1), or additive ``x_b = z_b + t``. The conditioner's last
+layer is zero at initialisation, so every fresh layer is the identity.
+
+Masks (not permutations) are used, so features keep their positions and the
+circular mask stays valid through a whole stack built by :func:`coupling_flow`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Flow, Sequential, check_batch
+from .circular import circular_spline, n_circular_spline_params, wrap
+from .nets import MLP
+
+__all__ = ["AffineCoupling", "AdditiveCoupling", "coupling_flow", "as_mask"]
+
+_KINDS = ("rnvp", "nice")
+
+
+def as_mask(spec: Sequence[bool] | Sequence[int] | Tensor | None, dim: int, name: str) -> Tensor:
+    """Turn a boolean mask of length ``dim`` or a list of indices into a bool tensor ``(dim,)``.
+
+    ``None`` or an empty list gives an all-``False`` mask.
+    """
+    if spec is None:
+        return torch.zeros(dim, dtype=torch.bool)
+    t = torch.as_tensor(spec).detach().cpu()
+    if t.numel() == 0:
+        return torch.zeros(dim, dtype=torch.bool)
+    if t.ndim != 1:
+        raise ValueError(
+            f"{name} must be 1-D (bool mask or index list), got shape {tuple(t.shape)}"
+        )
+    if t.dtype == torch.bool:
+        if t.numel() != dim:
+            raise ValueError(f"{name} is a bool mask of length {t.numel()}, expected dim={dim}")
+        return t.clone()
+    if t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{name} must be a bool mask or integer indices, got dtype {t.dtype}")
+    t = t.long()
+    if t.min() < 0 or t.max() >= dim or t.unique().numel() != t.numel():
+        raise ValueError(f"{name} indices must be distinct and in 0..{dim - 1}, got {t.tolist()}")
+    m = torch.zeros(dim, dtype=torch.bool)
+    m[t] = True
+    return m
+
+
+def _check_dim(dim: int, who: str) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"{who} dim must be an int, got {dim!r}")
+    if dim < 2:
+        raise ValueError(f"{who} needs dim >= 2 (one part conditions the other), got dim={dim}")
+    return dim
+
+
+def _where(m: Tensor) -> Tensor:
+    return torch.nonzero(m, as_tuple=False).flatten()
+
+
+class _Coupling(Flow):
+    """Shared bookkeeping: index sets, conditioner, reassembly of the output."""
+
+    def __init__(
+        self,
+        dim: int,
+        mask: Sequence[bool] | Sequence[int] | Tensor,
+        hidden: Sequence[int],
+        activation: Callable[[], nn.Module],
+        circular: Sequence[bool] | Sequence[int] | Tensor | None,
+        n_linear_params: int,
+        n_circular_params: int,
+    ) -> None:
+        super().__init__()
+        self.n_linear_params = n_linear_params
+        self.n_circular_params = n_circular_params
+        who = type(self).__name__
+        self.dim = _check_dim(dim, who)
+        m = as_mask(mask, dim, f"{who} mask")
+        if not m.any() or m.all():
+            raise ValueError(
+                f"{who} mask must transform some but not all features, got {m.tolist()}"
+            )
+        c = as_mask(circular, dim, f"{who} circular")
+        self.register_buffer("mask", m)
+        self.register_buffer("circular", c)
+        self.register_buffer("cond_linear", _where(~m & ~c))
+        self.register_buffer("cond_circular", _where(~m & c))
+        self.register_buffer("idx_linear", _where(m & ~c))
+        self.register_buffer("idx_circular", _where(m & c))
+        order = torch.cat([_where(~m), self.idx_linear, self.idx_circular])
+        self.register_buffer("restore", torch.argsort(order))
+        n_in = self.cond_linear.numel() + 2 * self.cond_circular.numel()
+        self._n_lin_out = self.n_linear_params * self.idx_linear.numel()
+        n_out = self._n_lin_out + self.n_circular_params * self.idx_circular.numel()
+        self.conditioner = MLP(n_in, n_out, hidden, activation)
+
+    def conditioner_input(self, z: Tensor) -> Tensor:
+        """Conditioner features ``(batch, n_lin + 2 n_circ)``: raw linear, cos and sin of angles."""
+        ang = z[:, self.cond_circular]
+        return torch.cat([z[:, self.cond_linear], torch.cos(ang), torch.sin(ang)], dim=1)
+
+    def _linear(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError  # pragma: no cover
+
+    def _circular(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError  # pragma: no cover
+
+    def _couple(self, z: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        check_batch(z, self.dim, f"{type(self).__name__} input")
+        n = z.shape[0]
+        params = self.conditioner(self.conditioner_input(z))
+        n_lin, n_circ = self.idx_linear.numel(), self.idx_circular.numel()
+        p_lin = params[:, : self._n_lin_out].reshape(n, n_lin, self.n_linear_params)
+        p_circ = params[:, self._n_lin_out :].reshape(n, n_circ, self.n_circular_params)
+        y_lin, ld_lin = self._linear(z[:, self.idx_linear], p_lin, inverse)
+        y_circ, ld_circ = self._circular(z[:, self.idx_circular], p_circ, inverse)
+        passive = z[:, ~self.mask]
+        out = torch.cat([passive, y_lin, y_circ], dim=1)[:, self.restore]
+        return out, ld_lin.sum(dim=1) + ld_circ.sum(dim=1)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self._couple(z, inverse=False)
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._couple(x, inverse=True)
+
+    def extra_repr(self) -> str:
+        circ = _where(self.circular).tolist()
+        return f"dim={self.dim}, mask={self.mask.int().tolist()}, circular={circ}"
+
+
+class AffineCoupling(_Coupling):
+    """RealNVP coupling ``x_b = z_b * exp(s(z_a)) + t(z_a)``, ``x_a = z_a``.
+
+    ``s = a * tanh(raw)`` with a learnable per-feature bound ``a`` (parameter
+    ``scale_bound``, initialised to 1). Circular transformed features use a
+    circular RQ spline with ``n_bins`` bins plus rotation (see module docstring).
+
+    Arguments:
+        dim: number of features (>= 2).
+        mask: bool mask (True = transformed) or indices of transformed features.
+        hidden: conditioner hidden widths.
+        activation: conditioner activation class.
+        circular: bool mask or indices of angle features in ``[-pi, pi)``.
+        n_bins: spline bins for circular features (1 .. 512).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mask: Sequence[bool] | Sequence[int] | Tensor,
+        hidden: Sequence[int] = (64, 64),
+        activation: Callable[[], nn.Module] = nn.SiLU,
+        circular: Sequence[bool] | Sequence[int] | Tensor | None = None,
+        n_bins: int = 8,
+    ) -> None:
+        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or not 1 <= n_bins <= 512:
+            raise ValueError(f"AffineCoupling n_bins must be an int in 1..512, got {n_bins!r}")
+        n_circ = n_circular_spline_params(n_bins)
+        super().__init__(dim, mask, hidden, activation, circular, 2, n_circ)
+        self.n_bins = n_bins
+        self.scale_bound = nn.Parameter(torch.ones(self.idx_linear.numel()))
+
+    def _linear(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        s = self.scale_bound * torch.tanh(p[..., 0])
+        t = p[..., 1]
+        if inverse:
+            return (z - t) * torch.exp(-s), -s
+        return z * torch.exp(s) + t, s
+
+    def _circular(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        return circular_spline(z, p, inverse=inverse)
+
+
+class AdditiveCoupling(_Coupling):
+    """NICE coupling ``x_b = z_b + t(z_a)`` (circular: ``wrap(z_b + t(z_a))``); logdet 0.
+
+    Arguments as :class:`AffineCoupling` (``n_bins`` is accepted and ignored, so
+    both kinds share one signature).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mask: Sequence[bool] | Sequence[int] | Tensor,
+        hidden: Sequence[int] = (64, 64),
+        activation: Callable[[], nn.Module] = nn.SiLU,
+        circular: Sequence[bool] | Sequence[int] | Tensor | None = None,
+        n_bins: int = 8,
+    ) -> None:
+        super().__init__(dim, mask, hidden, activation, circular, 1, 1)
+
+    def _linear(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        t = p[..., 0]
+        return (z - t if inverse else z + t), torch.zeros_like(z)
+
+    def _circular(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        t = p[..., 0]
+        return wrap(z - t if inverse else z + t), torch.zeros_like(z)
+
+
+def coupling_flow(
+    dim: int,
+    n_blocks: int,
+    hidden: Sequence[int] = (64, 64),
+    kind: str = "rnvp",
+    activation: Callable[[], nn.Module] = nn.SiLU,
+    circular: Sequence[bool] | Sequence[int] | Tensor | None = None,
+    n_bins: int = 8,
+    seed: int | None = None,
+) -> Sequential:
+    """A stack of ``2 * n_blocks`` coupling layers.
+
+    Block ``i`` uses a half mask (first ``dim // 2`` features) for even ``i`` and an
+    interleaved mask (even indices) for odd ``i``; each block is a coupling with
+    the mask followed by one with its complement, so every feature is transformed
+    in every block. ``kind="rnvp"`` uses :class:`AffineCoupling`, ``"nice"``
+    :class:`AdditiveCoupling`. ``seed`` (if given) fixes the conditioner
+    initialisation without touching the global RNG state.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"coupling_flow kind must be one of {list(_KINDS)}, got {kind!r}")
+    _check_dim(dim, "coupling_flow")
+    if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
+        raise ValueError(f"coupling_flow n_blocks must be a positive int, got {n_blocks!r}")
+    layer = AffineCoupling if kind == "rnvp" else AdditiveCoupling
+    idx = torch.arange(dim)
+    patterns = (idx < dim // 2, idx % 2 == 0)
+
+    def build() -> Sequential:
+        layers: list[Flow] = []
+        for i in range(n_blocks):
+            m = patterns[i % 2]
+            for mask in (m, ~m):
+                layers.append(layer(dim, mask, hidden, activation, circular, n_bins))
+        return Sequential(*layers)
+
+    if seed is None:
+        return build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build()
