@@ -61,6 +61,28 @@ class BoltzmannGenerator(nn.Module):
         self.flow = flow
         self.energy = energy
 
+    # The energy is kept out of the module tree so that state dicts (checkpoints) hold
+    # only the model: a checkpoint trained with one energy backend loads with another.
+    # ``.to()``/``.double()``/``.cuda()`` still move an energy that is an ``nn.Module``.
+    @property
+    def energy(self) -> Callable[[Tensor], Tensor] | None:
+        """The target reduced energy (not part of :meth:`state_dict`)."""
+        return self.__dict__["_energy"]
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "energy":  # bypass nn.Module registration, see above
+            if value is not None and not callable(value):
+                raise TypeError(f"energy must be callable, got {type(value).__name__}")
+            self.__dict__["_energy"] = value
+        else:
+            super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if isinstance(self.energy, nn.Module):
+            self.energy._apply(fn)
+        return self
+
     @property
     def dim(self) -> int:
         """Number of latent features (equal to the data features for square flows)."""

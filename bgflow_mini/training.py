@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .losses import nll, reverse_kl
 
-__all__ = ["Phase", "Trainer", "log_ess"]
+__all__ = ["Phase", "Trainer", "log_ess", "cosine_schedule"]
 
 
 @dataclass
@@ -54,6 +54,28 @@ def log_ess(log_w: Tensor) -> Tensor:
     if not torch.isfinite(lw).any():
         return lw.new_zeros(())
     return torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)) / lw.numel()
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    final_factor: float = 0.01,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay of the learning rate to ``final_factor`` x base.
+
+    The factor multiplies the current base learning rate (a :class:`Phase` ``lr``
+    resets the base), evaluated at the global step.
+    """
+    total, warm = max(int(total_steps), 1), max(int(warmup_steps), 0)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min((step - warm) / max(total - warm, 1), 1.0)
+        return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class Trainer:

@@ -55,6 +55,11 @@ class DoubleWell(Energy):
             e = e + 0.5 * self.d * (x[:, 1:] ** 2).sum(dim=1)
         return e / self.kT
 
+    @staticmethod
+    def in_state_a(x: Tensor | np.ndarray) -> Tensor | np.ndarray:
+        """Boolean mask (batch,) of state A (x1 < 0, the deeper well)."""
+        return x[:, 0] < 0
+
     # ---- exact references (numpy / scipy) ---------------------------------------------
     def _u1(self, x1: np.ndarray | float) -> np.ndarray:
         """Reduced 1-D energy of ``x1`` (numpy), without the harmonic part."""

@@ -1,0 +1,167 @@
+"""Quality metrics of a trained Boltzmann generator against reference (MD) data.
+
+All free energies are in kT, angles in radians. Reweighted quantities always come
+with the ESS of the weights they use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from . import cv as cvmod
+from .reweighting import effective_sample_size, free_energy_difference
+
+__all__ = [
+    "histogram_kl",
+    "ramachandran_kl",
+    "state_masks",
+    "state_free_energy",
+    "block_free_energy",
+    "generator_samples",
+]
+
+
+def _norm_weights(log_w, n: int) -> np.ndarray:
+    if log_w is None:
+        return np.full(n, 1.0 / n)
+    lw = np.asarray(log_w, dtype=np.float64)
+    if lw.shape != (n,):
+        raise ValueError(f"log_w must have shape ({n},), got {lw.shape}")
+    lw = np.where(np.isfinite(lw), lw, -np.inf)
+    if not np.isfinite(lw).any():
+        raise ValueError("all log weights are -inf/NaN: no sample carries weight")
+    w = np.exp(lw - lw.max())
+    return w / w.sum()
+
+
+def histogram_kl(p_hist: np.ndarray, q_hist: np.ndarray, eps: float = 1e-10) -> float:
+    """Forward KL ``sum p log(p / q)`` of two histograms (normalised here).
+
+    ``eps`` is added to every bin of ``q`` (then renormalised) so that bins where the
+    reference has mass and ``q`` has none give a large finite penalty, not inf.
+    """
+    p = np.asarray(p_hist, dtype=np.float64).ravel()
+    q = np.asarray(q_hist, dtype=np.float64).ravel() + eps
+    p, q = p / p.sum(), q / q.sum()
+    m = p > 0
+    return float(np.sum(p[m] * np.log(p[m] / q[m])))
+
+
+def ramachandran_kl(
+    ref_phi, ref_psi, phi, psi, log_w=None, bins: int = 64, eps: float = 1e-10
+) -> float:
+    """Forward KL of the (phi, psi) histogram of reference data vs (weighted) samples.
+
+    Histograms on ``bins x bins`` bins over [-pi, pi)^2; ``log_w`` are the samples'
+    log importance weights (``None``: unweighted). See :func:`histogram_kl`.
+    """
+    edges = np.linspace(-math.pi, math.pi, bins + 1)
+    h_ref, _, _ = np.histogram2d(np.asarray(ref_phi), np.asarray(ref_psi), bins=[edges, edges])
+    w = _norm_weights(log_w, len(np.asarray(phi)))
+    h_q, _, _ = np.histogram2d(np.asarray(phi), np.asarray(psi), bins=[edges, edges], weights=w)
+    return histogram_kl(h_ref, h_q, eps)
+
+
+def state_masks(
+    cv_values: Mapping, states: Mapping, cvs: Mapping, state_a: str, state_b: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks ``(n,)`` of two named states (CV ranges from a system's YAML)."""
+    for s in (state_a, state_b):
+        if s not in states:
+            raise KeyError(f"unknown state {s!r}; defined states: {sorted(states)}")
+    a = np.asarray(cvmod.in_state(cv_values, states[state_a], cvs))
+    b = np.asarray(cvmod.in_state(cv_values, states[state_b], cvs))
+    return a, b
+
+
+def state_free_energy(
+    positions,
+    cvs: Mapping,
+    states: Mapping,
+    state_a: str,
+    state_b: str,
+    log_w=None,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> dict:
+    """ΔF = F_b - F_a = -ln(P_b / P_a) in kT from (weighted) configurations.
+
+    Arguments:
+        positions: ``(n, n_atoms*3)`` nm (numpy or torch).
+        cvs, states: the system's CV specs and states (``{name: {cv: [lo, hi]}}``).
+        state_a, state_b: state names.
+        log_w: log importance weights ``(n,)`` (``None``: plain samples).
+
+    Returns:
+        ``{"dF", "stderr", "ess", "n_a", "n_b"}`` (``ess`` = 1 for plain samples).
+    """
+    x = positions.detach().cpu().numpy() if isinstance(positions, torch.Tensor) else positions
+    names = sorted({name for s in (state_a, state_b) for name in states[s]})
+    values = cvmod.compute_cvs(np.asarray(x, dtype=np.float64), cvs, names)
+    a, b = state_masks(values, states, cvs, state_a, state_b)
+    lw = None if log_w is None else np.asarray(log_w, dtype=np.float64)
+    if lw is not None:
+        lw = np.where(np.isnan(lw) | (lw == np.inf), -np.inf, lw)
+    dF, err = free_energy_difference(lw, a, b, n_bootstrap=n_bootstrap, seed=seed)
+    ess = 1.0 if lw is None else effective_sample_size(lw)
+    return {"dF": dF, "stderr": err, "ess": ess, "n_a": int(a.sum()), "n_b": int(b.sum())}
+
+
+def block_free_energy(
+    in_a, in_b, n_blocks: int = 20, n_bootstrap: int = 500, seed: int = 0
+) -> tuple[float, float]:
+    """ΔF = -ln(P_b / P_a) of a time series of state labels, with a block-bootstrap error.
+
+    ``in_a``, ``in_b``: boolean masks ``(n_frames,)`` in time order (e.g. MD frames).
+    The series is cut into ``n_blocks`` contiguous blocks that are resampled with
+    replacement, so correlated frames do not shrink the error. Returns ``(dF, stderr)``
+    in kT; a state never visited gives ``inf`` and a replicate without a visit is
+    dropped from the error estimate.
+    """
+    a = np.asarray(in_a, dtype=bool)
+    b = np.asarray(in_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"in_a and in_b must be 1-D masks of equal length, got {a.shape}, {b.shape}"
+        )
+    if n_blocks < 2 or a.size < n_blocks:
+        raise ValueError(f"need 2 <= n_blocks <= n_frames, got {n_blocks} for {a.size} frames")
+    na, nb = a.sum(), b.sum()
+    if na == 0 or nb == 0:
+        return (math.inf if nb == 0 else -math.inf), math.inf
+    dF = -math.log(nb / na)
+    blocks = np.array_split(np.arange(a.size), n_blocks)
+    ca = np.array([a[i].sum() for i in blocks], dtype=float)
+    cb = np.array([b[i].sum() for i in blocks], dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n_blocks, size=(n_bootstrap, n_blocks))
+    sa, sb = ca[idx].sum(1), cb[idx].sum(1)
+    ok = (sa > 0) & (sb > 0)
+    if ok.sum() < n_bootstrap / 2:
+        return dF, math.inf
+    return dF, float(np.std(-np.log(sb[ok] / sa[ok]), ddof=1))
+
+
+@torch.no_grad()
+def generator_samples(generator, n: int, batch_size: int = 4096, progress: bool = False):
+    """Draw ``n`` samples in batches: returns numpy ``(x, log_q, u, log_w)``.
+
+    Non-finite energies are kept (their log weight is ``-inf``), so a caller can
+    report the fraction of finite energies.
+    """
+    from tqdm.auto import tqdm
+
+    xs, lqs, us = [], [], []
+    for start in tqdm(range(0, n, batch_size), disable=not progress, desc="sampling"):
+        m = min(batch_size, n - start)
+        x, lq, u = generator.sample_weighted(m, batch_size=m)
+        xs.append(x.cpu().double().numpy())
+        lqs.append(lq.cpu().double().numpy())
+        us.append(u.cpu().double().numpy())
+    x, lq, u = np.concatenate(xs), np.concatenate(lqs), np.concatenate(us)
+    log_w = np.where(np.isfinite(u) & np.isfinite(lq), -u - lq, -np.inf)
+    return x, lq, u, log_w
