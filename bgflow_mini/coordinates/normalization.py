@@ -163,17 +163,17 @@ class CircularShift(Flow):
         cut = least_populated_angle(angles[:, mask], n_bins)
         return cls(wrap_angle(cut + math.pi), mask)
 
-    def _apply(self, v: Tensor, sign: float) -> Tensor:
+    def _rotate(self, v: Tensor, sign: float) -> Tensor:
         out = wrap_angle(v + sign * self.shift.to(v))
         return torch.where(self.mask, out, v)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         check_batch(z, self.dim, "latent")
-        return self._apply(z, 1.0), z.new_zeros(z.shape[0])
+        return self._rotate(z, 1.0), z.new_zeros(z.shape[0])
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_batch(x, self.dim, "data")
-        return self._apply(x, -1.0), x.new_zeros(x.shape[0])
+        return self._rotate(x, -1.0), x.new_zeros(x.shape[0])
 
 
 def _positions_tensor(positions: Any, n_atoms: int) -> Tensor:

@@ -3,6 +3,7 @@
 from .base import Energy
 from .openmm import OpenMMEnergy
 from .regularization import LinLogCut, linlogcut
+from .torchff import TorchForceField
 from .toy import DoubleWell, MuellerBrown
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "linlogcut",
     "DoubleWell",
     "MuellerBrown",
+    "TorchForceField",
 ]
