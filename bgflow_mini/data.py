@@ -1,0 +1,340 @@
+"""MD data cache and data module.
+
+Cache layout (one folder per settings hash)::
+
+    <data_dir>/<system name>/<key>/traj.h5              # target-temperature frames (mdtraj HDF5)
+                                   energies.npy         # kJ/mol, (n_frames,)
+                                   replica_energies.npy # kJ/mol, (n_replicas, n_frames)
+                                   meta.json            # settings, MD info, file checksums
+
+``key`` is a SHA-256 prefix of the canonical JSON of: the system name, a fingerprint of
+the OpenMM System (serialised XML) and starting positions, the resolved MD settings
+(:func:`bgflow_mini.md.resolve_settings`) and :data:`DATA_VERSION`. Runtime options that
+do not change the trajectory (``n_workers``, ``progress``) are not part of it.
+
+Entries are written to a hidden temporary folder and renamed into place, so an
+interrupted run never leaves a folder that looks complete. On load, file sizes and
+SHA-256 checksums are compared with ``meta.json``; a truncated or corrupt file raises
+:class:`CorruptDataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mdtraj
+import numpy as np
+import openmm
+import torch
+
+import bgflow_mini
+from bgflow_mini.md import resolve_settings, simulate_from_settings
+
+__all__ = [
+    "DATA_VERSION",
+    "CacheEntry",
+    "CacheError",
+    "CorruptDataError",
+    "MDDataset",
+    "cache_key",
+    "generate_or_load",
+    "load_dataset",
+    "load_trajectory",
+    "split_indices",
+    "system_fingerprint",
+    "trajectory_to_tensor",
+]
+
+DATA_VERSION = 1
+FILES = ("traj.h5", "energies.npy", "replica_energies.npy")
+
+
+class CacheError(RuntimeError):
+    """The data directory cannot be used (e.g. not writable)."""
+
+
+class CorruptDataError(CacheError):
+    """A cached file is missing, truncated or corrupt."""
+
+
+@dataclass
+class CacheEntry:
+    """A cached MD data set. ``hit`` is True when it was found rather than generated."""
+
+    path: Path
+    key: str
+    hit: bool
+    meta: dict[str, Any]
+
+    @property
+    def traj_path(self) -> Path:
+        return self.path / "traj.h5"
+
+    @property
+    def energies_path(self) -> Path:
+        return self.path / "energies.npy"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.meta["settings"]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.meta["info"]
+
+
+def system_fingerprint(system: Any) -> str:
+    """SHA-256 of the System XML (OpenMM version stripped) and positions rounded to 1e-6 nm."""
+    xml = openmm.XmlSerializer.serialize(system.system)
+    xml = re.sub(r'openmmVersion="[^"]*"', "", xml)
+    pos = system.positions
+    if hasattr(pos, "value_in_unit"):
+        pos = pos.value_in_unit(openmm.unit.nanometer)
+    pos = np.round(np.asarray(pos, dtype=np.float64), 6)
+    h = hashlib.sha256(xml.encode())
+    h.update(pos.tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(system_name: str, settings: dict[str, Any], fingerprint: str = "") -> str:
+    """16-hex-digit hash of name, resolved settings, system fingerprint and data version."""
+    payload = {
+        "system": system_name,
+        "settings": settings,
+        "fingerprint": fingerprint,
+        "data_version": DATA_VERSION,
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _ensure_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise CacheError(
+            f"data directory {directory} is not writable ({err.strerror or err}); "
+            "choose another data_dir (or set BGFLOW_DATA)"
+        ) from err
+
+
+def _verify(path: Path, meta: dict[str, Any]) -> None:
+    for name, expect in meta.get("files", {}).items():
+        f = path / name
+        hint = f"delete {path} to regenerate it"
+        if not f.is_file():
+            raise CorruptDataError(f"cached file {f} is missing; {hint}")
+        size = f.stat().st_size
+        if size != expect["bytes"]:
+            raise CorruptDataError(
+                f"cached file {f} is truncated or corrupt ({size} bytes, expected "
+                f"{expect['bytes']}); {hint}"
+            )
+        if _sha256(f) != expect["sha256"]:
+            raise CorruptDataError(f"cached file {f} is corrupt (checksum mismatch); {hint}")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / "meta.json"
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CorruptDataError(
+            f"cannot read {meta_path} ({err}); delete {path} to regenerate it"
+        ) from err
+
+
+def _load_system(system: Any) -> tuple[str, Any]:
+    if isinstance(system, str | os.PathLike):
+        from bgflow_mini.systems import load_system
+
+        system = load_system(system)
+    return str(getattr(system, "name", "custom")), system
+
+
+def generate_or_load(
+    system: Any,
+    settings: dict[str, Any],
+    data_dir: str | os.PathLike,
+    n_workers: int | None = None,
+    progress: bool = True,
+    verify: bool = True,
+    log: Any = print,
+) -> CacheEntry:
+    """Return the cached data set for ``(system, settings)``, running MD on a miss.
+
+    Arguments:
+        system: system name / folder (loaded with ``load_system``) or a system object.
+        settings: MD settings (keys of :data:`bgflow_mini.md.MD_DEFAULTS`).
+        data_dir: cache root; created if needed; must be writable on a miss.
+        n_workers, progress: passed to the MD run; not part of the key.
+        verify: check file sizes and checksums of a cache hit.
+        log: callable for one-line messages (``None`` for silence).
+    """
+    name, system = _load_system(system)
+    resolved = resolve_settings(settings, system.temperature)
+    key = cache_key(name, resolved, system_fingerprint(system))
+    root = Path(data_dir).expanduser().resolve() / name
+    final = root / key
+    say = log or (lambda *_: None)
+    if final.exists():
+        meta = _read_meta(final)
+        if verify:
+            _verify(final, meta)
+        say(f"[bgflow_mini.data] cache hit: {final}")
+        return CacheEntry(final, key, True, meta)
+
+    _ensure_writable(root)
+    say(f"[bgflow_mini.data] cache miss: generating {final}")
+    result = simulate_from_settings(system, resolved, n_workers=n_workers, progress=progress)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+    try:
+        result.trajectory.save_hdf5(str(tmp / "traj.h5"))
+        np.save(tmp / "energies.npy", result.energies)
+        np.save(tmp / "replica_energies.npy", result.replica_energies)
+        meta = {
+            "data_version": DATA_VERSION,
+            "key": key,
+            "system": name,
+            "settings": resolved,
+            "fingerprint": system_fingerprint(system),
+            "info": result.info,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "versions": {"bgflow_mini": bgflow_mini.__version__, "openmm": openmm.__version__},
+            "files": {
+                f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES
+            },
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "meta.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+            meta = _read_meta(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CacheEntry(final, key, False, meta)
+
+
+def load_trajectory(
+    source: CacheEntry | str | os.PathLike, verify: bool = True
+) -> mdtraj.Trajectory:
+    """Load ``traj.h5`` of a cache entry (or an HDF5 file path) with a clear error if broken."""
+    if isinstance(source, CacheEntry):
+        path = source.traj_path
+        if verify:
+            _verify(source.path, source.meta)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            if verify:
+                _verify(path, _read_meta(path))
+            path = path / "traj.h5"
+    try:
+        return mdtraj.load_hdf5(str(path))
+    except Exception as err:  # tables and HDF5 raise many error types
+        raise CorruptDataError(
+            f"cannot read trajectory {path} ({type(err).__name__}: {err}); the file is "
+            "truncated or corrupt, delete it (and its cache folder) to regenerate"
+        ) from err
+
+
+def trajectory_to_tensor(
+    traj: mdtraj.Trajectory, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Flatten positions to ``(n_frames, n_atoms * 3)`` nm."""
+    return torch.as_tensor(traj.xyz.reshape(traj.n_frames, -1), dtype=dtype)
+
+
+def split_indices(
+    n: int,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    shuffle: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint train/val/test indices covering ``range(n)``.
+
+    ``fractions`` are normalised; val and test get ``floor(f * n)`` frames, train the
+    rest. With ``shuffle`` a seeded permutation is split, otherwise contiguous blocks
+    (train first), which keeps correlated neighbouring frames apart.
+    """
+    f = np.asarray(fractions, dtype=float)
+    if f.shape != (3,) or np.any(f < 0) or f.sum() <= 0:
+        raise ValueError(f"fractions must be 3 non-negative numbers, got {fractions}")
+    f = f / f.sum()
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    n_val, n_test = int(f[1] * n), int(f[2] * n)
+    n_train = n - n_val - n_test
+    return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
+
+
+@dataclass
+class MDDataset:
+    """Train/val/test positions ``(n, n_atoms * 3)`` nm with their frame indices and energies."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    test_idx: np.ndarray
+    energies: np.ndarray | None
+    topology: mdtraj.Topology
+    stride: int = 1
+
+    @property
+    def n_atoms(self) -> int:
+        return self.topology.n_atoms
+
+    @property
+    def dim(self) -> int:
+        return 3 * self.topology.n_atoms
+
+
+def load_dataset(
+    source: CacheEntry | str | os.PathLike,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    stride: int = 1,
+    dtype: torch.dtype = torch.float32,
+    shuffle: bool = True,
+    verify: bool = True,
+) -> MDDataset:
+    """Load cached MD data (entry, cache folder or ``.h5`` file) and split it.
+
+    Every ``stride``-th frame is kept before splitting; indices refer to the strided
+    frames. ``energies`` (kJ/mol, strided) is None for a bare ``.h5`` without a sidecar.
+    """
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    traj = load_trajectory(source, verify=verify)[::stride]
+    folder = source.path if isinstance(source, CacheEntry) else Path(source)
+    e_path = (folder if folder.is_dir() else folder.parent) / "energies.npy"
+    energies = np.load(e_path)[::stride] if e_path.is_file() else None
+    if energies is not None and len(energies) != traj.n_frames:
+        energies = None  # sidecar belongs to another file
+    x = trajectory_to_tensor(traj, dtype)
+    tr, va, te = split_indices(traj.n_frames, fractions, seed, shuffle)
+    return MDDataset(x[tr], x[va], x[te], tr, va, te, energies, traj.topology, stride)
