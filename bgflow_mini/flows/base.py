@@ -11,7 +11,6 @@ tensors are ``(batch, dim)``.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["Flow", "Sequential", "Inverse", "check_batch"]
