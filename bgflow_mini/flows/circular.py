@@ -62,7 +62,7 @@ def n_circular_spline_params(n_bins: int) -> int:
 def _knots(raw: Tensor) -> Tensor:
     """Raw ``(..., K)`` -> knot positions ``(..., K + 1)`` from ``-pi`` to ``pi`` (exact ends)."""
     k = raw.shape[-1]
-    frac = MIN_BIN + (1.0 - MIN_BIN * k) * torch.softmax(raw, dim=-1)
+    frac = MIN_BIN + (1.0 - MIN_BIN * k) * torch.softmax(raw.contiguous(), dim=-1)
     inner = -math.pi + 2 * math.pi * torch.cumsum(frac, dim=-1)[..., :-1]
     lo = torch.full_like(raw[..., :1], -math.pi)
     hi = torch.full_like(raw[..., :1], math.pi)
@@ -71,7 +71,7 @@ def _knots(raw: Tensor) -> Tensor:
 
 def _derivatives(raw: Tensor) -> Tensor:
     """Raw ``(..., K)`` -> positive knot derivatives ``(..., K + 1)``, last equal to first."""
-    d = MIN_DERIV + (1.0 - MIN_DERIV) * F.softplus(raw) / F.softplus(torch.zeros_like(raw))
+    d = MIN_DERIV + (1.0 - MIN_DERIV) * F.softplus(raw) / math.log(2.0)  # softplus(0)
     return torch.cat([d, d[..., :1]], dim=-1)
 
 
