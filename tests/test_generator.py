@@ -109,3 +109,28 @@ def test_bad_inputs():
         BoltzmannGenerator(StandardNormal(2), torch.nn.Identity())
     with pytest.raises(RuntimeError, match="no energy"):
         BoltzmannGenerator(StandardNormal(2), coupling_flow(2, 1)).log_weights(torch.zeros(3, 2))
+
+
+def test_energy_is_not_part_of_the_model_state_but_follows_dtype():
+    from bgflow_mini.energies import DoubleWell, LinLogCut
+
+    class Buffered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("k", torch.ones(1))
+
+        def forward(self, x):
+            return self.k * (x**2).sum(-1)
+
+    energy = Buffered()
+    bg = BoltzmannGenerator(StandardNormal(2), coupling_flow(2, 1), energy)
+    assert not any(k.startswith("energy") for k in bg.state_dict())
+    bg.double()
+    assert energy.k.dtype == torch.float64  # .double() reached the energy
+    x = bg.sample(5)
+    assert bg.log_weights(x).dtype == torch.float64
+    # a checkpoint made with one energy loads into a generator with another
+    other = BoltzmannGenerator(StandardNormal(2), coupling_flow(2, 1), LinLogCut(DoubleWell()))
+    other.double().load_state_dict(bg.state_dict())
+    with pytest.raises(TypeError, match="callable"):
+        bg.energy = 3.0
