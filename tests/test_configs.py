@@ -36,7 +36,8 @@ def check_instantiable(cfg) -> None:
     assert x.shape == (5, 6) and logdet.shape == (5,)
     params = torch.nn.Linear(2, 2).parameters()
     opt = torch.optim.Adam(params)
-    instantiate(cfg.training.scheduler)(opt, total_steps=100)
+    if cfg.training.scheduler is not None:
+        instantiate(cfg.training.scheduler)(opt, total_steps=100)
     phases = [Phase(**p) for p in OmegaConf.to_container(cfg.training.phases)]
     assert phases and all(p.steps > 0 for p in phases)
     if isinstance(system, Energy):
