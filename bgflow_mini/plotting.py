@@ -60,7 +60,9 @@ def plot_ramachandran(
     positive = [h[h > 0].min() for h in hists.values() if (h > 0).any()]
     vmin = max(min(positive), 1e-4 * max(h.max() for h in hists.values())) if positive else 1e-6
     vmax = max(h.max() for h in hists.values()) or 1.0
-    fig, axes = plt.subplots(1, len(hists), figsize=(4.2 * len(hists), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(hists), figsize=(4.6 * len(hists), 4), squeeze=False, layout="constrained"
+    )
     for ax, (label, h) in zip(axes[0], hists.items()):
         im = ax.pcolormesh(
             edges, edges, np.ma.masked_less_equal(h.T, 0), norm=LogNorm(vmin, vmax), cmap="viridis"
@@ -81,11 +83,12 @@ def plot_pmfs(
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (c, f, err) in profiles.items():
         c, f = np.asarray(c), np.asarray(f, dtype=float)
-        ok = np.isfinite(f)
-        (line,) = ax.plot(c[ok], f[ok], label=label)
+        f = np.where(np.isfinite(f), f, np.nan)  # gaps at empty bins
+        (line,) = ax.plot(c, f, label=label)
         if err is not None:
-            e = np.nan_to_num(np.asarray(err, dtype=float)[ok], nan=0.0, posinf=0.0)
-            ax.fill_between(c[ok], f[ok] - e, f[ok] + e, alpha=0.3, color=line.get_color())
+            e = np.asarray(err, dtype=float)
+            e = np.where(np.isfinite(e), e, 0.0)
+            ax.fill_between(c, f - e, f + e, alpha=0.3, color=line.get_color())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("free energy (kT)")
     ax.set_title(title)

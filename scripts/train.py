@@ -21,6 +21,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+from common import pick_device, pick_dtype  # scripts/common.py
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
@@ -44,23 +45,6 @@ CSV_KEYS = [
     "grad_norm",
     "elapsed_s",
 ]
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda requested but torch.cuda.is_available() is False")
-    return dev
-
-
-def pick_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "float64": torch.float64}
-    if name not in table:
-        raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
-    return table[name]
 
 
 def resolve_run_dir(cfg: DictConfig) -> tuple[Path, DictConfig, bool]:

@@ -1,0 +1,421 @@
+"""Free energies along named collective variables from samples (no Hydra here).
+
+Three kinds of samples are compared by ``scripts/free_energy.py``: flow samples with
+importance weights (``log_w``), the same samples unweighted (``log_w=None``) and MD
+frames in time order (errors by block bootstrap, so correlated frames do not shrink
+them). Free energies are in kT, torsions in radians, distances in nm.
+
+Torsions are periodic: their values are wrapped to [-pi, pi) and their bins always
+cover exactly [-pi, pi), so the first and last bins are neighbours across the cut.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy.special import logsumexp
+
+from . import cv as cvmod
+from .evaluation import block_free_energy, state_masks
+from .reweighting import (
+    effective_sample_size,
+    free_energy_difference,
+    free_energy_profile,
+    free_energy_profile_2d,
+)
+
+__all__ = [
+    "is_periodic",
+    "wrap_angle",
+    "check_cv_names",
+    "chunked_cvs",
+    "merge_states",
+    "check_state_names",
+    "cv_edges",
+    "pmf_1d",
+    "pmf_2d",
+    "block_pmf",
+    "state_delta_f",
+    "md_delta_f",
+    "write_pmf_csv",
+    "write_pmf_2d_csv",
+    "format_table",
+]
+
+TWO_PI = 2.0 * math.pi
+
+
+def is_periodic(spec: Mapping) -> bool:
+    """True for torsion CVs (period 2 pi)."""
+    return spec.get("type") == "torsion"
+
+
+def wrap_angle(values: np.ndarray) -> np.ndarray:
+    """Angles (radians) wrapped to [-pi, pi) as float64."""
+    v = np.asarray(values, dtype=np.float64)
+    w = np.mod(v + math.pi, TWO_PI) - math.pi
+    return np.where(w >= math.pi, w - TWO_PI, w)  # mod may round up to 2 pi
+
+
+def check_cv_names(names: Sequence[str], cvs: Mapping[str, Mapping]) -> list[str]:
+    """``names`` as a list; ``KeyError`` naming the known CVs for an unknown one."""
+    names = [str(n) for n in names]
+    for name in names:
+        if name not in cvs:
+            raise KeyError(f"unknown CV {name!r}; this system defines {sorted(cvs)}")
+    return names
+
+
+def chunked_cvs(
+    chunks: Iterable[np.ndarray], cvs: Mapping[str, Mapping], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Named CVs of positions given in chunks (``(m, n_atoms, 3)`` or ``(m, 3 n_atoms)``,
+    nm), so a long trajectory never has to sit in memory; float64 ``(n,)`` per name."""
+    names = check_cv_names(names, cvs)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for chunk in chunks:
+        x = np.asarray(chunk, dtype=np.float64)
+        if len(x) == 0:
+            continue
+        for name, v in cvmod.compute_cvs(x, cvs, names).items():
+            parts[name].append(np.asarray(v, dtype=np.float64))
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+
+
+def merge_states(
+    system_states: Mapping[str, Mapping], extra: Mapping[str, Mapping] | None, cvs: Mapping
+) -> dict[str, dict[str, list[float]]]:
+    """The system's states plus ``extra`` ones (same name: ``extra`` wins), validated.
+
+    A state is ``{cv_name: [lo, hi]}`` (radians / nm); every CV must be known and
+    every range a pair of numbers.
+    """
+    states = {str(k): {str(c): list(r) for c, r in v.items()} for k, v in system_states.items()}
+    for name, ranges in dict(extra or {}).items():
+        if not isinstance(ranges, Mapping) or not ranges:
+            raise ValueError(f"state {name!r} must map CV names to [lo, hi], got {ranges!r}")
+        parsed = {}
+        for cv_name, bounds in ranges.items():
+            check_cv_names([cv_name], cvs)
+            try:
+                lo, hi = (float(b) for b in bounds)
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"state {name!r}: range of {cv_name!r} must be [lo, hi], got {bounds!r}"
+                ) from err
+            parsed[str(cv_name)] = [lo, hi]
+        states[str(name)] = parsed
+    return states
+
+
+def check_state_names(names: Sequence[str], states: Mapping) -> None:
+    """``KeyError`` naming the defined states if one of ``names`` is unknown."""
+    for name in names:
+        if name not in states:
+            raise KeyError(
+                f"unknown state {name!r}; defined states: {sorted(states)} (add one with "
+                "+states.NAME={CV: [lo, hi]})"
+            )
+
+
+def cv_edges(spec: Mapping, values: Sequence[np.ndarray], bins: int) -> np.ndarray:
+    """Bin edges ``(bins + 1,)`` shared by all sources of one CV.
+
+    Torsions: ``bins`` equal bins on [-pi, pi]. Other CVs: equal bins from the smallest
+    to the largest finite value over all ``values`` arrays.
+    """
+    if int(bins) < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins}")
+    if is_periodic(spec):
+        return np.linspace(-math.pi, math.pi, int(bins) + 1)
+    finite = [np.asarray(v, dtype=np.float64) for v in values]
+    finite = np.concatenate([v[np.isfinite(v)] for v in finite] or [np.zeros(0)])
+    if finite.size == 0:
+        raise ValueError("no finite CV values to bin")
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        hi = lo + 1e-6 * max(1.0, abs(lo))
+    return np.linspace(lo, hi, int(bins) + 1)
+
+
+def _prepare(values, spec: Mapping) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    return wrap_angle(v) if is_periodic(spec) else v
+
+
+def pmf_1d(
+    values: np.ndarray,
+    spec: Mapping,
+    edges: np.ndarray,
+    log_w: np.ndarray | None = None,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(centres, F, stderr)`` along one CV from i.i.d. (weighted) samples, F in kT.
+
+    Torsion values are wrapped to [-pi, pi) first. The error is an i.i.d. bootstrap
+    (see :func:`bgflow_mini.reweighting.free_energy_profile`); min F is 0.
+    """
+    return free_energy_profile(
+        _prepare(values, spec), log_w, bins=edges, n_bootstrap=n_bootstrap, seed=seed
+    )
+
+
+def pmf_2d(
+    values: tuple[np.ndarray, np.ndarray],
+    specs: tuple[Mapping, Mapping],
+    edges: tuple[np.ndarray, np.ndarray],
+    log_w: np.ndarray | None = None,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(centres1, centres2, F (n1, n2), stderr)`` over two CVs, F in kT (min 0)."""
+    v1, v2 = (_prepare(v, s) for v, s in zip(values, specs))
+    return free_energy_profile_2d(
+        v1, v2, log_w, bins=(edges[0], edges[1]), n_bootstrap=n_bootstrap, seed=seed
+    )
+
+
+def _labels(values: Sequence[np.ndarray], edges: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+    """Flat bin label per sample (``n_bins`` for samples outside the bins)."""
+    total = 1
+    label = np.zeros(len(values[0]), dtype=np.int64)
+    outside = np.zeros(len(values[0]), dtype=bool)
+    for v, e in zip(values, edges):
+        nb = len(e) - 1
+        idx = np.searchsorted(e, v, side="right") - 1
+        idx[v == e[-1]] = nb - 1
+        bad = ~np.isfinite(v) | (v < e[0]) | (v > e[-1])
+        outside |= bad
+        label = label * nb + np.where(bad, 0, idx)
+        total *= nb
+    return np.where(outside, total, label), total
+
+
+def block_pmf(
+    values: Sequence[np.ndarray],
+    specs: Sequence[Mapping],
+    edges: Sequence[np.ndarray],
+    n_blocks: int = 20,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """F (kT, min 0) and block-bootstrap stderr of a time series over 1 or 2 CVs.
+
+    ``values``: one array per CV, frames in time order (e.g. MD). The frames are cut
+    into ``n_blocks`` contiguous blocks which are resampled with replacement.
+    Returns arrays of shape ``(n1,)`` or ``(n1, n2)``; empty bins are +inf and bins
+    empty in more than half of the replicates have stderr +inf. As for the i.i.d.
+    profiles, the error is that of -ln p per bin (not of the shift to min 0).
+    """
+    vals = [_prepare(v, s) for v, s in zip(values, specs)]
+    n = len(vals[0])
+    if n_blocks < 2 or n < n_blocks:
+        raise ValueError(f"need 2 <= n_blocks <= n_frames, got {n_blocks} for {n} frames")
+    labels, n_bins = _labels(vals, edges)
+    shape = tuple(len(e) - 1 for e in edges)
+    widths = np.ones(shape)
+    for axis, e in enumerate(edges):
+        dims = [1] * len(shape)
+        dims[axis] = len(e) - 1
+        widths = widths * np.diff(e).reshape(dims)
+    log_width = np.log(widths.ravel())
+    counts = np.stack(
+        [
+            np.bincount(labels[b], minlength=n_bins + 1)
+            for b in np.array_split(np.arange(n), n_blocks)
+        ]
+    ).astype(np.float64)  # (n_blocks, n_bins + 1)
+    with np.errstate(divide="ignore"):
+        f = -(np.log(counts.sum(0)[:n_bins]) - math.log(n) - log_width)
+    if not np.isfinite(f).any():
+        raise ValueError("no frame falls inside the bins")
+    f = f - f[np.isfinite(f)].min()
+    err = np.full(n_bins, np.nan)
+    if n_bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, n_blocks, size=(n_bootstrap, n_blocks))
+        reps = counts[idx].sum(1)  # (n_bootstrap, n_bins + 1)
+        with np.errstate(divide="ignore"):
+            f_reps = -(np.log(reps[:, :n_bins] / reps.sum(1, keepdims=True)) - log_width)
+        ok = np.isfinite(f_reps)
+        count = ok.sum(0)
+        mean = np.where(ok, f_reps, 0.0).sum(0) / np.maximum(count, 1)
+        var = (np.where(ok, f_reps - mean, 0.0) ** 2).sum(0) / np.maximum(count - 1, 1)
+        good = (count >= 2) & (count >= 0.5 * n_bootstrap)
+        err = np.where(good & np.isfinite(f), np.sqrt(var), np.inf)
+    return f.reshape(shape), err.reshape(shape)
+
+
+def _disjoint_masks(cv_values, states, cvs, state_a: str, state_b: str):
+    check_state_names([state_a, state_b], states)
+    a, b = state_masks(cv_values, states, cvs, state_a, state_b)
+    both = int((a & b).sum())
+    if both:
+        raise ValueError(
+            f"states {state_a!r} {states[state_a]} and {state_b!r} {states[state_b]} overlap "
+            f"({both} samples lie in both); ΔF needs disjoint states"
+        )
+    return a, b
+
+
+def state_delta_f(
+    cv_values: Mapping[str, np.ndarray],
+    states: Mapping,
+    cvs: Mapping,
+    state_a: str,
+    state_b: str,
+    log_w: np.ndarray | None = None,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> dict:
+    """ΔF = F_b - F_a (kT) of i.i.d. (weighted) samples, with bootstrap stderr.
+
+    Returns ``{"dF", "stderr", "ess", "n_a", "n_b", "population_a", "population_b"}``
+    (``ess`` normalised, 1 for unweighted samples; populations are the normalised
+    weight fractions). A state without weight gives ``dF = ±inf``, ``stderr = inf``.
+    """
+    a, b = _disjoint_masks(cv_values, states, cvs, state_a, state_b)
+    n = len(a)
+    lw = np.zeros(n) if log_w is None else np.asarray(log_w, dtype=np.float64)
+    lw = np.where(np.isfinite(lw), lw, -np.inf)
+    out = {"n_a": int(a.sum()), "n_b": int(b.sum())}
+    if not np.isfinite(lw).any():
+        nan = math.nan
+        return {
+            **out,
+            "dF": nan,
+            "stderr": nan,
+            "ess": 0.0,
+            "population_a": nan,
+            "population_b": nan,
+        }
+    total = logsumexp(lw)
+    has_a, has_b = np.isfinite(lw[a]).any(), np.isfinite(lw[b]).any()
+    out.update(
+        ess=1.0 if log_w is None else effective_sample_size(lw),
+        population_a=float(np.exp(logsumexp(lw[a]) - total)) if has_a else 0.0,
+        population_b=float(np.exp(logsumexp(lw[b]) - total)) if has_b else 0.0,
+    )
+    if not (has_a and has_b):
+        if not (has_a or has_b):
+            return {**out, "dF": math.nan, "stderr": math.nan}
+        return {**out, "dF": math.inf if not has_b else -math.inf, "stderr": math.inf}
+    dF, err = free_energy_difference(lw, a, b, n_bootstrap=n_bootstrap, seed=seed)
+    return {**out, "dF": dF, "stderr": err}
+
+
+def md_delta_f(
+    cv_values: Mapping[str, np.ndarray],
+    states: Mapping,
+    cvs: Mapping,
+    state_a: str,
+    state_b: str,
+    n_blocks: int = 20,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> dict:
+    """ΔF = F_b - F_a (kT) of MD frames in time order, with block-bootstrap stderr.
+
+    Returns ``{"dF", "stderr", "n_a", "n_b", "population_a", "population_b", "ess"}``
+    (``ess`` is 1: the frames are counted, not weighted).
+    """
+    a, b = _disjoint_masks(cv_values, states, cvs, state_a, state_b)
+    n_blocks = min(n_blocks, len(a))
+    dF, err = block_free_energy(a, b, n_blocks=n_blocks, n_bootstrap=n_bootstrap, seed=seed)
+    return {
+        "dF": dF,
+        "stderr": err,
+        "ess": 1.0,
+        "n_a": int(a.sum()),
+        "n_b": int(b.sum()),
+        "population_a": float(a.mean()),
+        "population_b": float(b.mean()),
+    }
+
+
+def write_pmf_csv(
+    path: str | os.PathLike,
+    cv_name: str,
+    centres: np.ndarray,
+    profiles: Mapping[str, tuple[np.ndarray, np.ndarray]],
+) -> Path:
+    """CSV with columns ``<cv_name>, F_<source>, stderr_<source>, ...`` (kT).
+
+    ``profiles`` maps a source name to ``(F, stderr)`` of shape ``(n_bins,)``.
+    """
+    path = Path(path)
+    header = [cv_name] + [f"{k}_{src}" for src in profiles for k in ("F", "stderr")]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for i, c in enumerate(np.asarray(centres)):
+            row = [repr(float(c))]
+            for f, e in profiles.values():
+                row += [repr(float(f[i])), repr(float(e[i]))]
+            writer.writerow(row)
+    return path
+
+
+def write_pmf_2d_csv(
+    path: str | os.PathLike,
+    names: tuple[str, str],
+    centres: tuple[np.ndarray, np.ndarray],
+    surfaces: Mapping[str, tuple[np.ndarray, np.ndarray]],
+) -> Path:
+    """Long-format CSV ``<cv1>, <cv2>, F_<source>, stderr_<source>, ...`` (one row per bin)."""
+    c1, c2 = (np.asarray(c) for c in centres)
+    g1, g2 = np.meshgrid(c1, c2, indexing="ij")
+    flat = {src: (np.asarray(f).ravel(), np.asarray(e).ravel()) for src, (f, e) in surfaces.items()}
+    return _write_long(path, names, g1.ravel(), g2.ravel(), flat)
+
+
+def _write_long(path, names, x1, x2, flat) -> Path:
+    path = Path(path)
+    header = list(names) + [f"{k}_{src}" for src in flat for k in ("F", "stderr")]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for i in range(len(x1)):
+            row = [repr(float(x1[i])), repr(float(x2[i]))]
+            for f, e in flat.values():
+                row += [repr(float(f[i])), repr(float(e[i]))]
+            writer.writerow(row)
+    return path
+
+
+def _fmt(value: float, err: float | None = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    s = f"{value:.3f}" if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if err is not None and not math.isnan(err):
+        s += f" ± {err:.3f}" if math.isfinite(err) else " ± inf"
+    return s
+
+
+def format_table(results: Mapping[str, Mapping], state_a: str, state_b: str) -> str:
+    """Markdown table of ΔF (kT), ESS and state counts per source.
+
+    ``results`` maps a source label to a :func:`state_delta_f`-like dict.
+    """
+    labels = list(results)
+    lines = [
+        "| quantity | " + " | ".join(labels) + " |",
+        "| --- |" + " --- |" * len(labels),
+        f"| ΔF = F({state_b}) - F({state_a}) (kT) | "
+        + " | ".join(_fmt(r["dF"], r["stderr"]) for r in results.values())
+        + " |",
+        "| ESS (normalised) | " + " | ".join(f"{r['ess']:.4f}" for r in results.values()) + " |",
+        f"| population {state_b} | "
+        + " | ".join(_fmt(r["population_b"]) for r in results.values())
+        + " |",
+        "| samples in a / b | "
+        + " | ".join(f"{r['n_a']} / {r['n_b']}" for r in results.values())
+        + " |",
+    ]
+    return "\n".join(lines)

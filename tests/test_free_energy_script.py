@@ -1,0 +1,184 @@
+"""scripts/free_energy.py end to end on a tiny ALDP run, its bad-input errors, and the
+periodic handling of torsion PMFs (bgflow_mini.free_energy)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import mdtraj
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from bgflow_mini import cv as cvmod
+from bgflow_mini import free_energy as fe
+from bgflow_mini.evaluation import block_free_energy
+from bgflow_mini.reweighting import free_energy_difference
+from bgflow_mini.systems import load_system
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import free_energy as fe_script  # noqa: E402 - scripts/free_energy.py
+from test_sample_script import aldp_run, run_script  # noqa: E402, F401 - shared fixture
+
+CONFIGS = ROOT / "configs"
+PHI_NEG, PHI_POS = (-math.pi, 0.0), (0.0, 2.0)
+
+
+@pytest.fixture(scope="module")
+def samples(aldp_run, tmp_path_factory) -> Path:  # noqa: F811 - fixture argument
+    out = tmp_path_factory.mktemp("fe") / "samples"
+    args = [f"checkpoint={aldp_run}", "n_samples=1500", f"out={out}", "progress=false"]
+    run_script("sample", args, out.parent)
+    return out
+
+
+def fe_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="free_energy", overrides=list(overrides))
+
+
+def read_csv(path: Path) -> dict[str, np.ndarray]:
+    with open(path) as fh:
+        rows = list(csv.reader(fh))
+    return {k: np.array([float(r[i]) for r in rows[1:]]) for i, k in enumerate(rows[0])}
+
+
+def test_free_energy_outputs_match_direct_estimates(samples, tmp_path):
+    out = tmp_path / "fe"
+    args = [f"samples={samples}", f"out={out}", "bins=36", "n_bootstrap=40", "n_blocks=10"]
+    res = run_script("free_energy", [*args, "progress=false"], tmp_path)
+    assert "ΔF = F(phi_positive) - F(phi_negative)" in res.stdout
+    result = json.loads((out / "free_energy.json").read_text())
+    for name in ["pmf_phi.csv", "pmf_psi.csv", "pmf_phi_psi.csv"]:
+        assert name in result["files"] and (out / name).is_file()
+    for name in ["ramachandran.png", "pmf_phi.png", "pmf_psi.png", "energies.png"]:
+        assert name in result["plots"] and (out / name).stat().st_size > 10_000
+    assert result["n_samples"] == 1500 and result["n_md_frames"] == 200
+    assert result["md_reference"].endswith("traj.h5")  # found the run's MD cache
+
+    # ΔF recomputed directly from the files
+    traj = mdtraj.load_hdf5(str(samples / "samples.h5"))
+    system = load_system("aldp_vacuum")
+    phi = cvmod.compute_cvs(traj.xyz, system.cvs, ["phi"])["phi"]
+    lw, u = np.load(samples / "log_weights.npy"), np.load(samples / "energies.npy")
+    a, b = cvmod.in_range(phi, *PHI_NEG, periodic=True), cvmod.in_range(phi, *PHI_POS, True)
+    dF, err = free_energy_difference(lw, a, b, n_bootstrap=40, seed=0)
+    got = result["dF"]["reweighted"]
+    assert got["dF"] == pytest.approx(dF, rel=1e-9) and got["stderr"] == pytest.approx(err)
+    assert got["ess"] == pytest.approx(result["ess"]) and got["n_b"] == int(b.sum())
+    ok = np.isfinite(u)
+    dF_raw, _ = free_energy_difference(None, a[ok], b[ok], n_bootstrap=0)
+    assert result["dF"]["unweighted"]["dF"] == pytest.approx(dF_raw, rel=1e-9)
+    md = mdtraj.load_hdf5(result["md_reference"])
+    md_phi = cvmod.compute_cvs(md.xyz, system.cvs, ["phi"])["phi"]
+    in_a = cvmod.in_range(md_phi, *PHI_NEG, True)
+    in_b = cvmod.in_range(md_phi, *PHI_POS, True)
+    md_dF, md_err = block_free_energy(in_a, in_b, n_blocks=10, n_bootstrap=40, seed=0)
+    assert result["dF"]["md"]["dF"] == md_dF and result["dF"]["md"]["n_a"] == int(in_a.sum())
+
+    # PMFs: torsion bins cover [-pi, pi), minimum 0 for every source
+    pmf = read_csv(out / "pmf_phi.csv")
+    c = pmf["phi"]
+    w = np.diff(c)
+    assert len(c) == 36 and np.allclose(w, 2 * math.pi / 36)
+    assert c[0] - w[0] / 2 == pytest.approx(-math.pi) and c[-1] + w[0] / 2 == pytest.approx(math.pi)
+    for src in ("md", "unweighted", "reweighted"):
+        f = pmf[f"F_{src}"]
+        assert np.nanmin(f) == 0.0 and np.isinf(pmf[f"stderr_{src}"][np.isinf(f)]).all()
+    centres, f_rw, _ = fe.pmf_1d(phi, system.cvs["phi"], np.linspace(-np.pi, np.pi, 37), lw, 0)
+    np.testing.assert_allclose(pmf["F_reweighted"], f_rw)
+    surface = read_csv(out / "pmf_phi_psi.csv")
+    assert len(surface["phi"]) == 36 * 36 and np.nanmin(surface["F_unweighted"]) == 0.0
+
+
+def test_sampling_from_a_checkpoint_with_a_state_from_the_config(aldp_run, tmp_path):  # noqa: F811
+    out = tmp_path / "fe"
+    args = [
+        f"checkpoint={aldp_run}",
+        "n_samples=600",
+        f"out={out}",
+        "+states.c7ax={phi: [0.5, 1.8], psi: [-1.5, 0.0]}",
+        "state_b=c7ax",
+        "cvs=[psi]",
+        "cvs_2d=[]",
+        "md_reference=null",
+        "energy=torchff",  # the config group works as in train.py
+        "n_bootstrap=10",
+        "progress=false",
+    ]
+    run_script("free_energy", args, tmp_path)
+    result = json.loads((out / "free_energy.json").read_text())
+    assert result["states"]["c7ax"] == {"phi": [0.5, 1.8], "psi": [-1.5, 0.0]}
+    assert result["md_reference"] is None and set(result["dF"]) == {"unweighted", "reweighted"}
+    traj = mdtraj.load_hdf5(str(out / "samples" / "samples.h5"))
+    assert traj.n_frames == 600
+    assert json.loads((out / "samples" / "summary.json").read_text())["energy"] == "TorchForceField"
+    cvs = load_system("aldp_vacuum").cvs
+    v = cvmod.compute_cvs(traj.xyz, cvs)
+    in_b = cvmod.in_state(v, {"phi": [0.5, 1.8], "psi": [-1.5, 0.0]}, cvs)
+    assert result["dF"]["reweighted"]["n_b"] == int(in_b.sum())
+    assert (out / "pmf_psi.csv").is_file() and not (out / "pmf_phi.csv").exists()
+    assert not (out / "ramachandran.png").exists()
+
+
+def test_bad_inputs_are_clear_errors(samples, tmp_path):
+    with pytest.raises(KeyError, match="unknown CV 'chi'.*'phi', 'psi'"):
+        fe_script.analyse(fe_config(f"samples={samples}", "cvs=[phi,chi]"), tmp_path / "a")
+    with pytest.raises(KeyError, match="unknown CV 'omega'"):
+        fe_script.analyse(fe_config(f"samples={samples}", "cvs_2d=[[phi,omega]]"), tmp_path / "b")
+    with pytest.raises(KeyError, match="unknown state 'alpha_l'.*phi_negative"):
+        fe_script.analyse(fe_config(f"samples={samples}", "state_b=alpha_l"), tmp_path / "c")
+    with pytest.raises(KeyError, match="unknown CV 'theta'"):
+        cfg = fe_config(f"samples={samples}", "+states.x={theta: [0, 1]}", "state_b=x")
+        fe_script.analyse(cfg, tmp_path / "d")
+    with pytest.raises(ValueError, match="'phi_negative'.*'left'.*overlap"):
+        cfg = fe_config(f"samples={samples}", "+states.left={phi: [-2, -1]}", "state_b=left")
+        fe_script.analyse(cfg, tmp_path / "o")
+    with pytest.raises(ValueError, match="exactly one of samples"):
+        fe_script.analyse(fe_config(), tmp_path / "e")
+    with pytest.raises(FileNotFoundError, match="not a sample.py output"):
+        fe_script.analyse(fe_config(f"samples={tmp_path}"), tmp_path / "f")
+
+    # a samples folder whose trajectory has the wrong number of atoms
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in samples.iterdir():
+        if f.is_file() and f.name != "samples.h5":
+            (bad / f.name).write_bytes(f.read_bytes())
+    mdtraj.load_hdf5(str(samples / "samples.h5")).atom_slice(range(10)).save_hdf5(
+        str(bad / "samples.h5")
+    )
+    with pytest.raises(ValueError, match="has 10 atoms but system 'aldp_vacuum' has 22"):
+        fe_script.analyse(fe_config(f"samples={bad}"), tmp_path / "g")
+    res = run_script("free_energy", [f"samples={bad}", f"out={tmp_path / 'h'}"], tmp_path, ok=False)
+    assert "has 10 atoms" in res.stderr and not (tmp_path / "h" / "free_energy.json").exists()
+
+
+def test_torsion_pmfs_are_periodic():
+    spec = {"type": "torsion", "atoms": [0, 1, 2, 3]}
+    rng = np.random.default_rng(0)
+    x = math.pi + 0.3 * rng.standard_normal(20_000)  # one basin across the ±pi cut
+    x[:5] = math.pi  # exactly +pi belongs to the first bin, [-pi, -pi + w)
+    edges = fe.cv_edges(spec, [x[x < 1.0]], 40)
+    assert edges[0] == -math.pi and edges[-1] == math.pi and len(edges) == 41
+    c, f, err = fe.pmf_1d(x, spec, edges, None, n_bootstrap=20, seed=0)
+    # without wrapping, half the samples (> pi) would fall outside the bins
+    assert np.isfinite(f[0]) and np.isfinite(f[-1]) and abs(f[0] - f[-1]) < 0.1
+    assert max(f[0], f[-1]) < 0.2 and np.isinf(f[len(f) // 2])  # basin at ±pi, none at 0
+    w = np.exp(-f[np.isfinite(f)]) * (edges[1] - edges[0])
+    p0 = np.histogram(fe.wrap_angle(x), bins=edges)[0] / len(x)  # all samples inside
+    np.testing.assert_allclose(w / w.sum(), p0[np.isfinite(f)], atol=1e-12)
+    assert np.histogram(fe.wrap_angle(x[:5]), bins=edges)[0][0] == 5
+    # the MD (block-bootstrap) profile wraps in the same way
+    f_md, e_md = fe.block_pmf([x], [spec], [edges], n_blocks=10, n_bootstrap=20)
+    np.testing.assert_allclose(f_md, f)
+    assert np.isfinite(e_md[0]) and np.isfinite(e_md[-1])
+    # a non-periodic CV is binned over the data range
+    d_edges = fe.cv_edges({"type": "distance", "atoms": [0, 1]}, [np.array([0.1, 0.3])], 4)
+    np.testing.assert_allclose(d_edges, [0.1, 0.15, 0.2, 0.25, 0.3])
