@@ -257,9 +257,7 @@ def run(cfg: DictConfig) -> dict:
             print(f"[train] resumed from {ckpt} at step {trainer.step}/{total}")
         else:
             print(f"[train] no checkpoint in {out}; starting from step 0")
-        logger.restart(trainer)
-    else:
-        logger.restart(trainer)
+    logger.restart(trainer)  # (re)writes metrics.csv from the restored history
     t_train = time.time()
     steps_before = trainer.step
     trainer.fit_phases(phases, data=data.train)
