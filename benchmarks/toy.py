@@ -1,0 +1,232 @@
+"""Benchmark: RNVP vs NICE Boltzmann generators on the double well and Müller–Brown.
+
+For each flow kind, toy energy and seed: MCMC data (Metropolis / MALA, chains started in
+both states), ML then ML + reverse-KL training with :class:`bgflow_mini.Trainer`, then
+``--n-samples`` independent samples. Prints a markdown table with the normalised Kish ESS,
+the reweighted ΔF = F_B - F_A against quadrature (value, error, bootstrap stderr), the
+ESS upper bound of volume-preserving flows (:mod:`bgflow_mini.bounds`, NICE rows),
+training wall time and steps/s, plus machine information and the command line.
+
+    python benchmarks/toy.py                      # 3 seeds, a few minutes on 2 cores
+    python benchmarks/toy.py --seeds 0 --kinds rnvp --systems mb --n-samples 500000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from bgflow_mini import BoltzmannGenerator, DiagonalNormal, Phase, Trainer
+from bgflow_mini.bounds import volume_preserving_ess_bound
+from bgflow_mini.energies import DoubleWell, MuellerBrown
+from bgflow_mini.flows import coupling_flow
+from bgflow_mini.reweighting import effective_sample_size, free_energy_difference
+from bgflow_mini.sampling import mala, metropolis
+
+__all__ = ["Recipe", "RECIPES", "run_case", "main"]
+
+BOXES = {"dw": [(-3.5, 3.5), (-7.0, 7.0)], "mb": [(-3.5, 2.5), (-2.5, 3.5)]}
+NAMES = {"dw": "double well", "mb": "Müller–Brown"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Flow and training settings (the same as in ``tests/test_toy_training.py``).
+
+    ``iso_prior``: the learnable prior starts isotropic with the smallest per-feature data
+    std (used for NICE), otherwise diagonal with the data stds.
+    """
+
+    n_blocks: int
+    hidden: tuple[int, ...]
+    lr: float
+    ml_steps: int
+    kl_steps: int
+    w_ml_in_kl: float
+    w_kl: float
+    batch_size: int
+    kl_batch_size: int
+    iso_prior: bool
+
+
+RECIPES = {
+    ("rnvp", "dw"): Recipe(4, (64, 64), 5e-3, 150, 350, 0.05, 1.0, 256, 512, False),
+    ("rnvp", "mb"): Recipe(4, (64, 64), 5e-3, 150, 350, 0.1, 1.0, 256, 512, False),
+    ("nice", "dw"): Recipe(6, (64, 64), 5e-3, 300, 300, 1.0, 0.1, 256, 256, True),
+    ("nice", "mb"): Recipe(6, (64, 64), 5e-3, 300, 300, 1.0, 0.3, 256, 256, True),
+}
+
+
+def make_system(system: str, seed: int):
+    """(energy, MCMC data as float32, state-A mask function) for ``"dw"`` or ``"mb"``."""
+    if system == "dw":
+        energy = DoubleWell()
+        x0 = torch.tensor([[-1.7, 0.0], [1.7, 0.0]], dtype=torch.float64)
+        x0 = x0.repeat_interleave(64, 0)
+        data, _ = metropolis(energy, x0, 2000, 0.5, thin=10, burn_in=500, seed=seed)
+
+        def in_a(x: torch.Tensor) -> torch.Tensor:
+            return x[:, 0] < 0
+
+    elif system == "mb":
+        energy = MuellerBrown()
+        x0 = torch.tensor([[-0.558, 1.442], [0.623, 0.028]], dtype=torch.float64)
+        x0 = x0.repeat_interleave(64, 0)
+        data, _ = mala(energy, x0, 2000, 0.004, thin=10, burn_in=500, seed=seed)
+        in_a = energy.in_state_a
+    else:
+        raise ValueError(f"unknown system {system!r}")
+    return energy, data.float(), in_a
+
+
+def run_case(kind: str, system: str, seed: int, recipe: Recipe, n_samples: int) -> dict:
+    """Train one generator and evaluate it; returns a dict of results."""
+    energy, data, in_a = make_system(system, seed + 11)
+    torch.manual_seed(seed)
+    scale = data.std(0)
+    if recipe.iso_prior:
+        scale = scale.min().expand(2)
+    prior = DiagonalNormal(2, loc=data.mean(0), scale=scale, learnable=True)
+    flow = coupling_flow(2, recipe.n_blocks, recipe.hidden, kind=kind, seed=seed)
+    bg = BoltzmannGenerator(prior, flow, energy)
+    steps = recipe.ml_steps + recipe.kl_steps
+    trainer = Trainer(
+        bg,
+        lr=recipe.lr,
+        batch_size=recipe.batch_size,
+        kl_batch_size=recipe.kl_batch_size,
+        clip_grad_norm=100.0,
+        scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, 1e-5),
+        progress=False,
+        seed=seed,
+    )
+    phases = [Phase(recipe.ml_steps, w_ml=1.0, name="ml")]
+    if recipe.kl_steps:
+        phases.append(
+            Phase(recipe.kl_steps, w_ml=recipe.w_ml_in_kl, w_kl=recipe.w_kl, name="ml+kl")
+        )
+    t0 = time.perf_counter()
+    trainer.fit_phases(phases, data=data)
+    train_s = time.perf_counter() - t0
+    x, log_q, u = bg.sample_weighted(n_samples)
+    log_w = (-u - log_q).double()
+    a = in_a(x)
+    df, err = free_energy_difference(log_w, a, ~a, n_bootstrap=200, seed=seed)
+    exact = energy.free_energy_difference()
+    return {
+        "ess": effective_sample_size(log_w),
+        "df": df,
+        "exact": exact,
+        "err": err,
+        "train_s": train_s,
+        "steps": steps,
+        "skipped": trainer.n_skipped,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _bound(system: str) -> float:
+    energy = DoubleWell() if system == "dw" else MuellerBrown()
+
+    def log_density(x: np.ndarray) -> np.ndarray:
+        return -energy(torch.as_tensor(x, dtype=torch.float64)).numpy()
+
+    return volume_preserving_ess_bound(log_density, BOXES[system], 601)[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--kinds", nargs="+", default=["rnvp", "nice"], choices=["rnvp", "nice"])
+    parser.add_argument("--systems", nargs="+", default=["dw", "mb"], choices=["dw", "mb"])
+    parser.add_argument("--n-samples", type=int, default=200_000)
+    parser.add_argument("--ml-steps", type=int, default=None, help="override the recipes")
+    parser.add_argument("--kl-steps", type=int, default=None, help="override the recipes")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    recipes = {}
+    for key, r in RECIPES.items():
+        if args.ml_steps is not None:
+            r = replace(r, ml_steps=args.ml_steps)
+        if args.kl_steps is not None:
+            r = replace(r, kl_steps=args.kl_steps)
+        recipes[key] = r
+
+    cmd = " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv])
+    print("## Toy-system benchmark (bgflow_mini)\n")
+    print(f"- command: `{cmd}`")
+    print(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"- CPU: {_cpu_model()}, {os.cpu_count()} logical cores")
+    print(f"- torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    print(f"- load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    for (kind, system), r in recipes.items():
+        if kind not in args.kinds or system not in args.systems:
+            continue
+        print(
+            f"- {kind.upper()} {NAMES[system]}: {r.n_blocks} blocks, hidden {r.hidden}, "
+            f"lr {r.lr:g} (cosine to 1e-5), {r.ml_steps} ML steps + {r.kl_steps} steps of "
+            f"{r.w_ml_in_kl:g} ML + {r.w_kl:g} KL, batch {r.batch_size} / KL batch "
+            f"{r.kl_batch_size}, learnable {'isotropic' if r.iso_prior else 'diagonal'} prior"
+        )
+    print(f"- {args.n_samples} samples per model; stderr: bootstrap (200)\n")
+
+    bounds = {s: _bound(s) for s in args.systems}
+    print(
+        "| system | flow | seed | ESS | VP bound | ΔF (kT) | exact | error | stderr "
+        "| train (s) | steps/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for system in args.systems:
+        for kind in args.kinds:
+            for seed in args.seeds:
+                res = run_case(kind, system, seed, recipes[kind, system], args.n_samples)
+                rows.setdefault((system, kind), []).append(res)
+                bound = f"{bounds[system]:.3f}" if kind == "nice" else "–"
+                print(
+                    f"| {NAMES[system]} | {kind.upper()} | {seed} | {res['ess']:.3f} | {bound} "
+                    f"| {res['df']:.3f} | {res['exact']:.3f} | {res['df'] - res['exact']:+.3f} "
+                    f"| {res['err']:.3f} | {res['train_s']:.1f} "
+                    f"| {res['steps'] / res['train_s']:.0f} |",
+                    flush=True,
+                )
+    print("\nSummary over seeds (mean ± std, worst):\n")
+    print("| system | flow | ESS | min ESS | max abs(error) (kT) | train (s) |")
+    print("|---|---|---|---|---|---|")
+    for (system, kind), res in rows.items():
+        ess = np.array([r["ess"] for r in res])
+        errs = np.array([abs(r["df"] - r["exact"]) for r in res])
+        t = np.array([r["train_s"] for r in res])
+        print(
+            f"| {NAMES[system]} | {kind.upper()} | {ess.mean():.3f} ± {ess.std():.3f} "
+            f"| {ess.min():.3f} | {errs.max():.3f} | {t.mean():.1f} |"
+        )
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    print(f"\nload average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
