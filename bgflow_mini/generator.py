@@ -93,8 +93,9 @@ class BoltzmannGenerator(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Draw ``n`` samples ``x`` of shape ``(n, dim_x)``.
 
-        With ``with_log_prob=True`` also return ``log q(x)`` of shape ``(n,)`` (the
-        density of the model at temperature 1, evaluated at the samples).
+        With ``with_log_prob=True`` also return ``log q_T(x)`` of shape ``(n,)``: the
+        density of the distribution actually sampled (the prior at ``temperature``
+        pushed through the flow), so ``-u - log q_T`` are valid importance weights.
         """
         if int(n) < 1:
             raise ValueError(f"n must be a positive integer, got {n}")
@@ -102,7 +103,7 @@ class BoltzmannGenerator(nn.Module):
         x, logdet = self.flow(z)
         if not with_log_prob:
             return x
-        return x, self.prior.log_prob(z) - logdet
+        return x, self.prior.log_prob(z, temperature=temperature) - logdet
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Model log-density ``log q(x)`` of data ``x`` ``(batch, dim_x)`` -> ``(batch,)``."""

@@ -46,7 +46,8 @@ def reverse_kl(generator, n: int, reduction: str = "mean", temperature: float = 
     Draws ``n`` samples from ``generator`` and evaluates its energy. Per-sample values
     (``reduction="none"``) are ``u(x_i) + log q(x_i) = -log w_i``; a configuration whose
     energy is ``+inf`` gives ``+inf`` there, which callers can count or drop.
-    ``temperature`` scales the prior only (the target stays at the energy's kT).
+    ``temperature`` scales the prior (``log q`` is then the tempered model's density); the
+    target stays at the energy's kT.
     """
     x, log_q = generator.sample(n, temperature=temperature, with_log_prob=True)
     u = generator.reduced_energy(x)

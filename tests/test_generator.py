@@ -136,3 +136,10 @@ def test_energy_is_not_part_of_the_model_state_but_follows_dtype():
     other.double().load_state_dict(bg.state_dict())
     with pytest.raises(TypeError, match="callable"):
         bg.energy = 3.0
+
+
+def test_log_prob_of_tempered_samples_is_the_tempered_density():
+    bg = BoltzmannGenerator(StandardNormal(3).double(), coupling_flow(3, 1).double())
+    x, log_q = bg.sample(50, temperature=2.0, with_log_prob=True)
+    ref = torch.distributions.Normal(0.0, math.sqrt(2.0)).log_prob(x).sum(-1)
+    assert torch.allclose(log_q, ref, atol=1e-12)

@@ -134,14 +134,22 @@ class _Coupling(Flow):
         check_batch(z, self.dim, f"{type(self).__name__} input")
         n = z.shape[0]
         params = self.conditioner(self.conditioner_input(z))
-        n_lin, n_circ = self.idx_linear.numel(), self.idx_circular.numel()
-        p_lin = params[:, : self._n_lin_out].reshape(n, n_lin, self.n_linear_params)
-        p_circ = params[:, self._n_lin_out :].reshape(n, n_circ, self.n_circular_params)
-        y_lin, ld_lin = self._linear(z[:, self.idx_linear], p_lin, inverse)
-        y_circ, ld_circ = self._circular(z[:, self.idx_circular], p_circ, inverse)
-        passive = z[:, ~self.mask]
-        out = torch.cat([passive, y_lin, y_circ], dim=1)[:, self.restore]
-        return out, ld_lin.sum(dim=1) + ld_circ.sum(dim=1)
+        parts, logdet = [z[:, ~self.mask]], z.new_zeros(n)
+        if self.idx_linear.numel():  # empty branches are skipped (a spline call costs ~0.3 ms)
+            p_lin = params[:, : self._n_lin_out].reshape(
+                n, self.idx_linear.numel(), self.n_linear_params
+            )
+            y, ld = self._linear(z[:, self.idx_linear], p_lin, inverse)
+            parts.append(y)
+            logdet = logdet + ld.sum(dim=1)
+        if self.idx_circular.numel():
+            p_circ = params[:, self._n_lin_out :].reshape(
+                n, self.idx_circular.numel(), self.n_circular_params
+            )
+            y, ld = self._circular(z[:, self.idx_circular], p_circ, inverse)
+            parts.append(y)
+            logdet = logdet + ld.sum(dim=1)
+        return torch.cat(parts, dim=1)[:, self.restore], logdet
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return self._couple(z, inverse=False)
