@@ -20,117 +20,35 @@ import os
 import platform
 import shlex
 import sys
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from bgflow_mini import BoltzmannGenerator, DiagonalNormal, Phase, Trainer
 from bgflow_mini.bounds import volume_preserving_ess_bound
 from bgflow_mini.energies import DoubleWell, MuellerBrown
-from bgflow_mini.flows import coupling_flow
 from bgflow_mini.reweighting import effective_sample_size, free_energy_difference
-from bgflow_mini.sampling import mala, metropolis
+from bgflow_mini.toy_recipes import RECIPES, Recipe, train_toy
 
-__all__ = ["Recipe", "RECIPES", "run_case", "main"]
+__all__ = ["run_case", "main"]
 
 BOXES = {"dw": [(-3.5, 3.5), (-7.0, 7.0)], "mb": [(-3.5, 2.5), (-2.5, 3.5)]}
 NAMES = {"dw": "double well", "mb": "Müller–Brown"}
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """Flow and training settings (the same as in ``tests/test_toy_training.py``).
-
-    ``iso_prior``: the learnable prior starts isotropic with the smallest per-feature data
-    std (used for NICE), otherwise diagonal with the data stds.
-    """
-
-    n_blocks: int
-    hidden: tuple[int, ...]
-    lr: float
-    ml_steps: int
-    kl_steps: int
-    w_ml_in_kl: float
-    w_kl: float
-    batch_size: int
-    kl_batch_size: int
-    iso_prior: bool
-
-
-RECIPES = {
-    ("rnvp", "dw"): Recipe(4, (64, 64), 5e-3, 150, 350, 0.05, 1.0, 256, 512, False),
-    ("rnvp", "mb"): Recipe(4, (64, 64), 5e-3, 150, 350, 0.1, 1.0, 256, 512, False),
-    ("nice", "dw"): Recipe(6, (64, 64), 5e-3, 300, 300, 1.0, 0.1, 256, 256, True),
-    ("nice", "mb"): Recipe(6, (64, 64), 5e-3, 300, 300, 1.0, 0.3, 256, 256, True),
-}
-
-
-def make_system(system: str, seed: int):
-    """(energy, MCMC data as float32, state-A mask function) for ``"dw"`` or ``"mb"``."""
-    if system == "dw":
-        energy = DoubleWell()
-        x0 = torch.tensor([[-1.7, 0.0], [1.7, 0.0]], dtype=torch.float64)
-        x0 = x0.repeat_interleave(64, 0)
-        data, _ = metropolis(energy, x0, 2000, 0.5, thin=10, burn_in=500, seed=seed)
-
-        def in_a(x: torch.Tensor) -> torch.Tensor:
-            return x[:, 0] < 0
-
-    elif system == "mb":
-        energy = MuellerBrown()
-        x0 = torch.tensor([[-0.558, 1.442], [0.623, 0.028]], dtype=torch.float64)
-        x0 = x0.repeat_interleave(64, 0)
-        data, _ = mala(energy, x0, 2000, 0.004, thin=10, burn_in=500, seed=seed)
-        in_a = energy.in_state_a
-    else:
-        raise ValueError(f"unknown system {system!r}")
-    return energy, data.float(), in_a
-
-
 def run_case(kind: str, system: str, seed: int, recipe: Recipe, n_samples: int) -> dict:
-    """Train one generator and evaluate it; returns a dict of results."""
-    energy, data, in_a = make_system(system, seed + 11)
-    torch.manual_seed(seed)
-    scale = data.std(0)
-    if recipe.iso_prior:
-        scale = scale.min().expand(2)
-    prior = DiagonalNormal(2, loc=data.mean(0), scale=scale, learnable=True)
-    flow = coupling_flow(2, recipe.n_blocks, recipe.hidden, kind=kind, seed=seed)
-    bg = BoltzmannGenerator(prior, flow, energy)
-    steps = recipe.ml_steps + recipe.kl_steps
-    trainer = Trainer(
-        bg,
-        lr=recipe.lr,
-        batch_size=recipe.batch_size,
-        kl_batch_size=recipe.kl_batch_size,
-        clip_grad_norm=100.0,
-        scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, 1e-5),
-        progress=False,
-        seed=seed,
-    )
-    phases = [Phase(recipe.ml_steps, w_ml=1.0, name="ml")]
-    if recipe.kl_steps:
-        phases.append(
-            Phase(recipe.kl_steps, w_ml=recipe.w_ml_in_kl, w_kl=recipe.w_kl, name="ml+kl")
-        )
-    t0 = time.perf_counter()
-    trainer.fit_phases(phases, data=data)
-    train_s = time.perf_counter() - t0
-    x, log_q, u = bg.sample_weighted(n_samples)
-    log_w = (-u - log_q).double()
-    a = in_a(x)
-    df, err = free_energy_difference(log_w, a, ~a, n_bootstrap=200, seed=seed)
-    exact = energy.free_energy_difference()
+    """Train one generator (``bgflow_mini.toy_recipes``) and evaluate it."""
+    run = train_toy(kind, system, n_samples, seed=seed, data_seed=seed + 11, recipe=recipe)
+    a = run.in_a(run.x)
+    df, err = free_energy_difference(run.log_w, a, ~a, n_bootstrap=200, seed=seed)
     return {
-        "ess": effective_sample_size(log_w),
+        "ess": effective_sample_size(run.log_w),
         "df": df,
-        "exact": exact,
+        "exact": run.energy.free_energy_difference(),
         "err": err,
-        "train_s": train_s,
-        "steps": steps,
-        "skipped": trainer.n_skipped,
+        "train_s": run.train_seconds,
+        "steps": recipe.ml_steps + recipe.kl_steps,
+        "skipped": run.trainer.n_skipped,
     }
 
 

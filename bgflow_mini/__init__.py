@@ -4,7 +4,7 @@ Public names: :class:`BoltzmannGenerator`, the priors :class:`StandardNormal`,
 :class:`DiagonalNormal`, :class:`NormalUniform`, and :class:`Trainer` / :class:`Phase`.
 Sub-packages: ``flows``, ``energies``, ``coordinates``; modules ``losses``,
 ``reweighting``, ``sampling``, ``cv``, ``systems``, ``md``, ``data``, ``plotting``,
-``evaluation``, ``pipeline``, ``free_energy``, ``bounds``.
+``evaluation``, ``pipeline``, ``free_energy``, ``bounds``, ``toy_recipes``.
 """
 
 from .distributions import DiagonalNormal, NormalUniform, StandardNormal

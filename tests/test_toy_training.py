@@ -19,82 +19,34 @@ probability that 200k samples never visit.) Thresholds were chosen from 12 seeds
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
-from bgflow_mini import BoltzmannGenerator, DiagonalNormal, Phase, Trainer
+from bgflow_mini import BoltzmannGenerator, DiagonalNormal
 from bgflow_mini.bounds import volume_preserving_ess, volume_preserving_ess_bound
 from bgflow_mini.energies import DoubleWell, MuellerBrown
 from bgflow_mini.flows import coupling_flow
 from bgflow_mini.reweighting import effective_sample_size, free_energy_difference
-from bgflow_mini.sampling import mala, metropolis
+from bgflow_mini.toy_recipes import toy_system, train_toy
 
 # Boxes holding essentially all of the Boltzmann density (edges >= 20 kT above the minimum)
 DW_BOX = [(-3.5, 3.5), (-7.0, 7.0)]
 MB_BOX = [(-3.5, 2.5), (-2.5, 3.5)]
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """Flow and training settings of one test case.
-
-    ``iso_prior``: initialise the learnable prior as isotropic with the smallest per-feature
-    data std (NICE: the prior alone sets the volume scale, and the spread of bimodal data
-    overstates the width of the wells); otherwise diagonal with the data stds.
-    """
-
-    n_blocks: int
-    hidden: tuple[int, ...]
-    lr: float
-    ml_steps: int
-    kl_steps: int
-    w_ml_in_kl: float
-    w_kl: float
-    batch_size: int
-    kl_batch_size: int
-    iso_prior: bool
-    n_samples: int
-    min_ess: float
-
-
-# min_ess: RNVP the required 0.9; NICE half of the volume-preserving bound (0.900 / 0.400).
-# Measured over training/data seeds 0-11 (ESS min / max, max |ΔF error| in kT): RNVP dw
-# 0.930 / 0.992, 0.026; RNVP mb 0.925 / 0.974, 0.020; NICE dw 0.537 / 0.637, 0.009;
-# NICE mb 0.304 / 0.382, 0.014. No seed failed any assertion.
-RECIPES = {
-    ("rnvp", "dw"): Recipe(4, (64, 64), 5e-3, 150, 350, 0.05, 1.0, 256, 512, False, 200_000, 0.9),
-    ("rnvp", "mb"): Recipe(4, (64, 64), 5e-3, 150, 350, 0.1, 1.0, 256, 512, False, 200_000, 0.9),
-    ("nice", "dw"): Recipe(6, (64, 64), 5e-3, 300, 300, 1.0, 0.1, 256, 256, True, 200_000, 0.45),
-    ("nice", "mb"): Recipe(6, (64, 64), 5e-3, 300, 300, 1.0, 0.3, 256, 256, True, 200_000, 0.2),
-}
+# Minimum ESS per case: RNVP the required 0.9; NICE half of the volume-preserving bound
+# (0.900 / 0.400). Measured over training/data seeds 0-11 (ESS min / max, max |ΔF error| in
+# kT): RNVP dw 0.930 / 0.992, 0.026; RNVP mb 0.925 / 0.974, 0.020; NICE dw 0.537 / 0.637,
+# 0.009; NICE mb 0.304 / 0.382, 0.014. No seed failed any assertion.
+# The recipes themselves: bgflow_mini.toy_recipes.RECIPES.
+MIN_ESS = {("rnvp", "dw"): 0.9, ("rnvp", "mb"): 0.9, ("nice", "dw"): 0.45, ("nice", "mb"): 0.2}
+N_SAMPLES = 200_000
 
 
 def _energy_log_density(energy):
     return lambda x: -energy(torch.as_tensor(x, dtype=torch.float64)).numpy()
-
-
-def _toy_system(system: str, seed: int = 11):
-    """(energy, MCMC data (float32), state-A mask function)."""
-    if system == "dw":
-        energy = DoubleWell()
-        starts = torch.tensor([[-1.7, 0.0], [1.7, 0.0]], dtype=torch.float64)
-        x0 = starts.repeat_interleave(64, 0)
-        data, acc = metropolis(energy, x0, 2000, 0.5, thin=10, burn_in=500, seed=seed)
-
-        def in_a(x):
-            return x[:, 0] < 0
-
-    else:
-        energy = MuellerBrown()
-        starts = torch.tensor([[-0.558, 1.442], [0.623, 0.028]], dtype=torch.float64)
-        x0 = starts.repeat_interleave(64, 0)
-        data, acc = mala(energy, x0, 2000, 0.004, thin=10, burn_in=500, seed=seed)
-        in_a = energy.in_state_a
-    assert 0.3 < acc < 0.95  # the samplers were tuned; guards against a silent change
-    return energy, data.float(), in_a
 
 
 @pytest.fixture(autouse=True)
@@ -106,53 +58,27 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def _train(kind: str, system: str, seed: int = 0, data_seed: int = 11):
-    """Train one generator; returns (generator, trainer, energy, x, log_w, in_a)."""
-    recipe = RECIPES[kind, system]
-    energy, data, in_a = _toy_system(system, data_seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        scale = data.std(0)
-        if recipe.iso_prior:
-            scale = scale.min().expand(2)
-        prior = DiagonalNormal(2, loc=data.mean(0), scale=scale, learnable=True)
-        flow = coupling_flow(2, recipe.n_blocks, recipe.hidden, kind=kind, seed=seed)
-        bg = BoltzmannGenerator(prior, flow, energy)
-        total = recipe.ml_steps + recipe.kl_steps
-        trainer = Trainer(
-            bg,
-            lr=recipe.lr,
-            batch_size=recipe.batch_size,
-            kl_batch_size=recipe.kl_batch_size,
-            clip_grad_norm=100.0,
-            scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, 1e-5),
-            progress=False,
-            seed=seed,
-        )
-        trainer.fit_phases(
-            [
-                Phase(recipe.ml_steps, w_ml=1.0, name="ml"),
-                Phase(recipe.kl_steps, w_ml=recipe.w_ml_in_kl, w_kl=recipe.w_kl, name="ml+kl"),
-            ],
-            data=data,
-        )
-        x, log_q, u = bg.sample_weighted(recipe.n_samples)
-    return bg, trainer, energy, x, (-u - log_q).double(), in_a
+def test_toy_data_samplers_are_tuned():
+    for system in ("dw", "mb"):
+        _, data, _, acc = toy_system(system)
+        assert data.shape == (25600, 2) and torch.isfinite(data).all()
+        assert 0.3 < acc < 0.95  # guards against a silent change of the sampler settings
 
 
 @pytest.mark.parametrize(
     "kind,system", [("rnvp", "dw"), ("rnvp", "mb"), ("nice", "dw"), ("nice", "mb")]
 )
 def test_train_and_reweight(kind, system):
-    bg, trainer, energy, x, log_w, in_a = _train(kind, system)
-    assert trainer.n_skipped == 0
+    run = train_toy(kind, system, n_samples=N_SAMPLES)
+    energy, x, log_w, in_a = run.energy, run.x, run.log_w, run.in_a
+    assert run.trainer.n_skipped == 0
     assert torch.isfinite(log_w).all()
     ess = effective_sample_size(log_w)
     a = in_a(x)
     df, err = free_energy_difference(log_w, a, ~a, n_bootstrap=100, seed=0)
     exact = energy.free_energy_difference()
     print(f"{kind} {system}: ESS={ess:.3f} dF={df:.3f}±{err:.3f} exact={exact:.3f}")
-    assert ess >= RECIPES[kind, system].min_ess
+    assert ess >= MIN_ESS[kind, system]
     assert 0 < err < 0.05
     assert abs(df - exact) <= 0.05
     assert abs(df - exact) <= 3 * err
