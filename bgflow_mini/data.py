@@ -303,6 +303,7 @@ class MDDataset:
     energies: np.ndarray | None
     topology: mdtraj.Topology
     stride: int = 1
+    positions: torch.Tensor | None = None  # all (strided) frames in time order
 
     @property
     def n_atoms(self) -> int:
@@ -337,4 +338,4 @@ def load_dataset(
         energies = None  # sidecar belongs to another file
     x = trajectory_to_tensor(traj, dtype)
     tr, va, te = split_indices(traj.n_frames, fractions, seed, shuffle)
-    return MDDataset(x[tr], x[va], x[te], tr, va, te, energies, traj.topology, stride)
+    return MDDataset(x[tr], x[va], x[te], tr, va, te, energies, traj.topology, stride, x)

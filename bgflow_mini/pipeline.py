@@ -72,7 +72,7 @@ def molecular_data(
     Positions are float64 nm ``(n, n_atoms*3)``; ``reference`` holds all (strided)
     frames in time order for block-bootstrap reference values.
     """
-    from .data import generate_or_load, load_dataset, trajectory_to_tensor
+    from .data import generate_or_load, load_dataset
 
     entry = generate_or_load(
         system, dict(md_settings), data_dir, n_workers=n_workers, progress=progress, log=log
@@ -80,15 +80,12 @@ def molecular_data(
     ds = load_dataset(
         entry, fractions=tuple(fractions), seed=seed, stride=stride, dtype=torch.float64
     )
-    from .data import load_trajectory
-
-    ref = trajectory_to_tensor(load_trajectory(entry, verify=False)[::stride], torch.float64)
     info = {
         "cache_path": str(entry.path),
         "cache_key": entry.key,
         **dict(entry.meta.get("info", {})),
     }
-    return DataSplit(ds.train, ds.val, ds.test, ref, info)
+    return DataSplit(ds.train, ds.val, ds.test, ds.positions, info)
 
 
 def toy_data(
