@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import time
 from collections.abc import Callable
 
 import numpy as np
 import openmm
 import torch
+from _machine import cpu_model  # benchmarks/_machine.py
 from openmm import unit
 
 from bgflow_mini.energies.torchff import TorchForceField
@@ -40,17 +40,6 @@ __all__ = ["main", "openmm_loop", "time_call"]
 
 KJ = unit.kilojoule_per_mole
 NM = unit.nanometer
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def openmm_loop(context: openmm.Context, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,13 +17,13 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import shlex
 import sys
 from dataclasses import replace
 
 import numpy as np
 import torch
+from _machine import cpu_model  # benchmarks/_machine.py
 
 from bgflow_mini.bounds import volume_preserving_ess_bound
 from bgflow_mini.energies import DoubleWell, MuellerBrown
@@ -50,17 +50,6 @@ def run_case(kind: str, system: str, seed: int, recipe: Recipe, n_samples: int) 
         "steps": recipe.ml_steps + recipe.kl_steps,
         "skipped": run.trainer.n_skipped,
     }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _bound(system: str) -> float:
@@ -96,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     print("## Toy-system benchmark (bgflow_mini)\n")
     print(f"- command: `{cmd}`")
     print(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"- CPU: {_cpu_model()}, {os.cpu_count()} logical cores")
+    print(f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores")
     print(f"- torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     print(f"- load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
