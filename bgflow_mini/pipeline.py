@@ -114,16 +114,24 @@ def toy_data(
 
 
 def molecular_generator(
-    system, train_x: Tensor, flow_factory: Callable, energy=None, zmatrix=None
+    system,
+    train_x: Tensor,
+    flow_factory: Callable,
+    energy=None,
+    zmatrix=None,
+    circular="auto",
 ) -> BoltzmannGenerator:
     """IC transform fitted to ``train_x`` + ``flow_factory(dim=, circular=)`` + prior.
 
-    The prior is Gaussian on bonds/angles and uniform on torsions
-    (:class:`NormalUniform`); torsions stay angles through the circular couplings.
+    The prior is Gaussian on bonds, angles and narrow torsions and uniform on the
+    other torsions (:class:`NormalUniform`), which stay angles through the circular
+    couplings. ``circular`` chooses those torsions (see
+    :func:`~bgflow_mini.coordinates.ic_transform`); a trained model's
+    ``prior.circular`` buffer rebuilds the same architecture.
     """
     if zmatrix is None:
         zmatrix = build_zmatrix(system.mdtraj_topology, positions=system.positions)
-    ic, circular = ic_transform(zmatrix, train_x)
+    ic, circular = ic_transform(zmatrix, train_x, circular=circular)
     coupling = flow_factory(dim=ic.dim, circular=circular)
     prior = NormalUniform(ic.dim, circular)
     return BoltzmannGenerator(prior, Sequential(coupling, ic), energy)

@@ -235,7 +235,9 @@ def load_run(
     else:
         ref = torch.as_tensor(system.positions, dtype=torch.float64).reshape(1, -1)
         noise = 1e-3 * torch.randn(8, ref.shape[1], generator=g, dtype=torch.float64)
-        generator = pipeline.molecular_generator(system, ref + noise, flow_factory)
+        # the latent angle mask is data-dependent; the checkpoint's prior records it
+        circ = state.get("prior.circular", "all")
+        generator = pipeline.molecular_generator(system, ref + noise, flow_factory, circular=circ)
     generator = generator.to(device=device, dtype=dtype)
     try:
         generator.load_state_dict(state)

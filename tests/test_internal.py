@@ -20,6 +20,8 @@ from bgflow_mini.coordinates import (
     build_zmatrix,
     ic_transform,
     least_populated_angle,
+    narrow_torsions,
+    sibling_torsions,
     wrap_angle,
 )
 
@@ -333,15 +335,24 @@ def test_circular_shift_wraps_edge_values() -> None:
 # ---------------------------------------------------------------- ic_transform
 
 
-def test_ic_transform_roundtrip_and_logdet(traj: md.Trajectory) -> None:
+@pytest.mark.parametrize("mode", ["auto", "all"])
+def test_ic_transform_roundtrip_and_logdet(traj: md.Trajectory, mode: str) -> None:
     zmat = build_zmatrix(traj.topology, positions=traj.xyz[0])
     x = _cart(traj)
-    flow, circular = ic_transform(zmat, x)
+    flow, circular = ic_transform(zmat, x, circular=mode)
     assert isinstance(flow, ICTransform) and isinstance(flow.internal, InternalCoordinates)
-    assert torch.equal(circular, flow.internal.circular)
+    torsions = flow.internal.circular
+    assert torch.equal(circular, flow.circular) and not (circular & ~torsions).any()
+    if mode == "all":
+        assert torch.equal(circular, torsions)
+    else:  # short MD: narrow torsions are unrolled, free methyl rotors stay angles
+        q, _ = flow.internal.inverse(x)
+        narrow = narrow_torsions(q[:, torsions]) & sibling_torsions(flow.internal.zmatrix)
+        assert torch.equal(circular[torsions], ~narrow)
+        assert 0 < circular.sum() < torsions.sum()
     z, ld_inv = flow.inverse(x)
     assert z.shape == (traj.n_frames, 3 * traj.n_atoms - 6)
-    # bonds/angles standardised on the training data, torsions stay angles
+    # bonds, angles (and narrow torsions) standardised on the training data
     torch.testing.assert_close(z[:, ~circular].mean(0), torch.zeros_like(z[0, ~circular]))
     torch.testing.assert_close(z[:, ~circular].std(0), torch.ones_like(z[0, ~circular]))
     assert z[:, circular].min() >= -math.pi and z[:, circular].max() < math.pi
@@ -354,9 +365,10 @@ def test_ic_transform_roundtrip_and_logdet(traj: md.Trajectory) -> None:
     )
     assert rmsd < 1e-6
     torch.testing.assert_close(ld_fwd + ld_inv, torch.zeros_like(ld_fwd), atol=1e-9, rtol=0)
-    # logdet = IC logdet + sum log std of the standardised features
+    # logdet = IC logdet + sum log std of the standardised features (torsions after shift)
     q, ld_ic = flow.internal.inverse(x)
-    std = q[:, ~circular].std(0)
+    shifted, _ = flow.flows[1].inverse(q)
+    std = shifted[:, ~circular].std(0)
     torch.testing.assert_close(ld_inv, ld_ic - torch.log(std).sum())
     # and against autograd on the full square map
     ref = _full_map_logdet(flow, z[3])
@@ -364,6 +376,64 @@ def test_ic_transform_roundtrip_and_logdet(traj: md.Trajectory) -> None:
     # float32 inputs with float64 buffers
     z32, _ = flow.inverse(x[:4].float())
     assert z32.dtype == torch.float32 and (z32 - z[:4]).abs().max() < 1e-3
+    # a given mask rebuilds the same layout from other data (as load_run does)
+    other, circ2 = ic_transform(zmat, x[:3] + 1e-3, circular=circular)
+    assert torch.equal(circ2, circular)
+
+
+def test_narrow_torsions() -> None:
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    narrow = 3.0 + 0.2 * torch.randn(n, generator=g, dtype=DT)  # straddles the +-pi cut
+    uniform = (torch.rand(n, generator=g, dtype=DT) * 2 - 1) * math.pi
+    two_modes = torch.where(torch.rand(n, generator=g, dtype=DT) < 0.5, -1.5, 1.5)
+    two_modes = two_modes + 0.2 * torch.randn(n, generator=g, dtype=DT)
+    got = narrow_torsions(torch.stack([narrow, uniform, two_modes], 1))
+    assert got.tolist() == [True, False, False]
+    # half circle covered: narrow only for a smaller gap threshold
+    half = torch.linspace(0, 0.8 * math.pi, n, dtype=DT)[:, None]
+    assert not narrow_torsions(half, max_gap=1.25 * math.pi)[0]
+    assert narrow_torsions(half, max_gap=math.pi)[0]
+    with pytest.raises(ValueError, match="max_gap"):
+        narrow_torsions(half, max_gap=7.0)
+
+
+def test_sibling_torsions_aldp() -> None:
+    """Backbone phi/psi, peptide bonds and methyl rotors are proper torsions; the rest
+    place an atom relative to a sibling."""
+    top = md.load(str(ALDP_PDB)).topology
+    zmat = build_zmatrix(top)
+    got = sibling_torsions(zmat)
+    rows = [r for r in zmat if r[3] >= 0]
+    assert got.shape == (len(rows),) == (top.n_atoms - 3,)
+    bonded = {frozenset((b.atom1.index, b.atom2.index)) for b in top.bonds}
+    for (_i, j, k, l), sib in zip(rows, got.tolist(), strict=True):
+        assert sib == (frozenset((int(l), int(j))) in bonded)
+        assert sib != (frozenset((int(l), int(k))) in bonded)
+    proper = {str(top.atom(int(r[0]))) for r, sib in zip(rows, got.tolist()) if not sib}
+    assert proper == {"ACE1-C", "NME3-N", "ACE1-CH3", "NME3-C", "ALA2-HB1", "ACE1-H1", "NME3-H1"}
+
+
+def test_ic_transform_narrow_torsion_across_cut(traj: md.Trajectory) -> None:
+    """An unrolled torsion whose data straddle +-pi round-trips without a jump."""
+    zmat = build_zmatrix(traj.topology, positions=traj.xyz[0])
+    flow, circular = ic_transform(zmat, _cart(traj))
+    internal = flow.internal
+    q, _ = internal.inverse(_cart(traj))
+    j = int(torch.nonzero(internal.circular & ~circular)[0])
+    q[:, j] = wrap_angle(q[:, j] - q[:, j].mean() + math.pi)  # centre the data on the cut
+    x = internal(q)[0]
+    flow2, circ2 = ic_transform(zmat, x)
+    assert not circ2[j]
+    z, _ = flow2.inverse(x)
+    assert z[:, j].abs().max() < 8  # standardised, not split into two far-apart halves
+    x2, _ = flow2(z)
+    assert (x2 - x).abs().max() < 1e-8 or max(
+        _kabsch_rmsd(a, b)
+        for a, b in zip(
+            x.numpy().reshape(len(x), -1, 3), x2.numpy().reshape(len(x), -1, 3), strict=True
+        )
+    ) < 1e-6
 
 
 def test_ic_transform_input_validation(traj: md.Trajectory) -> None:
@@ -385,3 +455,9 @@ def test_ic_transform_input_validation(traj: md.Trajectory) -> None:
         ic_transform(zmat, np.full((4, 3 * n), np.nan))
     with pytest.raises(ValueError, match="expected dim"):
         flow(torch.zeros(2, 3 * n, dtype=DT))
+    with pytest.raises(ValueError, match="circular must be"):
+        ic_transform(zmat, traj.xyz[:20], circular="some")
+    with pytest.raises(ValueError, match="not torsions"):
+        ic_transform(zmat, traj.xyz[:20], circular=torch.ones(3 * n - 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool of shape"):
+        ic_transform(zmat, traj.xyz[:20], circular=torch.ones(3, dtype=torch.bool))

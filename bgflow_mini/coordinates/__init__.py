@@ -9,6 +9,8 @@ from .normalization import (
     Standardize,
     ic_transform,
     least_populated_angle,
+    narrow_torsions,
+    sibling_torsions,
     wrap_angle,
 )
 from .zmatrix import bond_graph, build_zmatrix, validate_zmatrix
@@ -23,6 +25,8 @@ __all__ = [
     "ICTransform",
     "ic_transform",
     "least_populated_angle",
+    "narrow_torsions",
+    "sibling_torsions",
     "wrap_angle",
     "build_zmatrix",
     "validate_zmatrix",

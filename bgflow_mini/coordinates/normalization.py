@@ -10,6 +10,17 @@ All layers follow the package convention: ``forward`` maps latent -> data,
   CircularShift, InternalCoordinates)`` fitted to training positions, i.e.
   ``flow(latent_ics) -> (cartesian, logdet)`` and
   ``flow.inverse(cartesian) -> (latent_ics, logdet)``.
+
+Torsions come in two kinds. Broad or multimodal ones (backbone phi/psi, methyl
+rotors) stay angles in the latent space (``circular``) and are modelled by circular
+couplings on a uniform prior. Narrow ones (the torsions that place a hydrogen, an
+oxygen or a side chain relative to a sibling atom, :func:`sibling_torsions`) are
+unrolled on the interval of width 2 pi centred on their data and then
+standardised like bonds and angles, so they start from a Gaussian fitted to the data
+instead of a uniform angle (:func:`narrow_torsions`). For those, the density of an
+angle is that of its one preimage in the interval; the model's mass outside the
+interval (more than pi from the data) is not counted, which is exact to many digits
+when the data span less than half of the circle (the default criterion).
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from .internal import InternalCoordinates
 __all__ = [
     "wrap_angle",
     "least_populated_angle",
+    "narrow_torsions",
+    "sibling_torsions",
     "Standardize",
     "CircularShift",
     "ICTransform",
@@ -68,6 +81,44 @@ def least_populated_angle(angles: Tensor, n_bins: int = 36) -> Tensor:
         centre_bin = best_start + best_len / 2.0  # in bin units, may exceed n_bins
         out[j] = -math.pi + centre_bin * width
     return wrap_angle(torch.as_tensor(out, dtype=angles.dtype, device=angles.device))
+
+
+def narrow_torsions(angles: Tensor, max_gap: float = math.pi) -> Tensor:
+    """Which angle columns leave a gap wider than ``max_gap`` (radians) on the circle.
+
+    Arguments:
+        angles: ``(n_samples, k)`` angles in radians.
+        max_gap: a column whose largest empty arc between consecutive samples
+            (wrap-around included) exceeds this is narrow.
+
+    Returns:
+        bool ``(k,)``: True = narrow (the data cover less than ``2 pi - max_gap``).
+    """
+    check_batch(angles, None, "angles")
+    if not 0 < max_gap < 2 * math.pi:
+        raise ValueError(f"max_gap must be in (0, 2 pi), got {max_gap}")
+    a = torch.sort(torch.remainder(angles.detach().double(), 2 * math.pi), dim=0).values
+    gaps = torch.cat([a[1:] - a[:-1], a[:1] + 2 * math.pi - a[-1:]], dim=0)
+    return (gaps.max(dim=0).values > max_gap).to(angles.device)
+
+
+def sibling_torsions(zmatrix: Any) -> Tensor:
+    """Which torsion rows of a Z-matrix place an atom relative to a sibling.
+
+    Row ``(i, j, k, l)`` is a sibling torsion when ``l`` is bonded to ``j`` (like ``i``),
+    e.g. the second hydrogen of a methyl group relative to the first, or a carbonyl
+    oxygen relative to the next nitrogen. Local geometry fixes such a torsion near one
+    value, whereas a proper torsion (``l`` bonded to ``k``) rotates about the ``j-k``
+    bond (backbone phi/psi, methyl rotors). Bonds are those of the Z-matrix (its
+    ``(i, j)`` pairs).
+
+    Returns:
+        bool ``(n_torsions,)`` in the order of the torsion rows (rows with ``l >= 0``).
+    """
+    z = np.asarray(zmatrix, dtype=np.int64)
+    bonds = {frozenset((int(r[0]), int(r[1]))) for r in z if r[1] >= 0}
+    rows = [r for r in z if r[3] >= 0]
+    return torch.tensor([frozenset((int(r[3]), int(r[1]))) in bonds for r in rows])
 
 
 def _full(values: Any, mask: Tensor, fill: float, name: str) -> Tensor:
@@ -202,8 +253,9 @@ class ICTransform(Sequential):
 
     ``forward(z)`` maps normalised ICs ``(batch, 3N-6)`` -> Cartesian ``(batch, 3N)``
     nm; ``inverse(x)`` maps back.  Latent layout equals the IC layout of
-    :class:`InternalCoordinates`: standardised bonds and angles, then torsions that
-    stay angles in [-pi, pi) (``circular`` mask).
+    :class:`InternalCoordinates`: standardised bonds, angles and narrow torsions;
+    the other torsions stay angles in [-pi, pi). ``circular`` (bool ``(3N-6,)``) marks
+    those latent angles: the torsions that ``standardize`` leaves alone.
     """
 
     def __init__(
@@ -211,9 +263,11 @@ class ICTransform(Sequential):
     ) -> None:
         if not (standardize.dim == shift.dim == internal.dim):
             raise ValueError("standardize, shift and internal must have the same dim")
+        if not (standardize.mask | internal.circular).all():
+            raise ValueError("every bond and angle must be standardised")
         super().__init__(standardize, shift, internal)
         self.dim = internal.dim
-        self.register_buffer("circular", internal.circular.clone())
+        self.register_buffer("circular", internal.circular & ~standardize.mask)
 
     @property
     def internal(self) -> InternalCoordinates:
@@ -224,6 +278,8 @@ def ic_transform(
     zmatrix: Any,
     train_positions: Any,
     *,
+    circular: str | Any = "auto",
+    max_gap: float = math.pi,
     n_bins: int = 36,
     min_std: float = 1e-6,
 ) -> tuple[ICTransform, Tensor]:
@@ -233,18 +289,44 @@ def ic_transform(
         zmatrix: ``(N, 4)`` Z-matrix (see :func:`build_zmatrix`).
         train_positions: ``(n_frames, 3N)`` or ``(n_frames, N, 3)`` nm (tensor, array
             or mdtraj.Trajectory).
+        circular: which torsions stay latent angles: ``"auto"`` (all but the sibling
+            torsions, :func:`sibling_torsions`, whose training data are narrow by
+            :func:`narrow_torsions` with ``max_gap``), ``"all"``, or a bool
+            mask ``(3N-6,)`` that may only select torsions (e.g. a trained model's
+            ``prior.circular``, to rebuild it without its data).
+        max_gap: see :func:`narrow_torsions`.
         n_bins: histogram bins for the torsion cut.
-        min_std: lower bound of the bond/angle standard deviations.
+        min_std: lower bound of the standard deviations.
 
     Returns:
         ``(flow, circular)``: the :class:`ICTransform` (buffers in the training data's
         dtype; inputs of other dtypes work too) and its bool mask ``(3N-6,)`` of
-        torsion features.
+        latent angle features.
     """
     internal = InternalCoordinates(zmatrix)
     x = _positions_tensor(train_positions, internal.n_atoms)
     ics, _ = internal.inverse(x)
-    standardize = Standardize.from_data(ics, ~internal.circular, min_std=min_std)
-    shift = CircularShift.from_data(ics, internal.circular, n_bins=n_bins)
+    torsions = internal.circular
+    if isinstance(circular, str):
+        if circular == "all":
+            latent = torsions.clone()
+        elif circular == "auto":
+            latent = torsions.clone()
+            narrow = narrow_torsions(ics[:, torsions], max_gap).cpu()
+            latent[torsions] = ~(narrow & sibling_torsions(internal.zmatrix))
+        else:
+            raise ValueError(f"circular must be 'auto', 'all' or a bool mask, got {circular!r}")
+    else:
+        latent = torch.as_tensor(circular).detach().cpu()
+        if latent.dtype != torch.bool or latent.shape != torsions.shape:
+            raise ValueError(
+                f"circular mask must be bool of shape {tuple(torsions.shape)}, got "
+                f"{latent.dtype} {tuple(latent.shape)}"
+            )
+        if (latent & ~torsions).any():
+            raise ValueError("circular mask selects features that are not torsions")
+    shift = CircularShift.from_data(ics, torsions, n_bins=n_bins)
+    shifted, _ = shift.inverse(ics)
+    standardize = Standardize.from_data(shifted, ~latent.to(ics.device), min_std=min_std)
     flow = ICTransform(standardize, shift, internal)
     return flow, flow.circular
