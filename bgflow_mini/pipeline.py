@@ -210,6 +210,12 @@ def evaluate_molecular(
         metrics["ramachandran_kl_unweighted"] = ramachandran_kl(
             *(v[finite] if i > 1 else v for i, v in enumerate(args)), bins=bins
         )
+        # the same estimator between MD test and MD training frames: its finite-sample
+        # floor (sparse bins), to read the generator's value against
+        train_cv = cvmod.compute_cvs(data.train.numpy(), cvs, ["phi", "psi"])
+        metrics["ramachandran_kl_md_train"] = ramachandran_kl(
+            test_cv["phi"], test_cv["psi"], train_cv["phi"], train_cv["psi"], bins=bins
+        )
         w_b = _state_weight(log_w, gen_cv, states[state_b], cvs)
         metrics["reweighted_population_b"] = w_b
     samples = {"x": x, "log_q": log_q, "u": u, "log_w": log_w}

@@ -195,6 +195,7 @@ def summary_table(metrics: dict) -> str:
         ("dF exact (kT)", "dF_exact", "{:.3f}"),
         ("dF error (kT)", "dF_error", "{:+.3f}"),
         ("Ramachandran KL", "ramachandran_kl", "{:.4f}"),
+        ("Ramachandran KL, MD train (floor)", "ramachandran_kl_md_train", "{:.4f}"),
         ("finite energies", "finite_energy_fraction", "{:.4f}"),
         ("wall time (s)", "wall_time_s", "{:.0f}"),
         ("steps/s", "steps_per_s", "{:.2f}"),

@@ -1,0 +1,124 @@
+"""Training speed of the default ALDP generator: steps/s and peak memory per energy backend.
+
+Builds the default generator (``configs/flow/rnvp.yaml``: 5 blocks x [64, 64]) on the
+default replica-exchange data (``configs/md/remd.yaml``, generated and cached on first
+use) and times, after ``--warmup`` steps,
+
+* ``ml``: maximum-likelihood steps (no energy calls);
+* ``mixed``: ML + reverse KL steps (256 data + 256 generator samples, energy + forces),
+
+with the target energy from ``OpenMMEnergy`` (Reference platform, 1 and 2 worker
+processes) and from ``TorchForceField`` (float32, in the training process). Peak memory
+is the maximum resident set size of the training process (``ru_maxrss``; OpenMM worker
+processes come on top: their own peak is printed separately).
+
+Usage::
+
+    python benchmarks/train_speed.py                 # 300 timed steps per case
+    python benchmarks/train_speed.py --steps 1000 --torch-threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from _machine import cpu_model  # benchmarks/_machine.py
+
+from bgflow_mini import pipeline
+from bgflow_mini.energies import OpenMMEnergy, TorchForceField
+from bgflow_mini.flows import coupling_flow
+from bgflow_mini.systems import load_system
+from bgflow_mini.training import Trainer
+
+__all__ = ["main", "time_steps"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(path: str) -> dict:
+    with open(ROOT / "configs" / path) as fh:
+        return yaml.safe_load(fh)
+
+
+def time_steps(generator, data: torch.Tensor, steps: int, warmup: int, w_kl: float) -> float:
+    """Steps/s of ``steps`` Adam steps (batch 256) after ``warmup`` untimed ones."""
+    trainer = Trainer(generator, lr=1e-4, batch_size=256, progress=False)
+    trainer.fit(warmup, data=data, w_ml=1.0, w_kl=w_kl)
+    t0 = time.perf_counter()
+    trainer.fit(steps, data=data, w_ml=1.0, w_kl=w_kl)
+    return steps / (time.perf_counter() - t0)
+
+
+def _rss_mib(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--data-dir", default=os.environ.get("BGFLOW_DATA", str(ROOT / "data")))
+    args = ap.parse_args()
+    torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(0)
+
+    system = load_system("aldp_vacuum")
+    data = pipeline.molecular_data(
+        system, _cfg("md/remd.yaml"), args.data_dir, progress=False, log=None
+    )
+    flow_cfg = _cfg("flow/rnvp.yaml")
+
+    def factory(dim: int, circular: torch.Tensor):
+        return coupling_flow(
+            dim,
+            flow_cfg["n_blocks"],
+            hidden=tuple(flow_cfg["hidden"]),
+            kind="rnvp",
+            circular=circular,
+            n_bins=flow_cfg["n_bins"],
+            seed=0,
+        )
+
+    train = data.train.float()
+    rows = []
+    cases = [
+        ("OpenMMEnergy, 1 worker", lambda: OpenMMEnergy(system, n_workers=1)),
+        ("OpenMMEnergy, 2 workers", lambda: OpenMMEnergy(system, n_workers=2)),
+        ("TorchForceField float32", lambda: TorchForceField.from_openmm(system).float()),
+    ]
+    base = pipeline.molecular_generator(system, data.train, factory).float()
+    ml = time_steps(base, train, args.steps, args.warmup, w_kl=0.0)
+    rows.append(("none (ML only)", ml, float("nan")))
+    for name, make in cases:
+        energy = make()
+        generator = pipeline.molecular_generator(system, data.train, factory, energy).float()
+        rate = time_steps(generator, train, args.steps, args.warmup, w_kl=1.0)
+        if hasattr(energy, "close"):
+            energy.close()
+        rows.append((name, rate, ml))
+
+    print(f"## Training speed, default ALDP generator ({datetime.date.today()})\n")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, ")
+    print(f"{args.torch_threads} torch thread(s); {args.steps} timed steps after {args.warmup}\n")
+    print("| energy | step | steps/s | vs ML step |")
+    print("|---|---|---:|---:|")
+    for name, rate, ref in rows:
+        kind = "ML" if name.startswith("none") else "ML + reverse KL"
+        rel = "1.00x" if ref != ref else f"{rate / ref:.2f}x"
+        print(f"| {name} | {kind} | {rate:.1f} | {rel} |")
+    print(
+        f"\npeak memory: training process {_rss_mib():.0f} MiB (ru_maxrss); "
+        f"largest finished child (OpenMM worker) {_rss_mib(resource.RUSAGE_CHILDREN):.0f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
