@@ -11,11 +11,8 @@ cover exactly [-pi, pi), so the first and last bins are neighbours across the cu
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from scipy.special import logsumexp
@@ -42,9 +39,7 @@ __all__ = [
     "block_pmf",
     "state_delta_f",
     "md_delta_f",
-    "write_pmf_csv",
-    "write_pmf_2d_csv",
-    "format_table",
+    "pmf_agreement",
 ]
 
 TWO_PI = 2.0 * math.pi
@@ -339,83 +334,38 @@ def md_delta_f(
     }
 
 
-def write_pmf_csv(
-    path: str | os.PathLike,
-    cv_name: str,
-    centres: np.ndarray,
-    profiles: Mapping[str, tuple[np.ndarray, np.ndarray]],
-) -> Path:
-    """CSV with columns ``<cv_name>, F_<source>, stderr_<source>, ...`` (kT).
+def pmf_agreement(
+    f_ref: np.ndarray,
+    f: np.ndarray,
+    err_ref: np.ndarray | None = None,
+    err: np.ndarray | None = None,
+    max_f_ref: float = 5.0,
+) -> dict:
+    """Agreement of a PMF ``f`` with a reference PMF ``f_ref`` (same bins, kT).
 
-    ``profiles`` maps a source name to ``(F, stderr)`` of shape ``(n_bins,)``.
+    Only bins with ``f_ref <= max_f_ref`` (measured from the reference's minimum) and both
+    values finite are compared. PMFs are defined up to a constant; ``f`` is shifted so
+    that both give the compared region the same free energy ``-ln sum exp(-F)``, which
+    does not hinge on one noisy bin. Returns ``max_abs_diff``, ``rms_diff``, ``n_bins``,
+    ``shift`` and, with errors given, ``max_abs_z`` (difference over the combined stderr).
     """
-    path = Path(path)
-    header = [cv_name] + [f"{k}_{src}" for src in profiles for k in ("F", "stderr")]
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for i, c in enumerate(np.asarray(centres)):
-            row = [repr(float(c))]
-            for f, e in profiles.values():
-                row += [repr(float(f[i])), repr(float(e[i]))]
-            writer.writerow(row)
-    return path
-
-
-def write_pmf_2d_csv(
-    path: str | os.PathLike,
-    names: tuple[str, str],
-    centres: tuple[np.ndarray, np.ndarray],
-    surfaces: Mapping[str, tuple[np.ndarray, np.ndarray]],
-) -> Path:
-    """Long-format CSV ``<cv1>, <cv2>, F_<source>, stderr_<source>, ...`` (one row per bin)."""
-    c1, c2 = (np.asarray(c) for c in centres)
-    g1, g2 = np.meshgrid(c1, c2, indexing="ij")
-    flat = {src: (np.asarray(f).ravel(), np.asarray(e).ravel()) for src, (f, e) in surfaces.items()}
-    return _write_long(path, names, g1.ravel(), g2.ravel(), flat)
-
-
-def _write_long(path, names, x1, x2, flat) -> Path:
-    path = Path(path)
-    header = list(names) + [f"{k}_{src}" for src in flat for k in ("F", "stderr")]
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for i in range(len(x1)):
-            row = [repr(float(x1[i])), repr(float(x2[i]))]
-            for f, e in flat.values():
-                row += [repr(float(f[i])), repr(float(e[i]))]
-            writer.writerow(row)
-    return path
-
-
-def _fmt(value: float, err: float | None = None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    s = f"{value:.3f}" if math.isfinite(value) else ("inf" if value > 0 else "-inf")
-    if err is not None and not math.isnan(err):
-        s += f" ± {err:.3f}" if math.isfinite(err) else " ± inf"
-    return s
-
-
-def format_table(results: Mapping[str, Mapping], state_a: str, state_b: str) -> str:
-    """Markdown table of ΔF (kT), ESS and state counts per source.
-
-    ``results`` maps a source label to a :func:`state_delta_f`-like dict.
-    """
-    labels = list(results)
-    lines = [
-        "| quantity | " + " | ".join(labels) + " |",
-        "| --- |" + " --- |" * len(labels),
-        f"| ΔF = F({state_b}) - F({state_a}) (kT) | "
-        + " | ".join(_fmt(r["dF"], r["stderr"]) for r in results.values())
-        + " |",
-        "| ESS (normalised) | " + " | ".join(f"{r['ess']:.4f}" for r in results.values()) + " |",
-        f"| population {state_b} | "
-        + " | ".join(_fmt(r["population_b"]) for r in results.values())
-        + " |",
-        "| samples in a / b | "
-        + " | ".join(f"{r['n_a']} / {r['n_b']}" for r in results.values())
-        + " |",
-    ]
-    return "\n".join(lines)
+    f_ref, f = np.asarray(f_ref, dtype=np.float64), np.asarray(f, dtype=np.float64)
+    if f_ref.shape != f.shape:
+        raise ValueError(f"PMFs must share bins, got shapes {f_ref.shape} and {f.shape}")
+    base = np.nanmin(np.where(np.isfinite(f_ref), f_ref, np.nan)) if np.isfinite(f_ref).any() else 0
+    m = np.isfinite(f_ref) & np.isfinite(f) & (f_ref - base <= max_f_ref)
+    out = {"max_f_ref": float(max_f_ref), "n_bins": int(m.sum())}
+    if not m.any():
+        return {**out, "max_abs_diff": math.nan, "rms_diff": math.nan, "shift": math.nan}
+    shift = float(logsumexp(-f_ref[m]) - logsumexp(-f[m]))  # F_region(f) - F_region(ref)
+    d = (f[m] - shift) - f_ref[m]
+    out.update(
+        max_abs_diff=float(np.abs(d).max()),
+        rms_diff=float(np.sqrt(np.mean(d**2))),
+        shift=shift,
+    )
+    if err_ref is not None and err is not None:
+        se = np.hypot(np.asarray(err_ref, float)[m], np.asarray(err, float)[m])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["max_abs_z"] = float(np.nanmax(np.abs(d) / se))
+    return out

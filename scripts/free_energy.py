@@ -43,6 +43,7 @@ from sample import energy_option, output_dir, sample_run
 
 from bgflow_mini import cv as cvmod
 from bgflow_mini import free_energy as fe
+from bgflow_mini import free_energy_io as fe_io
 
 __all__ = ["Analysis", "get_samples", "load_md", "analyse", "main"]
 
@@ -220,10 +221,22 @@ def analyse(cfg: DictConfig, out: Path) -> dict:
         stem = "pmf_" + "_".join(names)
         if len(names) == 1:
             pmfs[names[0]] = (centres[0], profiles)
-            fe.write_pmf_csv(out / f"{stem}.csv", names[0], centres[0], profiles)
+            fe_io.write_pmf_csv(out / f"{stem}.csv", names[0], centres[0], profiles)
         else:
-            fe.write_pmf_2d_csv(out / f"{stem}.csv", names, centres, profiles)
+            fe_io.write_pmf_2d_csv(out / f"{stem}.csv", names, centres, profiles)
         files.append(f"{stem}.csv")
+
+    # reweighted (and unweighted) 1-D PMFs against MD where F_MD <= pmf_max_f kT
+    agreement = {}
+    if "md" in sources:
+        for name, (_, prof) in pmfs.items():
+            agreement[name] = {
+                src: fe.pmf_agreement(
+                    prof["md"][0], prof[src][0], prof["md"][1], prof[src][1], cfg.pmf_max_f
+                )
+                for src in ("reweighted", "unweighted")
+                if src in prof
+            }
 
     plots = []
     if cfg.plots:
@@ -245,6 +258,7 @@ def analyse(cfg: DictConfig, out: Path) -> dict:
         "dF_error_reweighted_vs_md": (
             dF["reweighted"]["dF"] - dF["md"]["dF"] if {"md", "reweighted"} <= set(dF) else None
         ),
+        "pmf_agreement_vs_md": agreement,
         "cvs": an.cvs,
         "cvs_2d": [list(p) for p in an.pairs],
         "settings": {"bins": int(cfg.bins), "n_bootstrap": nb, "n_blocks": n_blocks, "seed": seed},
@@ -253,7 +267,16 @@ def analyse(cfg: DictConfig, out: Path) -> dict:
         "plots": plots,
     }
     (out / "free_energy.json").write_text(json.dumps(result, indent=2))
-    table = fe.format_table({labels[s]: dF[s] for s in SOURCES if s in dF}, an.state_a, an.state_b)
+    table = fe_io.format_table(
+        {labels[s]: dF[s] for s in SOURCES if s in dF}, an.state_a, an.state_b
+    )
+    for name, per_src in agreement.items():
+        for src, a in per_src.items():
+            table += (
+                f"\nPMF({name}) {src} vs MD where F_MD <= {a['max_f_ref']:g} kT: "
+                f"max |diff| {a['max_abs_diff']:.3f} kT, rms {a['rms_diff']:.3f} kT "
+                f"({a['n_bins']} bins)"
+            )
     print(f"[free_energy] {system.name}: results in {out}\n{table}")
     return result
 

@@ -95,6 +95,11 @@ def test_free_energy_outputs_match_direct_estimates(samples, tmp_path):
     np.testing.assert_allclose(pmf["F_reweighted"], f_rw)
     surface = read_csv(out / "pmf_phi_psi.csv")
     assert len(surface["phi"]) == 36 * 36 and np.nanmin(surface["F_unweighted"]) == 0.0
+    # PMF agreement with MD, recomputed from the CSV
+    agree = result["pmf_agreement_vs_md"]["phi"]["reweighted"]
+    ref = fe.pmf_agreement(pmf["F_md"], pmf["F_reweighted"], max_f_ref=5.0)
+    assert agree["max_abs_diff"] == pytest.approx(ref["max_abs_diff"])
+    assert agree["n_bins"] == ref["n_bins"] > 0 and "PMF(phi) reweighted vs MD" in res.stdout
 
 
 def test_sampling_from_a_checkpoint_with_a_state_from_the_config(aldp_run, tmp_path):  # noqa: F811
@@ -182,3 +187,27 @@ def test_torsion_pmfs_are_periodic():
     # a non-periodic CV is binned over the data range
     d_edges = fe.cv_edges({"type": "distance", "atoms": [0, 1]}, [np.array([0.1, 0.3])], 4)
     np.testing.assert_allclose(d_edges, [0.1, 0.15, 0.2, 0.25, 0.3])
+
+
+def test_pmf_agreement_exact_cases():
+    x = np.linspace(-3, 3, 61)
+    f_ref = 0.5 * x**2  # kT, harmonic
+    # the same profile up to a constant agrees exactly
+    a = fe.pmf_agreement(f_ref, f_ref + 1.7)
+    assert a["max_abs_diff"] < 1e-12 and a["shift"] == pytest.approx(1.7)
+    assert a["n_bins"] == int((f_ref <= 5.0).sum())
+    # one bin off by 0.5 kT inside the region is found (shift set by the whole region)
+    f = f_ref.copy()
+    f[30] += 0.5
+    a = fe.pmf_agreement(f_ref, f, max_f_ref=5.0)
+    assert 0.45 < a["max_abs_diff"] < 0.5 and a["rms_diff"] < a["max_abs_diff"]
+    # deviations above the threshold and non-finite bins are ignored
+    f = f_ref.copy()
+    f[np.abs(x) > 2.9] += 3.0
+    f[0] = np.inf
+    assert fe.pmf_agreement(f_ref, f, max_f_ref=4.0)["max_abs_diff"] < 1e-12
+    # z-scores with errors
+    a = fe.pmf_agreement(f_ref, f_ref + 0.2 * (x > 0), np.full(61, 0.1), np.full(61, 0.1))
+    assert a["max_abs_z"] == pytest.approx(0.1 / math.hypot(0.1, 0.1), rel=0.2)
+    with pytest.raises(ValueError, match="share bins"):
+        fe.pmf_agreement(f_ref, f_ref[:10])
