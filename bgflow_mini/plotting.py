@@ -77,9 +77,17 @@ def plot_ramachandran(
 
 
 def plot_pmfs(
-    path, profiles: Mapping[str, tuple], xlabel: str, title: str = "Free-energy profile"
+    path,
+    profiles: Mapping[str, tuple],
+    xlabel: str,
+    title: str = "Free-energy profile",
+    max_f: float | None = None,
 ) -> Path:
-    """1-D PMFs with error bands: ``profiles`` maps label -> ``(centres, F, stderr)`` in kT."""
+    """1-D PMFs with error bands: ``profiles`` maps label -> ``(centres, F, stderr)`` in kT.
+
+    ``max_f`` (kT) caps the y axis, so that a barrier bin carried by one tiny weight does
+    not squash the basins (``None``: autoscale).
+    """
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (c, f, err) in profiles.items():
         c, f = np.asarray(c), np.asarray(f, dtype=float)
@@ -89,6 +97,8 @@ def plot_pmfs(
             e = np.asarray(err, dtype=float)
             e = np.where(np.isfinite(e), e, 0.0)
             ax.fill_between(c, f - e, f + e, alpha=0.3, color=line.get_color())
+    if max_f is not None:
+        ax.set_ylim(-0.05 * float(max_f), float(max_f))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("free energy (kT)")
     ax.set_title(title)

@@ -320,6 +320,7 @@ def make_plots(out, an, sources, weights, labels, pmfs, ss, md_u, ess, cfg) -> l
                 curves,
                 xlabel=_axis_label(name, spec),
                 title=f"Free-energy profile along {name} ({an.system.name}; bands: ±1 stderr)",
+                max_f=cfg.get("plot_max_f"),
             )
         )
     energies = {}
