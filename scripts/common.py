@@ -237,7 +237,12 @@ def load_run(
         noise = 1e-3 * torch.randn(8, ref.shape[1], generator=g, dtype=torch.float64)
         # the latent angle mask is data-dependent; the checkpoint's prior records it
         circ = state.get("prior.circular", "all")
-        generator = pipeline.molecular_generator(system, ref + noise, flow_factory, circular=circ)
+        try:
+            generator = pipeline.molecular_generator(
+                system, ref + noise, flow_factory, circular=circ
+            )
+        except ValueError:  # a mask of another molecule: load_state_dict below says so
+            generator = pipeline.molecular_generator(system, ref + noise, flow_factory)
     generator = generator.to(device=device, dtype=dtype)
     try:
         generator.load_state_dict(state)
