@@ -352,8 +352,9 @@ def pmf_agreement(
     f_ref, f = np.asarray(f_ref, dtype=np.float64), np.asarray(f, dtype=np.float64)
     if f_ref.shape != f.shape:
         raise ValueError(f"PMFs must share bins, got shapes {f_ref.shape} and {f.shape}")
-    base = np.nanmin(np.where(np.isfinite(f_ref), f_ref, np.nan)) if np.isfinite(f_ref).any() else 0
-    m = np.isfinite(f_ref) & np.isfinite(f) & (f_ref - base <= max_f_ref)
+    finite = np.isfinite(f_ref)
+    base = f_ref[finite].min() if finite.any() else 0.0
+    m = finite & np.isfinite(f) & (f_ref - base <= max_f_ref)
     out = {"max_f_ref": float(max_f_ref), "n_bins": int(m.sum())}
     if not m.any():
         return {**out, "max_abs_diff": math.nan, "rms_diff": math.nan, "shift": math.nan}
