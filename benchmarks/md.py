@@ -75,7 +75,7 @@ def remd_benchmark(
         n_workers=n_workers,
         progress=progress,
     )
-    phi = system.compute_cvs(res.trajectory.xyz.reshape(n_frames, -1))["phi"].numpy()
+    phi = system.compute_cvs(res.trajectory.xyz.reshape(n_frames, -1))["phi"]
     positive = (phi > 0).astype(float)
     info = res.info
     return {

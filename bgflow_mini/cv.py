@@ -1,31 +1,64 @@
-"""Collective variables from Cartesian coordinates, and states as CV ranges.
+"""Collective variables (CVs) from Cartesian coordinates or flat features, and states.
 
-Positions are ``(batch, n_atoms*3)`` or ``(batch, n_atoms, 3)`` in nm, as torch
-tensors (differentiable) or numpy arrays (numpy in, numpy out). Torsions follow the
+Molecular CVs (``torsion``, ``angle``, ``distance``) take positions ``(batch,
+n_atoms*3)`` or ``(batch, n_atoms, 3)`` in nm and atom indices; torsions follow the
 IUPAC sign convention used by ``mdtraj.compute_dihedrals`` and lie in [-pi, pi).
+Feature CVs (``coordinate``, ``linear``) take flat features ``(batch, dim)`` of any
+target (e.g. the 2-D toy energies) and need no atoms. Inputs are torch tensors
+(differentiable, results follow their device/dtype) or numpy arrays (computed in
+float64; numpy in, numpy out). Only torsions are periodic (period 2 pi).
+
+CV specs (e.g. a system's ``cvs`` entries)::
+
+    {"type": "torsion", "atoms": [i, j, k, l]}    # radians, [-pi, pi), periodic
+    {"type": "angle", "atoms": [i, j, k]}         # radians, [0, pi]
+    {"type": "distance", "atoms": [i, j]}         # nm
+    {"type": "coordinate", "index": i}            # x[:, i]
+    {"type": "linear", "coefficients": [c0, ..., c_{dim-1}], "offset": 0.0}  # x @ c + offset
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .units import wrap_angle
+
 __all__ = [
     "torsion",
     "angle",
     "distance",
+    "coordinate",
+    "linear",
     "compute_cv",
     "compute_cvs",
+    "is_periodic",
     "in_range",
     "in_state",
     "CV_TYPES",
+    "FEATURE_CV_TYPES",
+    "ALL_CV_TYPES",
+    "PERIODIC_CV_TYPES",
 ]
 
 CV_TYPES = {"torsion": 4, "angle": 3, "distance": 2}
+"""Molecular (atom-based) CV types -> number of atom indices in their ``atoms``."""
+FEATURE_CV_TYPES = ("coordinate", "linear")
+"""CV types on flat features ``(batch, dim)``, for any target (no atoms)."""
+ALL_CV_TYPES = (*CV_TYPES, *FEATURE_CV_TYPES)
+"""Every type :func:`compute_cv` accepts."""
+PERIODIC_CV_TYPES = ("torsion",)
+"""CV types with period 2 pi (values in [-pi, pi)); all others are non-periodic."""
+
+_FEATURE_KEYS = {
+    "coordinate": ({"type", "index"}, set()),
+    "linear": ({"type", "coefficients"}, {"offset"}),
+}
 
 
 def _as_xyz(x) -> tuple[Tensor, bool]:
@@ -77,7 +110,7 @@ def torsion(x, atoms):
     n1, n2 = torch.cross(b0, b1, dim=-1), torch.cross(b1, b2, dim=-1)
     m = torch.cross(b1 / b1.norm(dim=-1, keepdim=True), n1, dim=-1)
     phi = torch.atan2((m * n2).sum(-1), (n1 * n2).sum(-1))
-    phi = torch.where(phi >= math.pi, phi - 2 * math.pi, phi)
+    phi = wrap_angle(phi)  # atan2 may return +pi
     return _out(phi, atoms, is_numpy)
 
 
@@ -99,15 +132,86 @@ def distance(x, atoms):
     return _out((p[..., 1, :] - p[..., 0, :]).norm(dim=-1), atoms, is_numpy)
 
 
+def _as_features(x) -> tuple[Tensor, bool]:
+    is_numpy = isinstance(x, np.ndarray)
+    t = torch.as_tensor(x, dtype=torch.float64) if is_numpy else x
+    if not isinstance(t, Tensor):
+        raise TypeError(f"features must be a tensor or numpy array, got {type(x).__name__}")
+    if t.ndim < 2:
+        raise ValueError(f"features must be (batch, dim), got shape {tuple(t.shape)}")
+    return t.reshape(t.shape[0], -1), is_numpy
+
+
+def _check_keys(spec: Mapping) -> None:
+    required, optional = _FEATURE_KEYS[spec["type"]]
+    missing, extra = required - set(spec), set(spec) - required - optional
+    if missing or extra:
+        raise ValueError(
+            f"a {spec['type']!r} CV needs the keys {sorted(required)}"
+            + (f" (optional: {sorted(optional)})" if optional else "")
+            + f", got {sorted(spec)} in {dict(spec)!r}"
+        )
+
+
+def coordinate(x, index: int):
+    """Feature ``index`` of flat features ``(batch, dim)``: ``x[:, index]``, shape (batch,).
+
+    Inputs with more dimensions are flattened per sample first (``(batch, n, 3)`` ->
+    ``(batch, 3 n)``). ``index`` must be an integer in [0, dim).
+    """
+    t, is_numpy = _as_features(x)
+    dim = t.shape[1]
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < dim:
+        raise ValueError(f"coordinate index must be an integer in [0, {dim}), got {index!r}")
+    out = t[:, int(index)]
+    return out.detach().cpu().numpy() if is_numpy else out
+
+
+def linear(x, coefficients: Sequence[float], offset: float = 0.0):
+    """Linear combination ``x @ coefficients + offset`` of flat features ``(batch, dim)``.
+
+    ``coefficients`` needs ``dim`` finite numbers; returns (batch,) (numpy in, numpy out;
+    differentiable in torch, gradient = coefficients).
+    """
+    t, is_numpy = _as_features(x)
+    dim = t.shape[1]
+    c = np.asarray(coefficients, dtype=np.float64)
+    if c.shape != (dim,) or not np.isfinite(c).all():
+        raise ValueError(
+            f"linear CV needs {dim} finite coefficients (one per feature), got {coefficients!r}"
+        )
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real):
+        raise ValueError(f"linear CV offset must be a number, got {offset!r}")
+    dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
+    out = t.to(dtype) @ torch.as_tensor(c, dtype=dtype, device=t.device) + float(offset)
+    return out.detach().cpu().numpy() if is_numpy else out
+
+
 _FUNCS = {"torsion": torsion, "angle": angle, "distance": distance}
 
 
 def compute_cv(x, spec: Mapping):
-    """One CV from a spec ``{"type": "torsion"|"angle"|"distance", "atoms": [...]}``."""
+    """One CV from a spec (types in the module docstring; unknown types raise ``ValueError``).
+
+    ``x``: positions (molecular types) or flat features ``(batch, dim)`` (feature types).
+    Returns ``(batch,)`` values (numpy in, numpy out).
+    """
     kind = spec.get("type") if isinstance(spec, Mapping) else None
-    if kind not in _FUNCS:
-        raise ValueError(f"CV type must be one of {sorted(_FUNCS)}, got {kind!r} in {spec!r}")
-    return _FUNCS[kind](x, spec["atoms"])
+    if kind not in ALL_CV_TYPES:
+        raise ValueError(f"CV type must be one of {list(ALL_CV_TYPES)}, got {kind!r} in {spec!r}")
+    if kind in _FUNCS:
+        if "atoms" not in spec:
+            raise ValueError(f"a {kind!r} CV needs 'atoms' ({CV_TYPES[kind]} indices): {spec!r}")
+        return _FUNCS[kind](x, spec["atoms"])
+    _check_keys(spec)
+    if kind == "coordinate":
+        return coordinate(x, spec["index"])
+    return linear(x, spec["coefficients"], spec.get("offset", 0.0))
+
+
+def is_periodic(spec: Mapping | None) -> bool:
+    """True for CV specs of a periodic type (torsions, period 2 pi); False for None."""
+    return isinstance(spec, Mapping) and spec.get("type") in PERIODIC_CV_TYPES
 
 
 def compute_cvs(x, cvs: Mapping[str, Mapping], names: Sequence[str] | None = None) -> dict:
@@ -134,8 +238,7 @@ def in_range(values, lo: float, hi: float, periodic: bool = False):
     if hi - lo >= 2 * math.pi:
         return values == values  # everything (NaN excluded)
     lib = np if isinstance(values, np.ndarray) else torch
-    wrap = lambda a: (a + math.pi) % (2 * math.pi) - math.pi  # noqa: E731
-    v, lo_w, hi_w = wrap(values), wrap(lo), wrap(hi)
+    v, lo_w, hi_w = wrap_angle(values), wrap_angle(lo), wrap_angle(hi)
     if lo_w <= hi_w:
         return (v >= lo_w) & (v < hi_w)
     return lib.logical_or(v >= lo_w, v < hi_w)
@@ -145,7 +248,8 @@ def in_state(cv_values: Mapping, state: Mapping, cvs: Mapping[str, Mapping] | No
     """Mask of samples inside a state given as CV ranges ``{name: [lo, hi]}``.
 
     ``cv_values`` maps CV names to values ``(batch,)``; ``cvs`` (the CV specs) marks
-    which CVs are torsions (periodic). All ranges must hold (logical and).
+    which CVs are periodic (torsions, :func:`is_periodic`); without ``cvs`` none is.
+    All ranges must hold (logical and).
     """
     mask = None
     for name, bounds in state.items():
@@ -153,7 +257,7 @@ def in_state(cv_values: Mapping, state: Mapping, cvs: Mapping[str, Mapping] | No
             raise KeyError(f"state uses unknown CV {name!r}; known: {sorted(cv_values)}")
         if len(bounds) != 2:
             raise ValueError(f"range of {name!r} must be [lo, hi], got {bounds!r}")
-        periodic = cvs is not None and cvs.get(name, {}).get("type") == "torsion"
+        periodic = cvs is not None and is_periodic(cvs.get(name))
         m = in_range(cv_values[name], float(bounds[0]), float(bounds[1]), periodic)
         mask = m if mask is None else mask & m
     if mask is None:

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .flows.base import check_batch
-from .flows.circular import wrap
 from .flows.coupling import as_mask
+from .units import wrap_angle
 
 __all__ = ["StandardNormal", "DiagonalNormal", "NormalUniform"]
 
@@ -171,7 +171,7 @@ class NormalUniform(nn.Module):
         t = _check_temperature(temperature)
         kw = {"dtype": self._ref.dtype, "device": self._ref.device}
         gauss = math.sqrt(t) * torch.randn(n, self.dim, **kw)
-        unif = wrap((2 * torch.rand(n, self.dim, **kw) - 1) * math.pi)
+        unif = wrap_angle((2 * torch.rand(n, self.dim, **kw) - 1) * math.pi)
         return torch.where(self.circular, unif, gauss)
 
     def log_prob(self, z: Tensor, temperature: float = 1.0) -> Tensor:

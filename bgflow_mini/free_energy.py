@@ -3,10 +3,13 @@
 Three kinds of samples are compared by ``scripts/free_energy.py``: flow samples with
 importance weights (``log_w``), the same samples unweighted (``log_w=None``) and MD
 frames in time order (errors by block bootstrap, so correlated frames do not shrink
-them). Free energies are in kT, torsions in radians, distances in nm.
+them). Free energies are in kT, torsions in radians, distances in nm; feature CVs
+(``coordinate``, ``linear``, e.g. of the toy energies) in the units of the features.
 
-Torsions are periodic: their values are wrapped to [-pi, pi) and their bins always
-cover exactly [-pi, pi), so the first and last bins are neighbours across the cut.
+Torsions are periodic (:func:`bgflow_mini.cv.is_periodic`): their values are wrapped to
+[-pi, pi) with :func:`bgflow_mini.units.wrap_angle` and their bins always cover exactly
+[-pi, pi), so the first and last bins are neighbours across the cut. All other CV types
+are non-periodic and binned over the range of the data.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from . import cv as cvmod
+from .cv import is_periodic
 from .evaluation import block_free_energy, state_masks
 from .reweighting import (
     effective_sample_size,
@@ -25,10 +29,9 @@ from .reweighting import (
     free_energy_profile,
     free_energy_profile_2d,
 )
+from .units import wrap_angle
 
 __all__ = [
-    "is_periodic",
-    "wrap_angle",
     "check_cv_names",
     "chunked_cvs",
     "merge_states",
@@ -41,20 +44,6 @@ __all__ = [
     "md_delta_f",
     "pmf_agreement",
 ]
-
-TWO_PI = 2.0 * math.pi
-
-
-def is_periodic(spec: Mapping) -> bool:
-    """True for torsion CVs (period 2 pi)."""
-    return spec.get("type") == "torsion"
-
-
-def wrap_angle(values: np.ndarray) -> np.ndarray:
-    """Angles (radians) wrapped to [-pi, pi) as float64."""
-    v = np.asarray(values, dtype=np.float64)
-    w = np.mod(v + math.pi, TWO_PI) - math.pi
-    return np.where(w >= math.pi, w - TWO_PI, w)  # mod may round up to 2 pi
 
 
 def check_cv_names(names: Sequence[str], cvs: Mapping[str, Mapping]) -> list[str]:
@@ -70,7 +59,8 @@ def chunked_cvs(
     chunks: Iterable[np.ndarray], cvs: Mapping[str, Mapping], names: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """Named CVs of positions given in chunks (``(m, n_atoms, 3)`` or ``(m, 3 n_atoms)``,
-    nm), so a long trajectory never has to sit in memory; float64 ``(n,)`` per name."""
+    nm; flat features ``(m, dim)`` for feature CVs), so a long trajectory never has to sit
+    in memory; float64 ``(n,)`` per name."""
     names = check_cv_names(names, cvs)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for chunk in chunks:
@@ -121,8 +111,9 @@ def check_state_names(names: Sequence[str], states: Mapping) -> None:
 def cv_edges(spec: Mapping, values: Sequence[np.ndarray], bins: int) -> np.ndarray:
     """Bin edges ``(bins + 1,)`` shared by all sources of one CV.
 
-    Torsions: ``bins`` equal bins on [-pi, pi]. Other CVs: equal bins from the smallest
-    to the largest finite value over all ``values`` arrays.
+    Torsions: ``bins`` equal bins on [-pi, pi]. Other (non-periodic) CVs, including the
+    feature types ``coordinate`` and ``linear``: equal bins from the smallest to the
+    largest finite value over all ``values`` arrays.
     """
     if int(bins) < 1:
         raise ValueError(f"bins must be a positive integer, got {bins}")

@@ -30,7 +30,8 @@ import numpy as np
 import openmm
 from openmm import unit
 
-from bgflow_mini.replica import KB, run_replicas
+from bgflow_mini.replica import run_replicas
+from bgflow_mini.units import MOLAR_GAS_CONSTANT
 
 __all__ = [
     "MD_DEFAULTS",
@@ -237,7 +238,7 @@ def simulate(
     traj = mdtraj.Trajectory(xyz, _mdtraj_topology(system), time=time_ps)
 
     dof = degrees_of_freedom(system.system)
-    t_kin = 2.0 * out["kinetic"] / (dof * KB)
+    t_kin = 2.0 * out["kinetic"] / (dof * MOLAR_GAS_CONSTANT)
     prod_ns = out["production_steps"] * timestep / 1000.0
     acc = out["swap_accepts"] / np.maximum(out["swap_attempts"], 1)
     info: dict[str, Any] = {

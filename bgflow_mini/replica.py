@@ -34,9 +34,9 @@ import openmm
 from openmm import unit
 from tqdm import tqdm
 
-__all__ = ["KB", "ReplicaGroup", "available_cores", "replica_seeds", "run_replicas"]
+from .units import kt_kjmol
 
-KB = 0.008314462618  # Boltzmann constant, kJ/mol/K
+__all__ = ["ReplicaGroup", "available_cores", "replica_seeds", "run_replicas"]
 
 
 def available_cores() -> int:
@@ -261,7 +261,7 @@ def run_replicas(
     chunk = math.gcd(int(save_every), int(swap_every)) if swapping else int(save_every)
     n_eq_chunks = -(-int(equilibration_steps) // chunk)
     n_prod_chunks = n_frames * save_every // chunk
-    betas = 1.0 / (KB * temps)
+    betas = np.array([1.0 / kt_kjmol(t) for t in temps])  # 1 / (R T), mol/kJ
     positions = np.asarray(positions, dtype=np.float64)
     n_atoms = positions.shape[0]
 

@@ -4,9 +4,11 @@ All functions take log importance weights ``log_w`` of shape ``(N,)`` (e.g.
 ``log w = -u(x) - log q(x)`` for flow samples; any additive constant is irrelevant) as
 numpy arrays or torch tensors, or ``log_w=None`` for unit weights (plain samples).
 Weights are self-normalised; ``-inf`` entries are zero weights; NaN or ``+inf`` raise
-``ValueError``. Everything is computed in float64 and in log space, so ``log_w`` may
-span thousands of kT. Free energies are in kT. Errors are bootstrap standard errors
-(resampling the N samples with replacement, ``n_bootstrap`` times, seeded by ``seed``).
+``ValueError``, except in :func:`effective_sample_size` (the package's one ESS), which
+counts them as zero weights. Everything is computed in float64 and in log space, so
+``log_w`` may span thousands of kT. Free energies are in kT. Errors are bootstrap
+standard errors (resampling the N samples with replacement, ``n_bootstrap`` times,
+seeded by ``seed``).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ __all__ = [
 ArrayLike = np.ndarray | torch.Tensor | Sequence[float]
 
 
-def _as_array(a: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
+def _as_array(a: Any, name: str) -> np.ndarray:
+    """1-D float64 numpy copy/view of an array, sequence or tensor (any device/dtype)."""
     if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
-    arr = np.asarray(a)
+        a = a.detach().to(device="cpu", dtype=torch.float64).numpy()
+    arr = np.asarray(a, dtype=np.float64)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D of shape (N,), got shape {arr.shape}")
-    return arr.astype(dtype, copy=False)
+    return arr
 
 
 def _log_weights(log_w: ArrayLike | None, n: int | None) -> np.ndarray:
@@ -124,14 +127,24 @@ def _robust_std(reps: np.ndarray) -> np.ndarray:
 
 
 def effective_sample_size(log_w: ArrayLike) -> float:
-    """Kish effective sample size divided by N, in (0, 1].
+    """Kish effective sample size divided by N, a float in [0, 1].
 
-    ESS/N = (sum w)^2 / (N sum w^2) = exp(2 lse(log w) - lse(2 log w)) / N, evaluated in
-    log space. ``-inf`` entries count as samples with zero weight; no clipping is applied.
+    ESS/N = (sum w)^2 / (N sum w^2) = exp(2 lse(log w) - lse(2 log w)) / N, in float64
+    and log space (``log_w`` may span thousands of kT; no clipping). ``log_w``: shape
+    (N,), a numpy array, a sequence of floats or a torch tensor on any device (detached).
+    NaN, ``+inf`` and ``-inf`` entries count as samples of zero weight (they stay in N).
+    Returns 0.0 for an empty input or when no entry is finite.
+
+    Raises:
+        ValueError: ``log_w`` is not 1-D.
     """
-    lw = _log_weights(log_w, None)
+    lw = _as_array(log_w, "log_w")
+    finite = np.isfinite(lw)
+    if not finite.any():
+        return 0.0
+    lw = lw[finite]  # zero weights add nothing to either sum, but N below counts them
     log_ess = 2.0 * logsumexp(lw) - logsumexp(2.0 * lw)
-    return float(min(math.exp(log_ess - math.log(lw.shape[0])), 1.0))
+    return float(min(math.exp(log_ess - math.log(finite.size)), 1.0))
 
 
 def free_energy_difference(

@@ -20,6 +20,10 @@ A system folder holds::
     states:                           # CV ranges (radians / nm) defining metastable states
       phi_positive: {phi: [0.0, 2.0]}
 
+CVs and states are evaluated by :mod:`bgflow_mini.cv` (the one implementation): torsions
+lie in [-pi, pi), ranges are ``lo <= v < hi`` and torsion ranges are periodic (see
+:func:`bgflow_mini.cv.in_range`).
+
 Shipped systems live in the repository's ``systems/`` folder. Names are looked up in the
 folders listed in the environment variable ``BGFLOW_MINI_SYSTEMS`` (``os.pathsep``
 separated), then in ``<repo>/systems`` and ``bgflow_mini/data/systems`` (package data, if
@@ -41,14 +45,17 @@ import torch
 import yaml
 from openmm import app, unit
 
+from . import cv as cvmod
+from .cv import CV_TYPES as _ATOM_CV_TYPES
+from .cv import FEATURE_CV_TYPES as _FEATURE_CV_TYPES
+from .units import kt_kjmol
+
 __all__ = [
     "SystemConfigError",
     "MolecularSystem",
     "load_system",
     "available_systems",
     "system_search_paths",
-    "compute_cv",
-    "CV_TYPES",
     "VALID_KEYS",
 ]
 
@@ -68,7 +75,6 @@ VALID_KEYS = (
 REQUIRED_KEYS = ("pdb", "forcefield", "temperature")
 NONBONDED_METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic", "Ewald", "PME", "LJPME")
 CONSTRAINTS = {None: None, "HBonds": app.HBonds, "AllBonds": app.AllBonds, "HAngles": app.HAngles}
-CV_TYPES = {"distance": 2, "angle": 3, "torsion": 4}
 
 
 class SystemConfigError(ValueError):
@@ -114,47 +120,26 @@ class MolecularSystem:
         self.n_atoms = int(self.positions.shape[0])
         self.dim = 3 * self.n_atoms
 
-    def compute_cvs(self, x: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        """All CVs of ``x`` ((batch, dim) or (batch, n_atoms, 3), nm) as (batch,) tensors."""
-        return {name: compute_cv(cv, x) for name, cv in self.cvs.items()}
+    def compute_cvs(
+        self, x: torch.Tensor | np.ndarray, names: list[str] | None = None
+    ) -> dict[str, torch.Tensor | np.ndarray]:
+        """CVs of ``x`` ((batch, dim) or (batch, n_atoms, 3), nm) as ``{name: (batch,)}``.
 
-    def in_state(self, state: str, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Boolean mask (batch,) of configurations inside all CV ranges of ``state``."""
+        :func:`bgflow_mini.cv.compute_cvs` on this system's ``cvs`` (``names``: a subset):
+        torch in, torch out (differentiable); numpy in, numpy (float64) out.
+        """
+        return cvmod.compute_cvs(x, self.cvs, names)
+
+    def in_state(self, state: str, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Boolean mask (batch,) of configurations inside all CV ranges of ``state``.
+
+        :func:`bgflow_mini.cv.in_state` with this system's ``cvs``: ``lo <= v < hi``,
+        periodic for torsions.
+        """
         if state not in self.states:
             raise KeyError(f"unknown state {state!r}; available: {sorted(self.states)}")
-        mask = None
-        for cv_name, (low, high) in self.states[state].items():
-            v = compute_cv(self.cvs[cv_name], x)
-            m = (v >= low) & (v <= high)
-            mask = m if mask is None else mask & m
-        return mask
-
-
-def compute_cv(cv: dict[str, Any], x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Evaluate one CV (``{"type", "atoms"}``) on ``x`` (batch, n_atoms*3) or (batch, n_atoms, 3).
-
-    Returns (batch,): distances in nm, angles and torsions in radians (torsion in (-pi, pi],
-    same sign convention as ``mdtraj.compute_dihedrals``). Differentiable in torch.
-    """
-    x = torch.as_tensor(x)
-    if x.ndim == 2:
-        x = x.reshape(x.shape[0], -1, 3)
-    p = [x[:, i, :] for i in cv["atoms"]]
-    if cv["type"] == "distance":
-        return torch.linalg.vector_norm(p[1] - p[0], dim=-1)
-    if cv["type"] == "angle":
-        a, b = p[0] - p[1], p[2] - p[1]
-        cos = (a * b).sum(-1) / (
-            torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-        )
-        return torch.acos(cos.clamp(-1.0, 1.0))
-    if cv["type"] == "torsion":
-        b0, b1, b2 = p[1] - p[0], p[2] - p[1], p[3] - p[2]
-        n1, n2 = torch.linalg.cross(b0, b1), torch.linalg.cross(b1, b2)
-        b1n = b1 / torch.linalg.vector_norm(b1, dim=-1, keepdim=True)
-        m1 = torch.linalg.cross(b1n, n1)
-        return torch.atan2((m1 * n2).sum(-1), (n1 * n2).sum(-1))
-    raise ValueError(f"unknown CV type {cv['type']!r}; valid: {sorted(CV_TYPES)}")
+        ranges = self.states[state]
+        return cvmod.in_state(cvmod.compute_cvs(x, self.cvs, list(ranges)), ranges, self.cvs)
 
 
 def system_search_paths() -> list[Path]:
@@ -238,15 +223,22 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _check_cvs(cfg: dict[str, Any], n_atoms: int, where: Path) -> None:
+    """Molecular systems take the atom-based CV types only (``cv.CV_TYPES``)."""
     for name, cv in cfg["cvs"].items():
+        kind = cv.get("type") if isinstance(cv, dict) else None
+        if kind in _FEATURE_CV_TYPES:
+            raise SystemConfigError(
+                f"CV {name!r} in {where}: type {kind!r} is for flat features of non-molecular "
+                f"targets (toy energies); molecular systems take {sorted(_ATOM_CV_TYPES)}"
+            )
         if not isinstance(cv, dict) or set(cv) != {"type", "atoms"}:
             raise SystemConfigError(f"CV {name!r} in {where} needs exactly the keys type, atoms")
-        if cv["type"] not in CV_TYPES:
+        if kind not in tuple(_ATOM_CV_TYPES):
             raise SystemConfigError(
-                f"CV {name!r} in {where}: unknown type {cv['type']!r}; valid: {sorted(CV_TYPES)}"
+                f"CV {name!r} in {where}: unknown type {kind!r}; valid: {sorted(_ATOM_CV_TYPES)}"
             )
         atoms = cv["atoms"]
-        n_need = CV_TYPES[cv["type"]]
+        n_need = _ATOM_CV_TYPES[kind]
         ok = isinstance(atoms, list) and len(atoms) == n_need
         ok = ok and all(isinstance(i, int) and not isinstance(i, bool) for i in atoms)
         if not ok or any(not 0 <= i < n_atoms for i in atoms) or len(set(atoms)) != n_need:
@@ -311,7 +303,6 @@ def load_system(name_or_path: str | os.PathLike) -> MolecularSystem:
     positions = np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
     positions = positions.astype(np.float64)
     _check_cvs(cfg, positions.shape[0], folder / "system.yaml")
-    r = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
     return MolecularSystem(
         name=str(cfg["name"]),
         path=folder,
@@ -320,7 +311,7 @@ def load_system(name_or_path: str | os.PathLike) -> MolecularSystem:
         mdtraj_topology=mdtraj.Topology.from_openmm(pdb.topology),
         positions=positions,
         temperature=cfg["temperature"],
-        kT=r * cfg["temperature"],
+        kT=kt_kjmol(cfg["temperature"]),
         cvs=cfg["cvs"],
         states=cfg["states"],
         forcefield=list(cfg["forcefield"]),

@@ -104,3 +104,119 @@ def test_in_state_and_errors():
         cv.torsion(np.zeros((1, 66)), [0, 1, 2, 40])
     with pytest.raises(ValueError, match="multiple of 3"):
         cv.distance(np.zeros((1, 10)), [0, 1])
+
+
+# ---- feature CVs (non-molecular targets) ----------------------------------------------------
+def test_coordinate_cv_numpy_and_torch():
+    rng = np.random.default_rng(1)
+    for dim in (1, 2, 5):
+        x = rng.normal(size=(7, dim))
+        for i in range(dim):
+            out = cv.compute_cv(x, {"type": "coordinate", "index": i})
+            assert isinstance(out, np.ndarray) and out.shape == (7,)
+            np.testing.assert_array_equal(out, x[:, i])
+            t = torch.tensor(x, dtype=torch.float32)
+            out_t = cv.compute_cv(t, {"type": "coordinate", "index": i})
+            assert out_t.dtype == torch.float32 and torch.equal(out_t, t[:, i])
+    # not reshaped into atoms: dim 2 works, and (batch, n, 3) is flattened per sample
+    x3 = rng.normal(size=(4, 2, 3))
+    np.testing.assert_array_equal(cv.coordinate(x3, 4), x3[:, 1, 1])
+    t = torch.tensor(rng.normal(size=(6, 2)), requires_grad=True)
+    (g,) = torch.autograd.grad(cv.coordinate(t, 1).sum(), t)
+    assert g[:, 0].eq(0).all() and g[:, 1].eq(1).all()
+    for bad in (2, -1, 1.0, True, "0"):
+        with pytest.raises(ValueError, match="index"):
+            cv.compute_cv(np.zeros((3, 2)), {"type": "coordinate", "index": bad})
+    with pytest.raises(ValueError, match="index"):
+        cv.compute_cv(np.zeros((3, 2)), {"type": "coordinate"})
+    with pytest.raises(ValueError, match="atoms"):
+        cv.compute_cv(np.zeros((3, 2)), {"type": "coordinate", "index": 0, "atoms": [0]})
+    with pytest.raises(ValueError, match=r"\(batch, dim\)"):
+        cv.coordinate(np.zeros(3), 0)
+
+
+def test_linear_cv_values_and_gradient():
+    rng = np.random.default_rng(2)
+    c = [-1.0, 2.5, 0.0, 0.25]
+    x = rng.normal(size=(9, 4))
+    ref = x[:, 0] * -1.0 + x[:, 1] * 2.5 + x[:, 3] * 0.25
+    out = cv.compute_cv(x, {"type": "linear", "coefficients": c})
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
+    np.testing.assert_allclose(out, ref, rtol=1e-14, atol=1e-14)
+    spec = {"type": "linear", "coefficients": c, "offset": 0.75}
+    np.testing.assert_allclose(cv.compute_cv(x, spec), ref + 0.75, rtol=1e-14, atol=1e-14)
+    t = torch.tensor(x, requires_grad=True)
+    out_t = cv.compute_cv(t, spec)
+    assert out_t.dtype == torch.float64 and out_t.shape == (9,)
+    np.testing.assert_allclose(out_t.detach().numpy(), ref + 0.75, rtol=1e-14, atol=1e-14)
+    (g,) = torch.autograd.grad(out_t.sum(), t)
+    torch.testing.assert_close(g, torch.tensor(c, dtype=torch.float64).expand(9, 4))
+    t32 = torch.tensor(x, dtype=torch.float32)
+    assert cv.compute_cv(t32, spec).dtype == torch.float32
+    # Müller-Brown style s = y - x on 2-D features
+    xy = np.array([[0.0, 1.0], [2.0, -1.0]])
+    s = cv.compute_cv(xy, {"type": "linear", "coefficients": [-1, 1]})
+    np.testing.assert_array_equal(s, [1.0, -3.0])
+    for bad in ([1.0, 2.0], [1.0] * 5, [1.0, np.nan, 0.0, 0.0], [[1.0, 2.0, 3.0, 4.0]]):
+        with pytest.raises(ValueError, match="4 finite coefficients"):
+            cv.compute_cv(x, {"type": "linear", "coefficients": bad})
+    with pytest.raises(ValueError, match="offset"):
+        cv.compute_cv(x, {"type": "linear", "coefficients": c, "offset": "1"})
+    with pytest.raises(ValueError, match="coefficients"):
+        cv.compute_cv(x, {"type": "linear", "coefficient": c})
+
+
+def test_cv_types_and_unknown_type_error():
+    assert cv.CV_TYPES == {"torsion": 4, "angle": 3, "distance": 2}
+    assert set(cv.ALL_CV_TYPES) == {"torsion", "angle", "distance", "coordinate", "linear"}
+    assert set(cv.FEATURE_CV_TYPES) == {"coordinate", "linear"}
+    with pytest.raises(ValueError, match="CV type") as err:
+        cv.compute_cv(np.zeros((1, 6)), {"type": "rmsd"})
+    for kind in cv.ALL_CV_TYPES:
+        assert repr(kind) in str(err.value)
+    with pytest.raises(ValueError, match="atoms"):
+        cv.compute_cv(np.zeros((1, 6)), {"type": "distance"})
+    assert cv.is_periodic({"type": "torsion", "atoms": [0, 1, 2, 3]})
+    for spec in ({"type": "coordinate", "index": 0}, {"type": "linear"}, {"type": "angle"}, None):
+        assert not cv.is_periodic(spec)
+
+
+def test_feature_cvs_are_not_periodic_in_states_and_bins():
+    from bgflow_mini import free_energy as fe
+
+    specs = {
+        "x": {"type": "coordinate", "index": 0},
+        "s": {"type": "linear", "coefficients": [-1.0, 1.0]},
+        "phi": {"type": "torsion", "atoms": [0, 1, 2, 3]},
+    }
+    x = np.array([[4.0, 0.0], [-4.0, 0.0], [3.0, 10.0], [4.0 - 2 * math.pi, 0.0]])
+    vals = cv.compute_cvs(x, {k: specs[k] for k in ("x", "s")})
+    np.testing.assert_allclose(vals["s"], [-4.0, 4.0, 7.0, 2 * math.pi - 4.0], rtol=1e-15)
+    # not periodic: 4 - 2 pi is not in [3.5, 5), as it would be for a torsion
+    assert cv.in_state(vals, {"x": [3.5, 5.0]}, specs).tolist() == [True, False, False, False]
+    assert cv.in_state(vals, {"s": [3.0, 8.0]}, specs).tolist() == [False, True, True, False]
+    tors = {"x": vals["x"], "phi": vals["x"]}
+    assert cv.in_state(tors, {"phi": [3.5, 5.0]}, specs).tolist() == [True, False, False, True]
+    t = {k: torch.tensor(v) for k, v in vals.items()}
+    assert cv.in_state(t, {"x": [3.5, 5.0]}, specs).tolist() == [True, False, False, False]
+    edges = fe.cv_edges(specs["s"], [vals["s"]], 11)
+    np.testing.assert_allclose(edges, np.linspace(-4.0, 7.0, 12))
+    edges_x = fe.cv_edges(specs["x"], [vals["x"], np.array([np.nan, 6.0])], 5)
+    np.testing.assert_allclose(edges_x, np.linspace(-4.0, 6.0, 6))
+    c, f, _ = fe.pmf_1d(vals["x"], specs["x"], edges_x, None, n_bootstrap=0)
+    assert np.isfinite(f[0]) and np.isinf(f[1]) and np.isfinite(f[-1])  # 4.0 kept as is
+    chunks = fe.chunked_cvs([x[:2], x[2:]], specs, ["x", "s"])
+    np.testing.assert_array_equal(chunks["s"], vals["s"])
+
+
+def test_molecular_systems_reject_feature_cvs(tmp_path):
+    from bgflow_mini.systems import SystemConfigError, _check_cvs
+
+    cfg = {"cvs": {"x": {"type": "coordinate", "index": 0}}, "states": {}}
+    with pytest.raises(SystemConfigError, match="non-molecular.*'torsion'"):
+        _check_cvs(cfg, 22, tmp_path / "system.yaml")
+    cfg = {"cvs": {"s": {"type": "linear", "coefficients": [1.0] * 66}}, "states": {}}
+    with pytest.raises(SystemConfigError, match="non-molecular"):
+        _check_cvs(cfg, 22, tmp_path / "system.yaml")
+    cfg = {"cvs": {"d": {"type": "distance", "atoms": [0, 3]}}, "states": {}}
+    _check_cvs(cfg, 22, tmp_path / "system.yaml")  # molecular types still fine

@@ -10,7 +10,7 @@ import torch
 from bgflow_mini import BoltzmannGenerator, StandardNormal
 from bgflow_mini.flows import coupling_flow
 from bgflow_mini.losses import nll, reverse_kl
-from bgflow_mini.training import log_ess
+from bgflow_mini.reweighting import effective_sample_size
 
 
 def gaussian_energy(sigma: float):
@@ -65,7 +65,7 @@ def test_identity_flow_gives_exact_density_and_weights():
     log_w = bg.log_weights(x, log_q)
     # target is exactly the model: log w = log Z = (d/2) log(2 pi), constant
     assert torch.allclose(log_w, torch.full_like(log_w, 2 * math.log(2 * math.pi)), atol=1e-10)
-    assert float(log_ess(log_w)) == pytest.approx(1.0, abs=1e-12)
+    assert effective_sample_size(log_w) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_losses_match_definitions(bg):

@@ -19,7 +19,7 @@ from bgflow_mini.md import (
     resolve_settings,
     simulate,
 )
-from bgflow_mini.replica import KB
+from bgflow_mini.units import MOLAR_GAS_CONSTANT, kt_kjmol
 
 # Tilted double well in x, harmonic in y and z (kJ/mol, nm); one particle of 1 amu.
 A, B, K = 8.0, 2.0, 50.0
@@ -43,7 +43,7 @@ def double_well(a: float = A, b: float = B, k: float = K, mass: float = 1.0) -> 
 
 def exact_positive_fraction(temperature: float, a: float = A, b: float = B) -> float:
     """p(x > 0) at ``temperature`` by numerical quadrature."""
-    beta = 1.0 / (KB * temperature)
+    beta = 1.0 / kt_kjmol(temperature)
 
     def w(x: float) -> float:
         return math.exp(-beta * (a * (x * x - 1.0) ** 2 + b * x))
@@ -105,10 +105,12 @@ def test_replica_exchange_double_well_populations(n_workers: int) -> None:
         assert abs(p - exact) < 4 * se + 0.005, (
             f"T={t}: p(x>0)={p:.3f}+-{se:.3f}, exact {exact:.3f}"
         )
-        t_kin = 2 * res.kinetic_energies[i] / (3 * KB)  # 3 DOF, no CM motion remover
+        t_kin = (
+            2 * res.kinetic_energies[i] / (3 * MOLAR_GAS_CONSTANT)
+        )  # 3 DOF, no CM motion remover
         assert abs(t_kin.mean() - t) < 4 * block_se(t_kin) + 0.01 * t, (t, t_kin.mean())
         r2 = (xyz[:, 1] ** 2 + xyz[:, 2] ** 2).astype(float)
-        expect = 2 * KB * t / K
+        expect = 2 * kt_kjmol(t) / K
         assert abs(r2.mean() - expect) < 4 * block_se(r2) + 0.01 * expect
     # the tilt makes the populations differ from 1/2 and from each other
     assert exact_positive_fraction(300.0) < 0.2 < 0.4 < exact_positive_fraction(1200.0)
@@ -188,7 +190,7 @@ def test_aldp_kinetic_temperature() -> None:
         aldp, 600, save_every=50, friction=10.0, equilibration_steps=2000, seed=5, progress=False
     )
     assert degrees_of_freedom(aldp.system) == 63
-    t_kin = 2 * res.kinetic_energies[0] / (63 * KB)
+    t_kin = 2 * res.kinetic_energies[0] / (63 * MOLAR_GAS_CONSTANT)
     se = block_se(t_kin)
     assert se < 6.0
     assert abs(t_kin.mean() - 300.0) < 4 * se + 0.01 * 300.0, (t_kin.mean(), se)

@@ -48,12 +48,56 @@ def test_ess_wide_span_and_zero_weights():
     ess = effective_sample_size(lw)
     assert math.isfinite(ess) and ess == pytest.approx(0.1, rel=1e-12)
     lw = np.array([0.0, 0.0, -np.inf, -np.inf])  # -inf: zero weight, still counted in N
-    assert effective_sample_size(lw) == pytest.approx(0.5)
-    for bad in ([0.0, np.nan], [0.0, np.inf], [-np.inf, -np.inf], []):
-        with pytest.raises(ValueError):
-            effective_sample_size(np.array(bad))
-    with pytest.raises(ValueError):
+    assert effective_sample_size(lw) == 0.5
+    with pytest.raises(ValueError, match="1-D"):
         effective_sample_size(np.zeros((3, 2)))
+
+
+def test_ess_exact_values():
+    # weights [1, 1, 0, 0] -> (sum w)^2 / (N sum w^2) = 4 / (4 * 2) = 0.5
+    assert effective_sample_size([0.0, 0.0, -np.inf, -np.inf]) == pytest.approx(0.5, rel=1e-15)
+    # weights [2, 1, 1] -> 16 / (3 * 6) = 8 / 9
+    assert effective_sample_size(np.log([2.0, 1.0, 1.0])) == pytest.approx(8 / 9, rel=1e-15)
+    # one sample carries all the weight: 1 / N
+    assert effective_sample_size([0.0, -np.inf, -np.inf, -np.inf, -np.inf]) == pytest.approx(0.2)
+    assert effective_sample_size([3.0]) == 1.0
+
+
+def test_ess_invalid_entries_weigh_zero_but_count():
+    ref = effective_sample_size([math.log(2.0), 0.0, 0.0, -np.inf, -np.inf, -np.inf])
+    assert ref == pytest.approx(16 / (6 * 6), rel=1e-15)
+    for bad in (np.nan, np.inf, -np.inf):  # each invalid entry is a zero weight in N
+        lw = np.array([math.log(2.0), 0.0, 0.0, bad, bad, bad])
+        assert effective_sample_size(lw) == pytest.approx(ref, rel=1e-15)
+    mixed = np.array([math.log(2.0), 0.0, 0.0, np.nan, np.inf, -np.inf])
+    assert effective_sample_size(mixed) == pytest.approx(ref, rel=1e-15)
+    assert effective_sample_size(torch.tensor(mixed)) == pytest.approx(ref, rel=1e-15)
+    # no valid entry, or no entry at all: 0, never an error
+    for lw in ([], [np.nan], [np.inf, np.inf], [-np.inf, -np.inf], [np.nan, np.inf, -np.inf]):
+        assert effective_sample_size(np.array(lw, dtype=np.float64)) == 0.0
+        assert effective_sample_size(torch.tensor(lw, dtype=torch.float32)) == 0.0
+        assert effective_sample_size(list(lw)) == 0.0
+
+
+def test_ess_numpy_torch_and_sequences_agree():
+    lw = np.random.default_rng(3).normal(0.0, 2.0, size=257)
+    lw[[5, 17, 100]] = [np.nan, np.inf, -np.inf]
+    ref = effective_sample_size(lw)
+    assert isinstance(ref, float) and 0.0 < ref < 1.0
+    finite = lw[np.isfinite(lw)]
+    w = np.exp(finite - finite.max())
+    assert ref == pytest.approx(w.sum() ** 2 / (w**2).sum() / lw.size, rel=1e-12)
+    t = torch.tensor(lw, requires_grad=True)  # detached inside, no error
+    out = effective_sample_size(t)
+    assert isinstance(out, float) and out == pytest.approx(ref, rel=1e-14)
+    assert effective_sample_size(lw.tolist()) == pytest.approx(ref, rel=1e-14)
+    # float32 input is computed in float64: exact for the float32 values
+    lw32 = lw.astype(np.float32)
+    ref32 = effective_sample_size(lw32.astype(np.float64))
+    assert effective_sample_size(torch.tensor(lw32)) == pytest.approx(ref32, rel=1e-14)
+    assert effective_sample_size(lw32) == pytest.approx(ref32, rel=1e-14)
+    if torch.cuda.is_available():
+        assert effective_sample_size(t.cuda()) == pytest.approx(ref, rel=1e-14)
 
 
 # ---- free energy differences -------------------------------------------------------------

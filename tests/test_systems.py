@@ -13,11 +13,12 @@ import torch
 import yaml
 from openmm import app, unit
 
+from bgflow_mini import cv as cvmod
+from bgflow_mini import systems as systems_module
 from bgflow_mini.systems import (
     MolecularSystem,
     SystemConfigError,
     available_systems,
-    compute_cv,
     load_system,
 )
 
@@ -73,9 +74,16 @@ def test_cvs_match_mdtraj(name):
         idx, ref = fn(traj)
         assert idx.tolist() == [s.cvs[cv]["atoms"]]
         got = s.compute_cvs(torch.as_tensor(x))[cv]
+        assert isinstance(got, torch.Tensor) and got.shape == (20,)
         np.testing.assert_allclose(got.numpy(), ref[:, 0], atol=1e-5)
-        flat = compute_cv(s.cvs[cv], torch.as_tensor(x.reshape(20, 66)))
-        np.testing.assert_allclose(flat.numpy(), ref[:, 0], atol=1e-5)
+        flat = s.compute_cvs(torch.as_tensor(x.reshape(20, 66)), [cv])
+        assert list(flat) == [cv]
+        np.testing.assert_allclose(flat[cv].numpy(), ref[:, 0], atol=1e-5)
+        as_np = s.compute_cvs(x)[cv]  # numpy in, numpy out
+        assert isinstance(as_np, np.ndarray) and as_np.dtype == np.float64
+        np.testing.assert_allclose(as_np, ref[:, 0], atol=1e-5)
+        # the method is the cv module's implementation, not a copy
+        np.testing.assert_array_equal(as_np, cvmod.compute_cvs(x, s.cvs)[cv])
 
 
 def test_reference_structure_is_sensible():
@@ -93,6 +101,53 @@ def test_reference_structure_is_sensible():
     e1 = ctx.getState(getEnergy=True).getPotentialEnergy()._value
     assert e0 - e1 < 0.5, (e0, e1)
     assert not s.in_state("phi_positive", x[None])[0] and s.in_state("phi_negative", x[None])[0]
+
+
+def _with_phi(s: MolecularSystem, phis: list[float]) -> np.ndarray:
+    """Copies of the reference structure whose phi atoms are placed to give torsions ``phis``."""
+    i, j, k, m = s.cvs["phi"]["atoms"]
+    x = np.repeat(s.positions[None], len(phis), axis=0)
+    x[:, j] = [0.0, 0.0, 0.0]
+    x[:, k] = [0.0, 0.0, 0.15]
+    x[:, i] = [0.1, 0.0, -0.05]
+    for n, phi in enumerate(phis):
+        x[n, m] = [0.1 * np.cos(phi), 0.1 * np.sin(phi), 0.2]
+    return x
+
+
+def test_in_state_uses_periodic_torsion_ranges(tmp_path):
+    folder = _copy(tmp_path)
+    # [2.5, 4.0] rad crosses the +-pi cut: it selects phi >= 2.5 or phi < 4 - 2 pi = -2.283
+    _edit_yaml(
+        folder,
+        states={
+            "across_cut": {"phi": [2.5, 4.0]},
+            "phi_negative": {"phi": [-np.pi, 0.0]},
+            "both": {"phi": [2.5, 4.0], "psi": [-10.0, 10.0]},
+        },
+    )
+    s = load_system(folder)
+    phis = [3.0, -3.0, -2.0, 0.0, 2.6, -2.5]
+    x = _with_phi(s, phis)
+    traj = mdtraj.Trajectory(x, s.mdtraj_topology)
+    np.testing.assert_allclose(mdtraj.compute_phi(traj)[1][:, 0], phis, atol=1e-5)
+    expect = [True, True, False, False, True, True]
+    assert s.in_state("across_cut", x).tolist() == expect
+    assert s.in_state("across_cut", torch.as_tensor(x)).tolist() == expect
+    assert s.in_state("both", x).tolist() == expect
+    assert s.in_state("phi_negative", x).tolist() == [False, True, True, False, False, True]
+    # lo <= phi < hi: the lower bound is included, the upper one is not (exact CV values)
+    edges = _with_phi(s, [0.5, 2.0, 1.0])
+    v = s.compute_cvs(edges)["phi"]
+    s.states["edge"] = {"phi": [float(v[0]), float(v[1])]}
+    assert s.in_state("edge", edges).tolist() == [True, False, True]
+    with pytest.raises(KeyError, match="unknown state 'nope'"):
+        s.in_state("nope", x)
+
+
+def test_cv_implementation_lives_in_cv_module():
+    assert not hasattr(systems_module, "compute_cv")
+    assert not hasattr(systems_module, "CV_TYPES")
 
 
 def test_same_pdb_in_both_variants():

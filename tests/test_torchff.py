@@ -20,7 +20,8 @@ from openmm import app, unit
 
 from bgflow_mini.energies import Energy
 from bgflow_mini.energies._torchff_terms import ONE_4PI_EPS0
-from bgflow_mini.energies.torchff import TorchForceField, kt_kjmol
+from bgflow_mini.energies.torchff import TorchForceField
+from bgflow_mini.units import kt_kjmol
 
 ROOT = Path(__file__).resolve().parents[1]
 FORCEFIELDS = {

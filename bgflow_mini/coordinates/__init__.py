@@ -11,7 +11,6 @@ from .normalization import (
     least_populated_angle,
     narrow_torsions,
     sibling_torsions,
-    wrap_angle,
 )
 from .zmatrix import bond_graph, build_zmatrix, validate_zmatrix
 
@@ -27,7 +26,6 @@ __all__ = [
     "least_populated_angle",
     "narrow_torsions",
     "sibling_torsions",
-    "wrap_angle",
     "build_zmatrix",
     "validate_zmatrix",
     "bond_graph",

@@ -33,10 +33,10 @@ import torch
 from torch import Tensor
 
 from ..flows.base import Flow, Sequential, check_batch
+from ..units import wrap_angle
 from .internal import InternalCoordinates
 
 __all__ = [
-    "wrap_angle",
     "least_populated_angle",
     "narrow_torsions",
     "sibling_torsions",
@@ -45,12 +45,6 @@ __all__ = [
     "ICTransform",
     "ic_transform",
 ]
-
-
-def wrap_angle(a: Tensor) -> Tensor:
-    """Wrap angles (radians) into [-pi, pi)."""
-    w = torch.remainder(a + math.pi, 2 * math.pi) - math.pi
-    return torch.where(w >= math.pi, w - 2 * math.pi, w)
 
 
 def least_populated_angle(angles: Tensor, n_bins: int = 36) -> Tensor:

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import openmm
 import torch
-from openmm import unit
 from torch import Tensor
 
 from ..systems import MolecularSystem
+from ..units import kt_kjmol
 from . import _openmm_pool
 from .base import Energy
 
@@ -128,8 +128,7 @@ class OpenMMEnergy(Energy):
             raise ValueError("high_energy must not be NaN")
         self.n_atoms = n_atoms
         self.temperature = float(temperature)
-        r = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
-        self.kT = r * self.temperature  # kJ/mol
+        self.kT = kt_kjmol(self.temperature)  # kJ/mol
         self.n_workers = int(n_workers)
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.high_energy = math.inf if high_energy is None else float(high_energy)

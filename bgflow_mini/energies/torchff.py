@@ -21,6 +21,7 @@ import torch
 from openmm import unit
 from torch import Tensor, nn
 
+from ..units import kt_kjmol
 from ._torchff_gbsa import GBSAOBCTerm
 from ._torchff_terms import (
     CoulombLJTerm,
@@ -31,18 +32,12 @@ from ._torchff_terms import (
 )
 from .base import Energy
 
-__all__ = ["TorchForceField", "terms_from_system", "kt_kjmol"]
+__all__ = ["TorchForceField", "terms_from_system"]
 
 _NM = unit.nanometer
 _KJ = unit.kilojoule_per_mole
 _RAD = unit.radian
 _E = unit.elementary_charge
-
-
-def kt_kjmol(temperature: float) -> float:
-    """kT in kJ/mol at ``temperature`` in K (OpenMM's molar gas constant)."""
-    r = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(_KJ / unit.kelvin)
-    return float(r * float(temperature))
 
 
 def _v(q: Any, u: unit.Unit) -> float:

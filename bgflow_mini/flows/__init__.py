@@ -1,7 +1,7 @@
 """Invertible flows: ``flow(z) -> (x, logdet)``, ``flow.inverse(x) -> (z, logdet)``."""
 
 from .base import Flow, Inverse, Sequential, check_batch
-from .circular import circular_spline, n_circular_spline_params, wrap
+from .circular import circular_spline, n_circular_spline_params
 from .coupling import AdditiveCoupling, AffineCoupling, as_mask, coupling_flow
 from .nets import MLP
 from .permutation import Permutation
@@ -17,7 +17,6 @@ __all__ = [
     "Permutation",
     "coupling_flow",
     "as_mask",
-    "wrap",
     "circular_spline",
     "n_circular_spline_params",
 ]

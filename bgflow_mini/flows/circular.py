@@ -19,7 +19,8 @@ and spheres") with ``K`` bins mapping ``[-pi, pi]`` onto itself with
   to the one at ``-pi``. Hence ``f`` joins up smoothly (C^1) across the cut and
   the density ``p(x) = p(z) / f'(z)`` never jumps at ``+-pi``;
 * the rotation ``shift`` is a raw conditioner output (any real; only its value
-  modulo 2 pi matters), and ``wrap`` maps back to ``[-pi, pi)``.
+  modulo 2 pi matters), and :func:`bgflow_mini.units.wrap_angle` maps
+  back to ``[-pi, pi)``.
 
 With all raw parameters zero, bins are uniform, derivatives are 1 and the shift
 is 0, so ``f`` is the identity up to floating-point rounding (~1e-16 relative).
@@ -38,20 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["wrap", "circular_spline", "n_circular_spline_params", "MIN_BIN", "MIN_DERIV"]
+from ..units import wrap_angle
+
+__all__ = ["circular_spline", "n_circular_spline_params", "MIN_BIN", "MIN_DERIV"]
 
 MIN_BIN = 2.0**-10
 """Smallest bin width/height as a fraction of the period 2 pi."""
 MIN_DERIV = 2.0**-10
 """Smallest knot derivative of the spline."""
-
-
-def wrap(x: Tensor) -> Tensor:
-    """Wrap angles (radians) to ``[-pi, pi)``; values already inside are returned bit-exactly."""
-    inside = (x >= -math.pi) & (x < math.pi)
-    w = torch.remainder(x + math.pi, 2 * math.pi)
-    w = torch.where(w >= 2 * math.pi, w - 2 * math.pi, w) - math.pi
-    return torch.where(inside, x, w)
 
 
 def n_circular_spline_params(n_bins: int) -> int:
@@ -144,7 +139,7 @@ def circular_spline(x: Tensor, params: Tensor, inverse: bool = False) -> tuple[T
     dk = _derivatives(params[..., 2 * k : 3 * k])
     shift = params[..., 3 * k]
     if inverse:
-        z, logderiv = _rq_spline(wrap(x - shift), xk, yk, dk, inverse=True)
-        return wrap(z), -logderiv
-    y, logderiv = _rq_spline(wrap(x), xk, yk, dk, inverse=False)
-    return wrap(y + shift), logderiv
+        z, logderiv = _rq_spline(wrap_angle(x - shift), xk, yk, dk, inverse=True)
+        return wrap_angle(z), -logderiv
+    y, logderiv = _rq_spline(wrap_angle(x), xk, yk, dk, inverse=False)
+    return wrap_angle(y + shift), logderiv
