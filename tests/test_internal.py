@@ -22,8 +22,8 @@ from bgflow_mini.coordinates import (
     least_populated_angle,
     narrow_torsions,
     sibling_torsions,
-    wrap_angle,
 )
+from bgflow_mini.units import wrap_angle
 
 ROOT = Path(__file__).resolve().parents[1]
 ALDP_PDB = ROOT / "systems" / "aldp_vacuum" / "aldp.pdb"
@@ -461,3 +461,40 @@ def test_ic_transform_input_validation(traj: md.Trajectory) -> None:
         ic_transform(zmat, traj.xyz[:20], circular=torch.ones(3 * n - 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool of shape"):
         ic_transform(zmat, traj.xyz[:20], circular=torch.ones(3, dtype=torch.bool))
+
+
+def test_forward_counts_out_of_domain_rows() -> None:
+    flow = InternalCoordinates(
+        np.array([[0, -1, -1, -1], [1, 0, -1, -1], [2, 1, 0, -1], [3, 2, 1, 0]])
+    )
+    keys_before = set(flow.state_dict())
+    assert flow.domain_stats == {"evaluated": 0, "out_of_domain": 0}
+    # layout: bonds [0, 3), angles [3, 5), torsion 5
+    valid = torch.tensor(
+        [[0.15, 0.14, 0.13, 1.9, 2.0, 0.5], [0.1, 0.1, 0.1, 0.1, math.pi - 0.1, -3.0]], dtype=DT
+    )
+    flow(valid)
+    assert flow.domain_stats == {"evaluated": 2, "out_of_domain": 0}
+    bad = valid[[0, 0, 0, 0, 1]].clone()
+    bad[0, 1] = -0.1  # negative bond
+    bad[1, 4] = math.pi + 0.2  # angle > pi
+    bad[2, 2] = 0.0  # zero bond
+    bad[3, 3], bad[3, 0] = -0.5, -0.2  # two violations in one row: counted once
+    x, logdet = flow(bad)
+    assert flow.domain_stats == {"evaluated": 7, "out_of_domain": 4}
+    assert flow.n_forward == 7 and flow.n_out_of_domain == 4
+    # values are unchanged: the same as a fresh flow, log-det as logdet_forward (NaN for r < 0)
+    fresh = InternalCoordinates(flow.zmatrix.numpy())
+    x_ref, logdet_ref = fresh(bad)
+    assert torch.equal(x, x_ref)
+    torch.testing.assert_close(logdet, logdet_ref, equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(logdet[0]) and torch.isfinite(logdet[4])
+    # the inverse does not count; a NaN angle is out of domain
+    flow.inverse(x_ref[4:])
+    nan_row = valid[:1].clone()
+    nan_row[0, 3] = math.nan
+    flow(nan_row)
+    assert flow.domain_stats == {"evaluated": 8, "out_of_domain": 5}
+    flow.reset_domain_stats()
+    assert flow.domain_stats == {"evaluated": 0, "out_of_domain": 0}
+    assert set(flow.state_dict()) == keys_before  # counters are not in checkpoints

@@ -89,12 +89,14 @@ def test_wrapper_values_gradients_and_stats():
     slope = 1.0 / (1.0 + 1000.25 - HIGH)
     torch.testing.assert_close(g[3], torch.tensor([-1e6 * slope, 1.0 * slope], dtype=torch.float64))
     assert (g[1:3] == 0).all()
-    assert e.stats == {"evaluated": 5, "nonfinite": 2, "above_high": 1}
+    assert e.stats == {"evaluated": 5, "nonfinite": 2, "capped": 1}
+    assert e.n_above_high == 1
     with torch.no_grad():
         e(x)
-    assert e.stats == {"evaluated": 10, "nonfinite": 4, "above_high": 2}
+    assert e.stats == {"evaluated": 10, "nonfinite": 4, "capped": 2}
+    assert e.last_stats == {"evaluated": 5, "nonfinite": 2, "capped": 1}
     e.reset_stats()
-    assert e.stats == {"evaluated": 0, "nonfinite": 0, "above_high": 0}
+    assert e.stats == {"evaluated": 0, "nonfinite": 0, "capped": 0}
     # a batch where every energy is non-finite still gives zero, finite gradients
     x_bad = torch.zeros(3, 2, dtype=torch.float64, requires_grad=True)
     (g_bad,) = torch.autograd.grad(e(x_bad).sum(), x_bad)
@@ -106,3 +108,107 @@ def test_wrapper_is_transparent_in_normal_range():
     x = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(LinLogCut(dw)(x), dw(x))
     assert LinLogCut(dw)(x.float()).dtype == torch.float32
+
+
+class _Counting(Energy):
+    """u = |x|^2 / 2, +inf where x[:, 0] > 5 (gradient inf there); counts calls and closes."""
+
+    def __init__(self, dim: int = 3) -> None:
+        super().__init__(dim)
+        self.calls = 0
+        self.closed = 0
+
+    def _energy(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        hot = x[:, 0] > 5.0
+        x0 = torch.where(hot, x[:, 0], 0.0)  # "safe where": no gradient leaks to other rows
+        return 0.5 * (x**2).sum(-1) + torch.where(hot, x0 * math.inf, 0.0)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_single_evaluation_and_gradients_of_bad_rows():
+    inner = _Counting()
+    e = LinLogCut(inner, high=HIGH, max=MAX)
+    good = torch.tensor([[1.0, 2.0, -1.0], [0.5, -3.0, 4.0], [-2.0, 0.0, 1.5]], dtype=torch.float64)
+    bad = torch.tensor([[6.0, 1.0, 1.0], [5.5, 0.0, -2.0]], dtype=torch.float64)
+    # the inner energy really is infinite there, and a zero upstream gradient gives NaN
+    xb = bad.clone().requires_grad_(True)
+    ub = inner(xb)
+    assert torch.isinf(ub).all()
+    assert torch.isnan(torch.autograd.grad(ub, xb, torch.zeros_like(ub))[0]).any()
+    inner.calls = 0
+
+    x = torch.cat([good[:1], bad[:1], good[1:], bad[1:]]).requires_grad_(True)
+    is_bad = torch.tensor([False, True, False, False, True])
+    u = e(x)
+    assert inner.calls == 1
+    (g,) = torch.autograd.grad(u.sum(), x)
+    assert torch.isfinite(g).all()
+    assert (g[is_bad] == 0).all()
+
+    x_ref = good.clone().requires_grad_(True)
+    u_ref = e(x_ref)
+    assert inner.calls == 2
+    (g_ref,) = torch.autograd.grad(u_ref.sum(), x_ref)
+    torch.testing.assert_close(g[~is_bad], g_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g_ref, good, rtol=0, atol=1e-12)  # grad of |x|^2/2
+    torch.testing.assert_close(u[~is_bad], u_ref, rtol=0, atol=1e-12)
+    assert torch.all(u[is_bad] == CAP)
+
+    # the hook is tied to this call's graph: later uses of the same leaf are unaffected
+    x2 = bad.clone().requires_grad_(True)
+    e(x2)  # graph with a hook that is never backpropagated
+    (g2,) = torch.autograd.grad((x2**2).sum(), x2)
+    torch.testing.assert_close(g2, 2 * bad)
+    # other uses of x keep their gradient on bad rows (only the energy's part is zeroed)
+    x3 = torch.cat([good, bad]).requires_grad_(True)
+    (g3,) = torch.autograd.grad(e(x3).sum() + x3.sum(), x3)
+    torch.testing.assert_close(g3[3:], torch.ones_like(bad))
+    torch.testing.assert_close(g3[:3], good + 1.0, rtol=0, atol=1e-12)
+
+
+def test_stats_counters_and_last_stats():
+    inner = _Counting(dim=1)
+    e = LinLogCut(inner, high=HIGH, max=MAX)
+    # u = x^2/2: 0.5, 50 (= HIGH/2), 200 (> HIGH), 2e6 (> MAX, finite), inf, nan
+    x = torch.tensor([[1.0], [10.0], [20.0], [2000.0], [math.inf], [math.nan]]).double()
+    u = e(-x)  # negative: rows with x0 > 5 would be infinite by construction
+    assert inner.calls == 1
+    assert e.last_stats == {"evaluated": 6, "nonfinite": 2, "capped": 2}
+    assert e.stats == e.last_stats
+    torch.testing.assert_close(u[:2], torch.tensor([0.5, 50.0], dtype=torch.float64))
+    assert u[2].item() == pytest.approx(HIGH + math.log1p(100.0))
+    assert torch.all(u[3:] == CAP)
+    e(-x[:2])
+    assert e.last_stats == {"evaluated": 2, "nonfinite": 0, "capped": 0}
+    assert e.stats == {"evaluated": 8, "nonfinite": 2, "capped": 2}
+    assert e.n_evaluated == 8 and e.n_nonfinite == 2 and e.n_capped == e.n_above_high == 2
+    e.reset_stats()
+    assert e.stats == e.last_stats == {"evaluated": 0, "nonfinite": 0, "capped": 0}
+    # no counting when disabled
+    quiet = LinLogCut(inner, high=HIGH, max=MAX, track_stats=False)
+    quiet(-x)
+    assert quiet.stats == {"evaluated": 0, "nonfinite": 0, "capped": 0}
+
+
+def test_close_and_context_manager_forward_to_wrapped_energy():
+    inner = _Counting()
+    with LinLogCut(inner) as e:
+        assert isinstance(e, LinLogCut) and e.base is inner
+        assert inner.closed == 0
+    assert inner.closed == 1
+    nested = LinLogCut(LinLogCut(inner))
+    assert nested.base is inner
+    nested.close()
+    assert inner.closed == 2
+    # base class: close is a no-op, the context manager returns the energy itself
+    dw = DoubleWell()
+    with dw as d:
+        assert d is dw
+    dw.close()
+    with pytest.raises(RuntimeError):  # exceptions are not swallowed, close still runs
+        with LinLogCut(inner):
+            raise RuntimeError("boom")
+    assert inner.closed == 3

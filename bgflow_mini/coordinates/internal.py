@@ -106,6 +106,11 @@ class InternalCoordinates(Flow):
         circular: bool buffer ``(3N-6,)``, True for torsions.
         bond_atoms, angle_atoms, torsion_atoms: numpy arrays ``(N-1, 2)``, ``(N-2, 3)``,
             ``(N-3, 4)`` of the atoms defining each feature.
+        n_forward: rows passed through :meth:`forward` since the last
+            :meth:`reset_domain_stats` (int).
+        n_out_of_domain: of those, rows with any bond ``<= 0`` or any angle outside
+            ``(0, pi)`` (NaN counts as outside); their outputs and log-dets are computed
+            as for any other input but are not meaningful. See :attr:`domain_stats`.
     """
 
     def __init__(self, zmatrix: Any) -> None:
@@ -150,6 +155,38 @@ class InternalCoordinates(Flow):
         atom_slot[z[:, 0]] = slot
         self.register_buffer("_atom_slot", torch.as_tensor(atom_slot, dtype=torch.long))
         self._third_on_second = bool(z[2, 1] == z[1, 0])
+        self.reset_domain_stats()
+
+    def reset_domain_stats(self) -> None:
+        """Set the out-of-domain counters of :meth:`forward` to zero."""
+        self.n_forward = 0
+        # plain attribute (not a buffer: checkpoints stay unchanged); a 0-d long tensor
+        # updated on the input's device so that counting needs no host sync per call
+        old = self.__dict__.get("_n_out_of_domain")
+        device = old.device if old is not None else None
+        self._n_out_of_domain = torch.zeros((), dtype=torch.long, device=device)
+
+    @property
+    def n_out_of_domain(self) -> int:
+        """Rows of :meth:`forward` inputs outside the domain (reads the counter back)."""
+        return int(self._n_out_of_domain)
+
+    @property
+    def domain_stats(self) -> dict[str, int]:
+        """``{"evaluated": rows seen by forward, "out_of_domain": rows outside the domain}``."""
+        return {"evaluated": self.n_forward, "out_of_domain": self.n_out_of_domain}
+
+    def _count_out_of_domain(self, ics: Tensor) -> None:
+        n = self.n_atoms
+        q = ics.detach()
+        bonds_ok = (q[:, : n - 1] > 0).all(-1)
+        theta = q[:, n - 1 : 2 * n - 3]
+        angles_ok = ((theta > 0) & (theta < math.pi)).all(-1)
+        bad = (~(bonds_ok & angles_ok)).sum()
+        if self._n_out_of_domain.device != bad.device:  # first call on a new device
+            self._n_out_of_domain = self._n_out_of_domain.to(bad.device)
+        self._n_out_of_domain = self._n_out_of_domain + bad
+        self.n_forward += int(ics.shape[0])
 
     @classmethod
     def from_topology(cls, topology: Any, positions: Any = None) -> InternalCoordinates:
@@ -168,8 +205,13 @@ class InternalCoordinates(Flow):
         return 2 * torch.log(r).sum(-1) + torch.log(torch.sin(theta).abs()).sum(-1)
 
     def forward(self, ics: Tensor) -> tuple[Tensor, Tensor]:
-        """ICs ``(batch, 3N-6)`` -> Cartesian ``(batch, 3N)`` nm and log|det J| ``(batch,)``."""
+        """ICs ``(batch, 3N-6)`` -> Cartesian ``(batch, 3N)`` nm and log|det J| ``(batch,)``.
+
+        Rows with a bond ``<= 0`` or an angle outside ``(0, pi)`` are counted in
+        :attr:`domain_stats`; their values are returned unchanged.
+        """
         check_batch(ics, self.dim, "internal coordinates")
+        self._count_out_of_domain(ics)
         n = self.n_atoms
         batch = ics.shape[0]
         zero = ics.new_zeros(batch)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from torch import Tensor, nn
 
 __all__ = ["Energy"]
+
+_E = TypeVar("_E", bound="Energy")
 
 
 class Energy(nn.Module):
@@ -13,6 +17,10 @@ class Energy(nn.Module):
     ``energy(x)`` takes ``x`` of shape ``(batch, dim)`` and returns u/kT of shape
     ``(batch,)``. Subclasses implement :meth:`_energy`; :meth:`forward` checks the
     input and output shapes so a mistake fails here with a clear message.
+
+    Energies that hold resources (worker processes, contexts) release them in
+    :meth:`close`; every energy is a context manager, ``with energy: ...`` calls
+    :meth:`close` on exit. Wrappers forward :meth:`close` to the wrapped energy.
 
     Arguments:
         dim: number of degrees of freedom (features per configuration).
@@ -23,6 +31,15 @@ class Energy(nn.Module):
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.dim = int(dim)
+
+    def close(self) -> None:
+        """Release resources such as worker processes (no-op here; idempotent)."""
+
+    def __enter__(self: _E) -> _E:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _energy(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

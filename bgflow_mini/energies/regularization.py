@@ -40,17 +40,28 @@ def linlogcut(u: Tensor, high: float = 1e3, max: float = 1e9) -> Tensor:
 class LinLogCut(Energy):
     """Energy wrapper applying :func:`linlogcut` to ``energy(x)``.
 
-    Rows whose energy is non-finite are re-evaluated without them when gradients are
-    being tracked, so a NaN/inf energy of one sample cannot poison the gradients of the
-    others (the bad rows get the cap value and zero gradient).
+    The wrapped energy is evaluated exactly once per call. Rows whose output is the cap
+    (non-finite energy or energy ``>= max``) get the cap value and zero gradient; when
+    gradients are tracked, a hook on the input seen by the wrapped energy zeroes the
+    gradient rows of those samples, so a NaN/inf from the wrapped energy's backward
+    cannot poison the gradients of the other rows. This relies on rows being independent
+    (true of every energy in this package); gradients of *parameters* of the wrapped
+    energy are not protected.
 
     Arguments:
         energy: any :class:`Energy`; the wrapper has the same ``dim``.
         high: threshold (kT) above which energies are compressed logarithmically.
         max: energies at or above this (kT), and non-finite ones, are set to the cap.
-        track_stats: count inputs in :attr:`n_evaluated`, :attr:`n_nonfinite` (NaN/inf
-            energies) and :attr:`n_above_high` (finite energies above ``high``); reset
-            with :meth:`reset_stats`. Counting reads scalars back from the device.
+        track_stats: count inputs (see :attr:`stats` and :attr:`last_stats`); reset with
+            :meth:`reset_stats`. Counting reads scalars back from the device.
+
+    Attributes:
+        n_evaluated, n_nonfinite, n_capped: cumulative counters (ints) of rows
+            evaluated, non-finite (NaN/inf) energies, and finite energies above ``high``
+            (values changed by the regularisation, including those ``>= max``).
+            ``n_above_high`` is an alias of ``n_capped``.
+        last_stats: ``{"evaluated", "nonfinite", "capped"}`` of the most recent call
+            (zeros before the first tracked call).
     """
 
     def __init__(
@@ -68,35 +79,58 @@ class LinLogCut(Energy):
         self.track_stats = bool(track_stats)
         self.reset_stats()
 
+    @property
+    def base(self) -> Energy:
+        """The wrapped (real) energy, unwrapping nested wrappers that define ``base``."""
+        return getattr(self.energy, "base", self.energy)
+
+    def close(self) -> None:
+        """Close the wrapped energy (e.g. stop its worker processes)."""
+        self.energy.close()
+
     def reset_stats(self) -> None:
-        """Set the counters to zero."""
+        """Set the cumulative counters and :attr:`last_stats` to zero."""
         self.n_evaluated = 0
         self.n_nonfinite = 0
-        self.n_above_high = 0
+        self.n_capped = 0
+        self.last_stats = {"evaluated": 0, "nonfinite": 0, "capped": 0}
+
+    @property
+    def n_above_high(self) -> int:
+        """Alias of :attr:`n_capped` (finite energies above ``high``)."""
+        return self.n_capped
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters as a dict: evaluated, nonfinite, above_high."""
+        """Cumulative counters as a dict: evaluated, nonfinite, capped."""
         return {
             "evaluated": self.n_evaluated,
             "nonfinite": self.n_nonfinite,
-            "above_high": self.n_above_high,
+            "capped": self.n_capped,
         }
 
     def _energy(self, x: Tensor) -> Tensor:
-        u = self.energy(x)
-        bad = ~torch.isfinite(u)
-        n_bad = int(bad.sum()) if (self.track_stats or u.requires_grad) else 0
-        if n_bad and u.requires_grad:
-            good = torch.nonzero(~bad).squeeze(1)
-            u_clean = torch.full_like(u.detach(), float("nan"))
-            if good.numel():
-                u_clean = u_clean.index_put((good,), self.energy(x[good]))
-            else:  # keep the (all-capped) output attached to x, with zero gradient
-                u_clean = u_clean + 0.0 * x.sum()
-            u = u_clean
+        track_grad = torch.is_grad_enabled() and x.requires_grad
+        # a view of x private to this call: the hook then acts only on the gradient that
+        # flows through the wrapped energy, not on other uses of x, and dies with the graph
+        xe = x.view_as(x) if track_grad else x
+        u = self.energy(xe)
+        nonfinite = ~torch.isfinite(u)
         if self.track_stats:
-            self.n_evaluated += int(u.shape[0])
-            self.n_nonfinite += n_bad
-            self.n_above_high += int(((u.detach() > self.high) & ~bad).sum())
+            ud = u.detach()
+            n_bad = int(nonfinite.sum())
+            last = {
+                "evaluated": int(u.shape[0]),
+                "nonfinite": n_bad,
+                "capped": int((torch.isfinite(ud) & (ud > self.high)).sum()),
+            }
+            self.last_stats = last
+            self.n_evaluated += last["evaluated"]
+            self.n_nonfinite += last["nonfinite"]
+            self.n_capped += last["capped"]
+        if track_grad:
+            # rows whose output is the cap have zero gradient; zero them explicitly so that
+            # 0 * inf = NaN inside the wrapped energy's backward does not reach x
+            rows = (nonfinite | (u.detach() >= self.max)).unsqueeze(-1)
+            xe.register_hook(lambda g: g.masked_fill(rows, 0.0))
         return linlogcut(u, self.high, self.max)
