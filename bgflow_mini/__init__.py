@@ -1,17 +1,29 @@
 """bgflow_mini: Boltzmann generators with normalizing flows, OpenMM energies and reweighting.
 
 Public names: :class:`BoltzmannGenerator`, the priors :class:`StandardNormal`,
-:class:`DiagonalNormal`, :class:`NormalUniform`, and :class:`Trainer` / :class:`Phase`.
-Sub-packages: ``flows``, ``energies``, ``coordinates``; modules ``losses``,
-``reweighting``, ``sampling``, ``cv``, ``systems``, ``md``, ``data``, ``plotting``,
-``evaluation``, ``pipeline``, ``free_energy``, ``bounds``, ``toy_recipes``.
+:class:`DiagonalNormal`, :class:`NormalUniform`, :class:`Trainer` / :class:`Phase`,
+:func:`load_generator` / :func:`save_generator` (self-describing checkpoints) and
+:func:`as_target` / :func:`load_target`. Every sub-module is reachable as an attribute
+(imported on first use), e.g. ``import bgflow_mini as bg; bg.systems.load_system(...)``,
+``bg.reweighting``, ``bg.energies``, ``bg.flows``, ``bg.coordinates``.
 """
 
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from .checkpoint import load_generator, save_generator
 from .distributions import DiagonalNormal, NormalUniform, StandardNormal
 from .generator import BoltzmannGenerator
+from .targets import as_target, load_target
 from .training import Phase, Trainer
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("bgflow_mini")  # pyproject.toml is the one place it is set
+except PackageNotFoundError:  # a checkout on sys.path without an install
+    __version__ = "0+unknown"
 
 __all__ = [
     "BoltzmannGenerator",
@@ -20,4 +32,53 @@ __all__ = [
     "NormalUniform",
     "Trainer",
     "Phase",
+    "load_generator",
+    "save_generator",
+    "as_target",
+    "load_target",
 ]
+
+SUBMODULES = (
+    "analysis",
+    "bounds",
+    "checkpoint",
+    "coordinates",
+    "cv",
+    "data",
+    "distributions",
+    "energies",
+    "evaluation",
+    "fileio",
+    "flows",
+    "free_energy",
+    "free_energy_io",
+    "generator",
+    "losses",
+    "md",
+    "pipeline",
+    "plotting",
+    "replica",
+    "report",
+    "reweighting",
+    "run_logger",
+    "samples",
+    "sampling",
+    "systems",
+    "targets",
+    "toy_recipes",
+    "training",
+    "units",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a sub-module on first attribute access (``bg.systems``, ``bg.md``, ...)."""
+    if name in SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'bgflow_mini' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(SUBMODULES))

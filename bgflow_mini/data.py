@@ -46,6 +46,7 @@ __all__ = [
     "CorruptDataError",
     "MDDataset",
     "cache_key",
+    "find_cached",
     "generate_or_load",
     "load_dataset",
     "load_trajectory",
@@ -238,6 +239,22 @@ def generate_or_load(
     return CacheEntry(final, key, False, meta)
 
 
+def find_cached(
+    system: Any, settings: dict[str, Any], data_dir: str | os.PathLike, verify: bool = True
+) -> CacheEntry | None:
+    """The cache entry for ``(system, settings)`` if it is on disk, else None (never runs MD)."""
+    name, system = _load_system(system)
+    resolved = resolve_settings(settings, system.temperature)
+    key = cache_key(name, resolved, system_fingerprint(system))
+    folder = Path(data_dir).expanduser().resolve() / name / key
+    if not (folder / "meta.json").is_file():
+        return None
+    meta = _read_meta(folder)
+    if verify:
+        _verify(folder, meta)
+    return CacheEntry(folder, key, True, meta)
+
+
 def load_trajectory(
     source: CacheEntry | str | os.PathLike, verify: bool = True
 ) -> mdtraj.Trajectory:
@@ -272,22 +289,35 @@ def split_indices(
     n: int,
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
-    shuffle: bool = True,
+    shuffle: bool = False,
+    n_series: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Disjoint train/val/test indices covering ``range(n)``.
 
-    ``fractions`` are normalised; val and test get ``floor(f * n)`` frames, train the
-    rest. With ``shuffle`` a seeded permutation is split, otherwise contiguous blocks
-    (train first), which keeps correlated neighbouring frames apart.
+    ``fractions`` are normalised. By default the split is in contiguous blocks of time
+    (train first, then validation, then test), because neighbouring frames of a
+    trajectory are correlated: random frames would put near-copies of training frames
+    into the validation and test sets and make their NLL optimistic. ``n_series``
+    interleaved time series (frame ``i`` belongs to series ``i % n_series``, e.g. parallel
+    sampler chains) are each split into blocks. ``shuffle=True`` (with ``seed``) gives a
+    random split instead, for i.i.d. samples only.
     """
     f = np.asarray(fractions, dtype=float)
     if f.shape != (3,) or np.any(f < 0) or f.sum() <= 0:
         raise ValueError(f"fractions must be 3 non-negative numbers, got {fractions}")
     f = f / f.sum()
-    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-    n_val, n_test = int(f[1] * n), int(f[2] * n)
-    n_train = n - n_val - n_test
-    return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(n)
+        n_val, n_test = int(f[1] * n), int(f[2] * n)
+        n_train = n - n_val - n_test
+        return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
+    if n_series < 1 or n % n_series:
+        raise ValueError(f"n={n} frames do not split into n_series={n_series} equal series")
+    length = n // n_series
+    n_val, n_test = int(f[1] * length), int(f[2] * length)
+    n_train = length - n_val - n_test
+    t = np.arange(n).reshape(length, n_series)  # time x series
+    return t[:n_train].ravel(), t[n_train : n_train + n_val].ravel(), t[n_train + n_val :].ravel()
 
 
 @dataclass
@@ -320,13 +350,14 @@ def load_dataset(
     seed: int = 0,
     stride: int = 1,
     dtype: torch.dtype = torch.float32,
-    shuffle: bool = True,
+    shuffle: bool = False,
     verify: bool = True,
 ) -> MDDataset:
     """Load cached MD data (entry, cache folder or ``.h5`` file) and split it.
 
     Every ``stride``-th frame is kept before splitting; indices refer to the strided
-    frames. ``energies`` (kJ/mol, strided) is None for a bare ``.h5`` without a sidecar.
+    frames. The split is in contiguous time blocks (see :func:`split_indices`).
+    ``energies`` (kJ/mol, strided) is None for a bare ``.h5`` without a sidecar.
     """
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")

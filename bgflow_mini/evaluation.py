@@ -13,13 +13,11 @@ import numpy as np
 import torch
 
 from . import cv as cvmod
-from .reweighting import effective_sample_size, free_energy_difference
 
 __all__ = [
     "histogram_kl",
     "ramachandran_kl",
     "state_masks",
-    "state_free_energy",
     "block_free_energy",
     "generator_samples",
 ]
@@ -78,39 +76,6 @@ def state_masks(
     return a, b
 
 
-def state_free_energy(
-    positions,
-    cvs: Mapping,
-    states: Mapping,
-    state_a: str,
-    state_b: str,
-    log_w=None,
-    n_bootstrap: int = 200,
-    seed: int = 0,
-) -> dict:
-    """ΔF = F_b - F_a = -ln(P_b / P_a) in kT from (weighted) configurations.
-
-    Arguments:
-        positions: ``(n, n_atoms*3)`` nm (numpy or torch).
-        cvs, states: the system's CV specs and states (``{name: {cv: [lo, hi]}}``).
-        state_a, state_b: state names.
-        log_w: log importance weights ``(n,)`` (``None``: plain samples).
-
-    Returns:
-        ``{"dF", "stderr", "ess", "n_a", "n_b"}`` (``ess`` = 1 for plain samples).
-    """
-    x = positions.detach().cpu().numpy() if isinstance(positions, torch.Tensor) else positions
-    names = sorted({name for s in (state_a, state_b) for name in states[s]})
-    values = cvmod.compute_cvs(np.asarray(x, dtype=np.float64), cvs, names)
-    a, b = state_masks(values, states, cvs, state_a, state_b)
-    lw = None if log_w is None else np.asarray(log_w, dtype=np.float64)
-    if lw is not None:
-        lw = np.where(np.isnan(lw) | (lw == np.inf), -np.inf, lw)
-    dF, err = free_energy_difference(lw, a, b, n_bootstrap=n_bootstrap, seed=seed)
-    ess = 1.0 if lw is None else effective_sample_size(lw)
-    return {"dF": dF, "stderr": err, "ess": ess, "n_a": int(a.sum()), "n_b": int(b.sum())}
-
-
 def block_free_energy(
     in_a, in_b, n_blocks: int = 20, n_bootstrap: int = 500, seed: int = 0
 ) -> tuple[float, float]:
@@ -147,18 +112,27 @@ def block_free_energy(
 
 
 @torch.no_grad()
-def generator_samples(generator, n: int, batch_size: int = 4096, progress: bool = False):
+def generator_samples(
+    generator, n: int, batch_size: int = 4096, progress: bool = False, energy=None
+):
     """Draw ``n`` samples in batches: returns numpy ``(x, log_q, u, log_w)``.
 
-    Non-finite energies are kept (their log weight is ``-inf``), so a caller can
-    report the fraction of finite energies.
+    ``energy`` (default: the generator's) gives ``u`` in kT. Non-finite energies are
+    kept (their log weight is ``-inf``), so a caller can report the fraction of finite
+    energies.
     """
     from tqdm.auto import tqdm
 
+    from .generator import check_energy_output
+
+    energy = generator.energy if energy is None else energy
+    if energy is None:
+        raise ValueError("generator_samples needs an energy: the generator has none")
     xs, lqs, us = [], [], []
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="sampling"):
         m = min(batch_size, n - start)
-        x, lq, u = generator.sample_weighted(m, batch_size=m)
+        x, lq = generator.sample(m, with_log_prob=True)
+        u = check_energy_output(energy(x), x)
         xs.append(x.cpu().double().numpy())
         lqs.append(lq.cpu().double().numpy())
         us.append(u.cpu().double().numpy())

@@ -60,6 +60,9 @@ class BoltzmannGenerator(nn.Module):
         self.prior = prior
         self.flow = flow
         self.energy = energy
+        # how to rebuild this model without its data (see bgflow_mini.checkpoint); set by
+        # the builders in bgflow_mini.pipeline / bgflow_mini.targets
+        self.spec: dict = {}
 
     # The energy is kept out of the module tree so that state dicts (checkpoints) hold
     # only the model: a checkpoint trained with one energy backend loads with another.

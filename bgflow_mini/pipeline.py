@@ -1,11 +1,14 @@
-"""Building blocks of the training pipeline (used by ``scripts/train.py``; no Hydra here).
+"""Building blocks of the training pipeline (used by :mod:`bgflow_mini.targets`; no Hydra).
 
 * data: :func:`molecular_data` (cached OpenMM MD / replica exchange) and
-  :func:`toy_data` (Metropolis on a toy energy), both split into train/val/test;
+  :func:`toy_data` (Metropolis on a toy energy), split into train/val/test in
+  contiguous blocks of time;
 * models: :func:`molecular_generator` (internal coordinates + coupling flow on
-  torsion-aware features) and :func:`toy_generator`;
-* evaluation: :func:`evaluate_molecular` and :func:`evaluate_toy` return a metrics
-  dict (ESS, test NLL, ΔF vs the reference, Ramachandran KL, finite fraction).
+  torsion-aware features) and :func:`toy_generator`, each with a ``spec`` from which
+  :func:`bgflow_mini.checkpoint.load_generator` rebuilds it;
+* evaluation: :func:`evaluate` returns a metrics dict (ESS, test NLL, ΔF vs the
+  reference, state populations, Ramachandran KL, finite and capped energies) computed
+  with the real (unregularised) energy.
 """
 
 from __future__ import annotations
@@ -20,18 +23,13 @@ import torch
 from torch import Tensor
 
 from . import cv as cvmod
-from .coordinates import build_zmatrix, ic_transform
+from . import free_energy as fe
+from .coordinates import InternalCoordinates, build_zmatrix, ic_transform
 from .distributions import DiagonalNormal, NormalUniform
-from .evaluation import (
-    block_free_energy,
-    generator_samples,
-    ramachandran_kl,
-    state_free_energy,
-    state_masks,
-)
+from .evaluation import generator_samples, ramachandran_kl
 from .flows import Sequential
 from .generator import BoltzmannGenerator
-from .reweighting import effective_sample_size, free_energy_difference
+from .reweighting import effective_sample_size
 
 __all__ = [
     "DataSplit",
@@ -40,8 +38,8 @@ __all__ = [
     "molecular_generator",
     "toy_generator",
     "test_nll",
-    "evaluate_molecular",
-    "evaluate_toy",
+    "evaluate",
+    "ic_domain_stats",
 ]
 
 
@@ -61,7 +59,6 @@ def molecular_data(
     md_settings: Mapping,
     data_dir: str | os.PathLike,
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
     stride: int = 1,
     n_workers: int | None = None,
     progress: bool = True,
@@ -69,20 +66,22 @@ def molecular_data(
 ) -> DataSplit:
     """MD data of ``system`` from the cache in ``data_dir`` (generated on a miss).
 
-    Positions are float64 nm ``(n, n_atoms*3)``; ``reference`` holds all (strided)
-    frames in time order for block-bootstrap reference values.
+    Positions are float64 nm ``(n, n_atoms*3)``. The frames at the target temperature
+    form one time series (replica exchange swaps configurations into it); train,
+    validation and test are its first, middle and last contiguous blocks, so the
+    test frames are not near-copies of training frames. ``reference`` holds all
+    (strided) frames in time order for block-bootstrap reference values.
     """
     from .data import generate_or_load, load_dataset
 
     entry = generate_or_load(
         system, dict(md_settings), data_dir, n_workers=n_workers, progress=progress, log=log
     )
-    ds = load_dataset(
-        entry, fractions=tuple(fractions), seed=seed, stride=stride, dtype=torch.float64
-    )
+    ds = load_dataset(entry, fractions=tuple(fractions), stride=stride, dtype=torch.float64)
     info = {
         "cache_path": str(entry.path),
         "cache_key": entry.key,
+        "split": "contiguous time blocks (train, val, test)",
         **dict(entry.meta.get("info", {})),
     }
     return DataSplit(ds.train, ds.val, ds.test, ds.positions, info)
@@ -99,9 +98,10 @@ def toy_data(
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
 ) -> DataSplit:
-    """Metropolis samples of a toy energy, split reproducibly from ``seed``.
+    """Metropolis samples of a toy energy, each chain split into time blocks.
 
     Chains start from ``init_scale * N(0, 1)`` so that every basin can be reached.
+    ``reference`` holds every sample (time-major, chains interleaved).
     """
     from .data import split_indices
     from .sampling import metropolis
@@ -109,8 +109,13 @@ def toy_data(
     g = torch.Generator().manual_seed(seed)
     x0 = init_scale * torch.randn(n_chains, energy.dim, generator=g, dtype=torch.float64)
     x, acc = metropolis(energy, x0, n_steps, step_size, thin=thin, burn_in=burn_in, seed=seed)
-    tr, va, te = split_indices(x.shape[0], tuple(fractions), seed)
-    return DataSplit(x[tr], x[va], x[te], x, {"acceptance": float(acc), "n_samples": x.shape[0]})
+    tr, va, te = split_indices(x.shape[0], tuple(fractions), n_series=n_chains)
+    info = {
+        "acceptance": float(acc),
+        "n_samples": x.shape[0],
+        "split": "contiguous time blocks per chain",
+    }
+    return DataSplit(x[tr], x[va], x[te], x, info)
 
 
 def molecular_generator(
@@ -126,23 +131,37 @@ def molecular_generator(
     The prior is Gaussian on bonds, angles and narrow torsions and uniform on the
     other torsions (:class:`NormalUniform`), which stay angles through the circular
     couplings. ``circular`` chooses those torsions (see
-    :func:`~bgflow_mini.coordinates.ic_transform`); a trained model's
-    ``prior.circular`` buffer rebuilds the same architecture.
+    :func:`~bgflow_mini.coordinates.ic_transform`). The generator's ``spec`` records
+    the Z-matrix, the mask and the flow factory (see :mod:`bgflow_mini.checkpoint`).
     """
+    from .checkpoint import flow_spec
+
     if zmatrix is None:
         zmatrix = build_zmatrix(system.mdtraj_topology, positions=system.positions)
     ic, circular = ic_transform(zmatrix, train_x, circular=circular)
     coupling = flow_factory(dim=ic.dim, circular=circular)
     prior = NormalUniform(ic.dim, circular)
-    return BoltzmannGenerator(prior, Sequential(coupling, ic), energy)
+    gen = BoltzmannGenerator(prior, Sequential(coupling, ic), energy)
+    gen.spec = {
+        "kind": "molecular",
+        "dim": int(ic.dim),
+        "zmatrix": ic.internal.zmatrix.tolist(),
+        "circular": circular.cpu().tolist(),
+        "flow": flow_spec(flow_factory),
+    }
+    return gen
 
 
 def toy_generator(energy, train_x: Tensor, flow_factory: Callable) -> BoltzmannGenerator:
     """A learnable diagonal Gaussian prior at the data mean/std + ``flow_factory(dim=)``."""
+    from .checkpoint import flow_spec
+
     prior = DiagonalNormal(
         energy.dim, loc=train_x.mean(0).float(), scale=train_x.std(0).float(), learnable=True
     )
-    return BoltzmannGenerator(prior, flow_factory(dim=energy.dim), energy)
+    gen = BoltzmannGenerator(prior, flow_factory(dim=energy.dim), energy)
+    gen.spec = {"kind": "toy", "dim": int(energy.dim), "flow": flow_spec(flow_factory)}
+    return gen
 
 
 @torch.no_grad()
@@ -155,104 +174,124 @@ def test_nll(generator, x: Tensor, batch_size: int = 4096) -> float:
     return total / x.shape[0]
 
 
-def evaluate_molecular(
+def _ic_layers(generator) -> list[InternalCoordinates]:
+    return [m for m in generator.modules() if isinstance(m, InternalCoordinates)]
+
+
+def ic_domain_stats(generator, reset: bool = False) -> dict[str, int]:
+    """Rows given to the generator's internal-coordinate layers and rows with a bond
+    <= 0 or an angle outside (0, pi) among them (all zero for toy generators)."""
+    out = {"evaluated": 0, "out_of_domain": 0}
+    for layer in _ic_layers(generator):
+        for k, v in layer.domain_stats.items():
+            out[k] += int(v)
+        if reset:
+            layer.reset_domain_stats()
+    return out
+
+
+def evaluate(
     generator,
-    system,
+    target,
     data: DataSplit,
+    energy: Callable | None = None,
     n_samples: int = 100_000,
     batch_size: int = 4096,
-    state_a: str = "phi_negative",
-    state_b: str = "phi_positive",
+    state_a: str | None = None,
+    state_b: str | None = None,
     bins: int = 64,
     n_bootstrap: int = 200,
     n_blocks: int = 20,
+    cap: float | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[dict, dict]:
-    """Sample the generator and compare with the MD reference.
+    """Sample the generator, weight the samples with ``energy`` and compare with the
+    reference: the exact ΔF of a toy, or the target's MD (block bootstrap).
 
-    Returns ``(metrics, samples)``; ``samples`` holds numpy ``x`` (nm), ``log_q``,
-    ``u`` (kT) and ``log_w``. ΔF values are ``F_b - F_a`` in kT; the MD error is a
-    block bootstrap over the time-ordered reference, the generator errors an
-    i.i.d. bootstrap of the (self-normalised) weights.
+    Arguments:
+        generator, target, data: the model, its :class:`~bgflow_mini.targets.Target` and
+            the data it was trained on (test frames for NLL and Ramachandran KL).
+        energy: the real target energy (kT) for the weights; default the generator's.
+            Pass the unregularised one: weights of a LinLogCut energy are not the
+            Boltzmann weights.
+        state_a, state_b: ΔF = F_b - F_a in kT (default: the target's default states).
+        cap: count sample energies above this (kT), e.g. the regularisation threshold.
+
+    Returns ``(metrics, samples)``; ``samples`` holds numpy ``x``, ``log_q``, ``u`` (kT)
+    and ``log_w``. Generator errors are i.i.d. bootstrap errors of the weights.
     """
     generator.eval()
-    x, log_q, u, log_w = generator_samples(generator, n_samples, batch_size, progress)
+    energy = generator.energy if energy is None else energy
+    default_a, default_b = target.default_states
+    state_a, state_b = state_a or default_a, state_b or default_b
+    ic_domain_stats(generator, reset=True)
+    x, log_q, u, log_w = generator_samples(generator, n_samples, batch_size, progress, energy)
+    domain = ic_domain_stats(generator)
     finite = np.isfinite(u)
-    cvs, states = system.cvs, system.states
-    rw = state_free_energy(x, cvs, states, state_a, state_b, log_w, n_bootstrap, seed)
-    raw = state_free_energy(x[finite], cvs, states, state_a, state_b, None, n_bootstrap, seed)
-    ref = data.reference.numpy()
-    names = sorted({n for s in (state_a, state_b) for n in states[s]})
-    ref_cv = cvmod.compute_cvs(ref, cvs, names)
-    a, b = state_masks(ref_cv, states, cvs, state_a, state_b)
-    md_dF, md_err = block_free_energy(a, b, n_blocks=n_blocks, seed=seed)
+    cvs, states = target.cvs, target.states
+    values = cvmod.compute_cvs(x, cvs)
+    args = (states, cvs, state_a, state_b)
+    rw = fe.state_delta_f(values, *args, log_w, n_bootstrap, seed)
+    raw = fe.state_delta_f({k: v[finite] for k, v in values.items()}, *args, None, n_bootstrap)
+    exact = target.reference_delta_f(state_a, state_b)
+    if exact is not None:
+        ref, ref_err, ref_kind = exact, 0.0, "exact"
+    else:
+        ref_values = cvmod.compute_cvs(data.reference.numpy(), cvs)
+        md = fe.md_delta_f(ref_values, *args, n_blocks, n_bootstrap, seed)
+        ref, ref_err, ref_kind = md["dF"], md["stderr"], "md"
     metrics = {
         "n_samples": int(n_samples),
         "ess": effective_sample_size(log_w),
         "finite_energy_fraction": float(finite.mean()),
+        "n_nonfinite_energies": int((~finite).sum()),
         "test_nll": test_nll(generator, data.test),
+        "state_a": state_a,
+        "state_b": state_b,
         "dF_reweighted": rw["dF"],
         "dF_reweighted_stderr": rw["stderr"],
         "dF_unweighted": raw["dF"],
         "dF_unweighted_stderr": raw["stderr"],
-        "dF_md": md_dF,
-        "dF_md_stderr": md_err,
-        "dF_error": rw["dF"] - md_dF,
-        "n_state_b_samples": rw["n_b"],
-        "states": [state_a, state_b],
+        "dF_reference": ref,
+        "dF_reference_stderr": ref_err,
+        "dF_reference_kind": ref_kind,
+        "dF_error": rw["dF"] - ref if math.isfinite(rw["dF"]) else math.inf,
+        "state_populations": _populations(values, states, cvs, log_w, finite),
     }
+    if cap is not None:
+        metrics["n_energies_above_cap"] = int((u[finite] > cap).sum())
+        metrics["energy_cap"] = float(cap)
+    if domain["evaluated"]:
+        metrics["ic_out_of_domain_fraction"] = domain["out_of_domain"] / domain["evaluated"]
     if "phi" in cvs and "psi" in cvs:
-        gen_cv = cvmod.compute_cvs(x, cvs, ["phi", "psi"])
-        test_cv = cvmod.compute_cvs(data.test.numpy(), cvs, ["phi", "psi"])
-        args = (test_cv["phi"], test_cv["psi"], gen_cv["phi"], gen_cv["psi"])
-        metrics["ramachandran_kl"] = ramachandran_kl(*args, log_w=log_w, bins=bins)
-        metrics["ramachandran_kl_unweighted"] = ramachandran_kl(
-            *(v[finite] if i > 1 else v for i, v in enumerate(args)), bins=bins
-        )
+        metrics.update(_ramachandran(values, log_w, finite, data, cvs, bins))
+    return metrics, {"x": x, "log_q": log_q, "u": u, "log_w": log_w}
+
+
+def _populations(values, states, cvs, log_w, finite) -> dict[str, dict[str, float]]:
+    """Raw (finite-energy samples) and reweighted fraction of samples in each state."""
+    lw = np.where(np.isfinite(log_w), log_w, -np.inf)
+    w = np.exp(lw - lw.max()) if np.isfinite(lw).any() else np.zeros_like(lw)
+    out = {}
+    for name, state in states.items():
+        m = np.asarray(cvmod.in_state(values, state, cvs))
+        raw = float(m[finite].mean()) if finite.any() else math.nan
+        out[name] = {"raw": raw, "reweighted": float(w[m].sum() / w.sum()) if w.sum() else 0.0}
+    return out
+
+
+def _ramachandran(values, log_w, finite, data: DataSplit, cvs, bins: int) -> dict[str, float]:
+    """Forward KL of the MD test (phi, psi) histogram vs the samples, and its floor."""
+    test = cvmod.compute_cvs(data.test.numpy(), cvs, ["phi", "psi"])
+    train = cvmod.compute_cvs(data.train.numpy(), cvs, ["phi", "psi"])
+    ref = (test["phi"], test["psi"])
+    return {
+        "ramachandran_kl": ramachandran_kl(*ref, values["phi"], values["psi"], log_w, bins),
+        "ramachandran_kl_unweighted": ramachandran_kl(
+            *ref, values["phi"][finite], values["psi"][finite], bins=bins
+        ),
         # the same estimator between MD test and MD training frames: its finite-sample
         # floor (sparse bins), to read the generator's value against
-        train_cv = cvmod.compute_cvs(data.train.numpy(), cvs, ["phi", "psi"])
-        metrics["ramachandran_kl_md_train"] = ramachandran_kl(
-            test_cv["phi"], test_cv["psi"], train_cv["phi"], train_cv["psi"], bins=bins
-        )
-        w_b = _state_weight(log_w, gen_cv, states[state_b], cvs)
-        metrics["reweighted_population_b"] = w_b
-    samples = {"x": x, "log_q": log_q, "u": u, "log_w": log_w}
-    return metrics, samples
-
-
-def _state_weight(log_w: np.ndarray, cv_values: Mapping, state: Mapping, cvs: Mapping) -> float:
-    mask = np.asarray(cvmod.in_state(cv_values, state, cvs))
-    lw = np.where(np.isfinite(log_w), log_w, -np.inf)
-    w = np.exp(lw - lw.max())
-    return float(w[mask].sum() / w.sum())
-
-
-def evaluate_toy(
-    generator,
-    data: DataSplit,
-    n_samples: int = 100_000,
-    batch_size: int = 8192,
-    n_bootstrap: int = 200,
-    seed: int = 0,
-    progress: bool = True,
-) -> tuple[dict, dict]:
-    """ESS, test NLL and ΔF(not A vs A) against the energy's exact quadrature value."""
-    generator.eval()
-    energy = generator.energy
-    x, log_q, u, log_w = generator_samples(generator, n_samples, batch_size, progress)
-    in_a = np.asarray(energy.in_state_a(x))
-    dF, err = free_energy_difference(log_w, in_a, ~in_a, n_bootstrap=n_bootstrap, seed=seed)
-    exact = float(energy.free_energy_difference())
-    metrics = {
-        "n_samples": int(n_samples),
-        "ess": effective_sample_size(log_w),
-        "finite_energy_fraction": float(np.isfinite(u).mean()),
-        "test_nll": test_nll(generator, data.test),
-        "dF_reweighted": dF,
-        "dF_reweighted_stderr": err,
-        "dF_exact": exact,
-        "dF_error": dF - exact if math.isfinite(dF) else math.inf,
+        "ramachandran_kl_md_train": ramachandran_kl(*ref, train["phi"], train["psi"], bins=bins),
     }
-    return metrics, {"x": x, "log_q": log_q, "u": u, "log_w": log_w}

@@ -23,6 +23,7 @@ __all__ = [
     "plot_energy_histograms",
     "plot_log_weights",
     "plot_training_curves",
+    "moving_average",
 ]
 
 
@@ -137,27 +138,173 @@ def plot_log_weights(path, log_w, title: str = "Log importance weights") -> Path
     return _save(fig, path)
 
 
-def plot_training_curves(path, history: Sequence[Mapping], title: str = "Training") -> Path:
-    """Losses (NLL, reverse KL, validation NLL) and ESS against the step."""
-    keys = [("nll", "train NLL"), ("val_nll", "validation NLL"), ("kl", "reverse KL")]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in keys:
-        pts = [(r["step"], r[key]) for r in history if key in r and math.isfinite(r[key])]
-        if pts:
-            s, v = zip(*pts)
-            ax.plot(s, v, label=label, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (kT)")
-    ax.set_title(title)
-    ax.legend()
-    for key, label in [("ess", "ESS (training batch)"), ("ess_eval", "ESS (evaluation)")]:
-        pts = [(r["step"], r[key]) for r in history if key in r]
-        if pts:
-            s, v = zip(*pts)
-            ax2.plot(s, v, label=label, lw=1)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("normalised ESS")
-    ax2.set_ylim(0, 1)
-    ax2.set_title("Effective sample size")
-    ax2.legend()
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average: ``out[i] = mean(values[max(0, i - window + 1) : i + 1])``.
+
+    The first ``window - 1`` entries average over the points seen so far (no padding),
+    so the output has the input's length. Non-finite values are left out of each mean
+    (a window with no finite value gives NaN). ``window`` must be a positive int.
+    """
+    if isinstance(window, bool) or not isinstance(window, int | np.integer) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    finite = np.isfinite(v)
+    csum = np.concatenate([[0.0], np.cumsum(np.where(finite, v, 0.0))])
+    ccount = np.concatenate([[0], np.cumsum(finite)])
+    hi = np.arange(1, v.size + 1)
+    lo = np.maximum(hi - int(window), 0)
+    count = ccount[hi] - ccount[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (csum[hi] - csum[lo]) / count, np.nan)
+
+
+def _series(history: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the records that hold a finite number under ``key``."""
+    pts = []
+    for i, r in enumerate(history):
+        v = r.get(key)
+        if v is None or isinstance(v, bool):
+            continue
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(v):
+            pts.append((float(r.get("step", i + 1)), v))
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    s, v = zip(*pts)
+    return np.asarray(s), np.asarray(v)
+
+
+def _phase_starts(history: Sequence[Mapping]) -> list[tuple[float, str]]:
+    """(step, name) of the first record with a ``phase`` and of each later record whose
+    ``phase`` differs from that of the previous record that has one."""
+    out, prev = [], None
+    for i, r in enumerate(history):
+        if "phase" not in r:
+            continue
+        ph = r["phase"]
+        if prev is None or ph != prev[0]:
+            out.append((float(r.get("step", i + 1)), str(ph)))
+        prev = (ph,)
+    return out
+
+
+def _robust_ylim(ax, *series: np.ndarray, k: float = 8.0) -> None:
+    """Clip the y range to ``[q25 - k IQR, q75 + k IQR]`` (padded) when values lie outside,
+    so that a transient (e.g. the first steps of a phase, at 1e4 kT) does not flatten the
+    plateau of a noisy curve. Steadily changing curves have a wide IQR and stay whole."""
+    v = np.concatenate([np.asarray(s, dtype=float).ravel() for s in series])
+    v = v[np.isfinite(v)]
+    if v.size < 10:
+        return
+    q1, q3 = np.quantile(v, [0.25, 0.75])
+    iqr = q3 - q1
+    lo, hi = max(v.min(), q1 - k * iqr), min(v.max(), q3 + k * iqr)
+    if iqr > 0 and (lo > v.min() or hi < v.max()):
+        pad = 0.05 * (hi - lo)
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def plot_training_curves(
+    path,
+    history: Sequence[Mapping],
+    title: str = "Training",
+    smooth: int | None = None,
+) -> Path:
+    """Training history from :class:`~bgflow_mini.training.Trainer`, one panel per quantity.
+
+    Panels, each skipped when no record holds a finite value for it:
+
+    * training NLL (``nll``) with validation NLL (``val_nll``), kT;
+    * reverse KL (``kl``), kT;
+    * ESS: per-batch ``ess`` (faint) with its :func:`moving_average` over ``smooth``
+      steps, and the periodic ``ess_eval`` points;
+    * learning rate (``lr``, log scale);
+    * gradient norm (``grad_norm``, log scale).
+
+    All share the step axis; dashed vertical lines mark where ``phase`` changes (phase
+    names are written above the top panel). NLL, KL and gradient norm also get the
+    smoothed overlay, and the NLL/KL y ranges ignore extreme outliers (e.g. the first
+    steps). ``smooth`` defaults to about 2 % of the record count (at least 1).
+    """
+    n = len(history)
+    window = int(smooth) if smooth is not None else max(1, n // 50)
+    nll, val, kl = (_series(history, k) for k in ("nll", "val_nll", "kl"))
+    ess, ess_eval = _series(history, "ess"), _series(history, "ess_eval")
+    lr, gnorm = _series(history, "lr"), _series(history, "grad_norm")
+
+    def loss_panel(ax, main, label, colour, extra=None):
+        s, v = main
+        if s.size:
+            ax.plot(s, v, lw=0.6, alpha=0.35, color=colour, label=f"{label} (per step)")
+            if window > 1:
+                ax.plot(s, moving_average(v, window), lw=1.4, color=colour, label=f"{label} (avg)")
+        if extra is not None and extra[0].size:
+            ax.plot(*extra, "o-", ms=3, lw=1, color="C3", label="validation NLL")
+        _robust_ylim(ax, v, *(() if extra is None else (extra[1],)))
+        ax.set_ylabel(f"{label} (kT)")
+
+    panels = []
+    if nll[0].size or val[0].size:
+        panels.append(lambda ax: loss_panel(ax, nll, "NLL", "C0", val))
+    if kl[0].size:
+        panels.append(lambda ax: loss_panel(ax, kl, "reverse KL", "C1"))
+
+    def ess_panel(ax):
+        s, v = ess
+        if s.size:
+            ax.plot(s, v, lw=0.5, alpha=0.3, color="C2", label="ESS (training batch)")
+            ax.plot(
+                s, moving_average(v, window), lw=1.4, color="C2", label=f"avg over {window} steps"
+            )
+        if ess_eval[0].size:
+            ax.plot(*ess_eval, "o-", ms=3, lw=1, color="C4", label="ESS (evaluation)")
+        top = max([float(x.max()) for x in (ess[1], ess_eval[1]) if x.size] + [1e-3])
+        ax.set_ylim(0, min(1.02, 1.15 * top))  # small ESS values stay readable
+        ax.set_ylabel("normalised ESS")
+
+    if ess[0].size or ess_eval[0].size:
+        panels.append(ess_panel)
+
+    def positive_panel(ax, series, label, colour, smoothed=False):
+        s, v = series
+        if smoothed and window > 1:
+            ax.plot(s, v, lw=0.6, alpha=0.35, color=colour, label=f"{label} (per step)")
+            ax.plot(s, moving_average(v, window), lw=1.4, color=colour, label=f"{label} (avg)")
+        else:
+            ax.plot(s, v, lw=1, color=colour, label=label)
+        if (v > 0).all():
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+
+    if lr[0].size:
+        panels.append(lambda ax: positive_panel(ax, lr, "learning rate", "C5"))
+    if gnorm[0].size:
+        panels.append(lambda ax: positive_panel(ax, gnorm, "gradient norm", "C7", True))
+
+    n_panels = max(len(panels), 1)
+    fig, axes = plt.subplots(
+        n_panels, 1, figsize=(8, 2.4 * n_panels + 0.6), sharex=True, squeeze=False
+    )
+    axes = axes[:, 0]
+    if not panels:
+        axes[0].text(0.5, 0.5, "no data", ha="center", va="center", transform=axes[0].transAxes)
+    starts = _phase_starts(history)
+    for ax, draw in zip(axes, panels):
+        draw(ax)
+        for step, _ in starts[1:]:  # boundaries: where the phase changes
+            ax.axvline(step, color="0.4", ls="--", lw=0.8)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small", loc="best")
+    if panels:
+        tr = axes[0].get_xaxis_transform()
+        for step, name in starts:
+            if name:
+                axes[0].text(step, 1.01, f" {name}", transform=tr, fontsize="small", va="bottom")
+    axes[-1].set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
     return _save(fig, path)

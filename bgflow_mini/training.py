@@ -19,9 +19,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .checkpoint import full_spec
+from .fileio import load_torch, save_torch
 from .losses import nll, reverse_kl
+from .reweighting import effective_sample_size
 
-__all__ = ["Phase", "Trainer", "log_ess", "cosine_schedule"]
+__all__ = ["Phase", "Trainer", "cosine_schedule"]
 
 
 @dataclass
@@ -45,15 +48,6 @@ class Phase:
     batch_size: int | None = None
     kl_batch_size: int | None = None
     name: str = ""
-
-
-def log_ess(log_w: Tensor) -> Tensor:
-    """Normalised Kish ESS from log weights ``(n,)`` in log space; ``-inf`` weighs zero."""
-    lw = log_w.detach()
-    lw = torch.where(torch.isnan(lw), torch.full_like(lw, -math.inf), lw)
-    if not torch.isfinite(lw).any():
-        return lw.new_zeros(())
-    return torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)) / lw.numel()
 
 
 def cosine_schedule(
@@ -148,6 +142,7 @@ class Trainer:
         self.step = 0
         self.n_skipped = 0
         self.n_nonfinite_samples = 0
+        self.n_capped_samples = 0
         self.history: list[dict] = []
         self._batch_rng = torch.Generator().manual_seed(int(seed))
 
@@ -272,9 +267,18 @@ class Trainer:
             vals = reverse_kl(gen, kl_bs, reduction="none")
             finite = torch.isfinite(vals)
             n_bad = int((~finite).sum())
+            n_capped = 0
+            # a regularised energy (LinLogCut) maps non-finite energies to a finite cap:
+            # count what the real energy gave, from the wrapper's per-call statistics
+            last = getattr(gen.energy, "last_stats", None)
+            if isinstance(last, dict):
+                n_bad = max(n_bad, int(last.get("nonfinite", 0)))
+                n_capped = int(last.get("capped", 0))
             self.n_nonfinite_samples += n_bad
+            self.n_capped_samples += n_capped
             record["n_nonfinite"] = n_bad
-            record["ess"] = float(log_ess(-vals))
+            record["n_capped"] = n_capped
+            record["ess"] = effective_sample_size(-vals)
             if self.drop_nonfinite and 0 < n_bad < vals.numel():
                 vals = vals[finite]
             l_kl = vals.mean()
@@ -305,7 +309,7 @@ class Trainer:
         if self.ess_every and self.step % self.ess_every == 0:
             gen.eval()
             x, log_q = gen.sample(self.ess_samples, with_log_prob=True)
-            record["ess_eval"] = float(log_ess(gen.log_weights(x, log_q)))
+            record["ess_eval"] = effective_sample_size(gen.log_weights(x, log_q))
         if self.val_data is not None and self.eval_every and self.step % self.eval_every == 0:
             gen.eval()
             p = self._param
@@ -324,7 +328,9 @@ class Trainer:
             "step": self.step,
             "n_skipped": self.n_skipped,
             "n_nonfinite_samples": self.n_nonfinite_samples,
+            "n_capped_samples": self.n_capped_samples,
             "history": self.history,
+            "spec": full_spec(self.generator),
             "rng_torch": torch.get_rng_state(),
             "rng_batch": self._batch_rng.get_state(),
         }
@@ -341,21 +347,17 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         state["extra"] = extra or {}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_torch(state, path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
         """Restore a checkpoint written by :meth:`save_checkpoint`; returns its ``extra``.
 
-        Raises ``ValueError`` if the stored model does not match this generator
-        (e.g. a checkpoint from a different system or flow).
+        Raises ``ValueError`` if the file is unreadable (truncated by a crash: the
+        message names it and offers ``best.pt`` beside it) or the stored model does not
+        match this generator (e.g. a checkpoint from a different system or flow).
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_torch(path, alternative=path.with_name("best.pt"))
         try:
             self.generator.load_state_dict(state["model"])
         except RuntimeError as err:
@@ -369,6 +371,7 @@ class Trainer:
         self.step = int(state["step"])
         self.n_skipped = int(state["n_skipped"])
         self.n_nonfinite_samples = int(state["n_nonfinite_samples"])
+        self.n_capped_samples = int(state.get("n_capped_samples", 0))
         self.history = list(state["history"])
         torch.set_rng_state(state["rng_torch"])
         self._batch_rng.set_state(state["rng_batch"])

@@ -1,57 +1,83 @@
-"""Console commands: they find the checkout's scripts and run them with the given overrides."""
+"""Console commands and package layout: the apps, their shipped configs and systems, lazy
+sub-modules, and thin script shims."""
 
 from __future__ import annotations
 
+import importlib
+import os
+import pkgutil
 import subprocess
 import sys
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
 
 import pytest
 
-from bgflow_mini import cli
+import bgflow_mini
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {
-    "bgflow-train": ("train", "train"),
-    "bgflow-sample": ("sample", "sample"),
-    "bgflow-free-energy": ("free_energy", "free_energy"),
-    "bgflow-md": ("run_md", "run_md"),
+    "bgflow-train": "bgflow_mini.apps.train:main",
+    "bgflow-sample": "bgflow_mini.apps.sample:main",
+    "bgflow-free-energy": "bgflow_mini.apps.free_energy:main",
+    "bgflow-md": "bgflow_mini.apps.run_md:main",
 }
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_script_path(command: str) -> None:
-    func, script = COMMANDS[command]
-    assert cli.script_path(script) == ROOT / "scripts" / f"{script}.py"
-    assert callable(getattr(cli, func))
+def test_entry_points_are_the_apps() -> None:
+    eps = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
+    for name, value in COMMANDS.items():
+        assert eps.get(name) == value
+        module, func = value.split(":")
+        assert callable(getattr(importlib.import_module(module), func))
 
 
-def test_script_path_missing_checkout(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="pip install -e"):
-        cli.script_path("train", root=tmp_path)
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "scripts" / "train.py").write_text("")
-    with pytest.raises(FileNotFoundError, match="configs"):
-        cli.script_path("train", root=tmp_path)
+def test_configs_and_systems_ship_as_package_data() -> None:
+    configs = resources.files("bgflow_mini.configs")
+    for name in ("train.yaml", "sample.yaml", "free_energy.yaml", "run_md.yaml"):
+        assert configs.joinpath(name).is_file(), name
+    repo = sorted(
+        p.relative_to(ROOT / "configs").as_posix() for p in ROOT.glob("configs/**/*.yaml")
+    )
+    assert repo and all(configs.joinpath(p).is_file() for p in repo)
+    systems = resources.files("bgflow_mini.system_data")
+    assert systems.joinpath("aldp_vacuum", "system.yaml").is_file()
+    assert "aldp_vacuum" in bgflow_mini.systems.available_systems()
 
 
-def test_entry_points_declared() -> None:
-    """The installed distribution declares every command (needs pip install -e .)."""
-    eps = {e.name: e.value for e in metadata.entry_points(group="console_scripts")}
-    for command, (func, _) in COMMANDS.items():
-        assert eps.get(command) == f"bgflow_mini.cli:{func}"
-
-
-def test_train_command_passes_overrides(tmp_path: Path) -> None:
-    """The command runs scripts/train.py with the overrides (Hydra prints the job config)."""
-    code = "import sys; from bgflow_mini.cli import train; train()"
-    out = subprocess.run(
-        [sys.executable, "-c", code, "--cfg", "job", "flow=nice", "seed=7"],
+def test_command_runs_outside_the_checkout(tmp_path: Path) -> None:
+    res = subprocess.run(
+        ["bgflow-train", "--cfg", "job", "system=double_well"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
-        cwd=tmp_path,
         timeout=120,
+        env={
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        },
     )
-    assert out.returncode == 0, out.stderr
-    assert "kind: nice" in out.stdout and "seed: 7" in out.stdout
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "name: double_well" in res.stdout and "phases:" in res.stdout
+
+
+def test_submodules_are_lazy_attributes() -> None:
+    names = {m.name for m in pkgutil.iter_modules(bgflow_mini.__path__)}
+    names -= {"apps", "configs", "system_data"}  # apps import Hydra; the others are data
+    assert names == set(bgflow_mini.SUBMODULES)
+    code = (
+        "import sys, bgflow_mini as bg; assert 'bgflow_mini.md' not in sys.modules; "
+        "print(bg.systems.load_system('aldp_vacuum').n_atoms, bg.reweighting.__name__)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["22", "bgflow_mini.reweighting"]
+    with pytest.raises(AttributeError):
+        bgflow_mini.no_such_module  # noqa: B018
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "scripts").glob("*.py")), ids=lambda p: p.name)
+def test_scripts_are_thin_shims(path: Path) -> None:
+    text = path.read_text()
+    assert len(text.splitlines()) <= 150
+    assert "from bgflow_mini.apps." in text and "main()" in text

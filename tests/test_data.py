@@ -142,15 +142,25 @@ def test_read_only_data_dir(tmp_path: Path) -> None:
 
 
 def test_split_indices() -> None:
-    tr, va, te = split_indices(103, (0.7, 0.2, 0.1), seed=4)
+    tr, va, te = split_indices(103, (0.7, 0.2, 0.1), seed=4, shuffle=True)
     assert (len(tr), len(va), len(te)) == (73, 20, 10)
     allidx = np.concatenate([tr, va, te])
     assert np.array_equal(np.sort(allidx), np.arange(103))
-    again = split_indices(103, (0.7, 0.2, 0.1), seed=4)
+    again = split_indices(103, (0.7, 0.2, 0.1), seed=4, shuffle=True)
     assert all(np.array_equal(x, y) for x, y in zip((tr, va, te), again, strict=True))
-    assert not np.array_equal(tr, split_indices(103, (0.7, 0.2, 0.1), seed=5)[0])
+    assert not np.array_equal(tr, split_indices(103, (0.7, 0.2, 0.1), seed=5, shuffle=True)[0])
     blocks = split_indices(10, (0.6, 0.2, 0.2), shuffle=False)
     assert [b.tolist() for b in blocks] == [[0, 1, 2, 3, 4, 5], [6, 7], [8, 9]]
+    assert [b.tolist() for b in split_indices(10, (0.6, 0.2, 0.2))] == [
+        [0, 1, 2, 3, 4, 5],
+        [6, 7],
+        [8, 9],
+    ]  # contiguous time blocks by default
+    # two interleaved series (chains): each is split in time, frames 2t and 2t+1 share t
+    tr, va, te = split_indices(12, (0.5, 0.25, 0.25), n_series=2)
+    assert tr.tolist() == list(range(8)) and va.tolist() == [8, 9] and te.tolist() == [10, 11]
+    with pytest.raises(ValueError, match="n_series"):
+        split_indices(11, (0.5, 0.25, 0.25), n_series=2)
     with pytest.raises(ValueError):
         split_indices(10, (0.5, 0.5))  # type: ignore[arg-type]
 
@@ -166,3 +176,5 @@ def test_load_dataset(tmp_path: Path) -> None:
     assert ds.energies is not None and ds.energies.shape == (20,)
     same = load_dataset(entry.path, fractions=(0.5, 0.25, 0.25), seed=1, stride=2)
     assert np.array_equal(same.test_idx, ds.test_idx)
+    assert ds.train_idx.tolist() == list(range(10))  # time blocks: train, val, test
+    assert ds.test_idx.tolist() == list(range(15, 20))

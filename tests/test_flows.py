@@ -19,8 +19,8 @@ from bgflow_mini.flows import (
     circular_spline,
     coupling_flow,
     n_circular_spline_params,
-    wrap,
 )
+from bgflow_mini.units import wrap_angle
 
 DIM = 6
 CIRC = [1, 2, 4]  # circular features: 1, 2 are conditioning and 4 transformed for the half mask
@@ -83,7 +83,7 @@ def circ_diff(a: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
     """Elementwise difference, measured on the circle for circular features."""
     d = a - b
     if HAS_CIRC[name]:
-        d[:, CIRC] = wrap(d[:, CIRC])
+        d[:, CIRC] = wrap_angle(d[:, CIRC])
     return d.abs()
 
 
@@ -179,18 +179,18 @@ def test_transformed_angles_are_wrapped(name):
     z[4:, 4] = z[4:, 4] + 6 * math.pi
     x, ld = flow(z)
     zw = z.clone()
-    zw[:, 4] = wrap(z[:, 4])
+    zw[:, 4] = wrap_angle(z[:, 4])
     xw, ldw = flow(zw)
     assert (x[:, 4] >= -math.pi).all() and (x[:, 4] < math.pi).all()
     torch.testing.assert_close(x, xw, atol=1e-12, rtol=0)
     torch.testing.assert_close(ld, ldw, atol=1e-12, rtol=0)
 
 
-def test_wrap():
+def test_wrap_angle():
     x = torch.tensor(
         [-math.pi, 0.3, math.pi, 3 * math.pi + 0.1, -7.0, -1e-300], dtype=torch.float64
     )
-    y = wrap(x)
+    y = wrap_angle(x)
     assert (y >= -math.pi).all() and (y < math.pi).all()
     assert y[0] == -math.pi and y[1] == 0.3 and y[2] == -math.pi and y[5] == -1e-300
     torch.testing.assert_close(torch.cos(y), torch.cos(x))
@@ -211,13 +211,13 @@ def test_circular_spline_derivative_and_inverse(k):
     (grad,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(ld, torch.log(grad), atol=1e-10, rtol=0)
     x2, ld_inv = circular_spline(y.detach(), p, inverse=True)
-    assert wrap(x2 - x.detach()).abs().max() < 1e-10
+    assert wrap_angle(x2 - x.detach()).abs().max() < 1e-10
     assert (ld + ld_inv).abs().max() < 1e-10
     # the map is a circle diffeomorphism: monotone increasing winding by exactly 2 pi
     grid = torch.linspace(-math.pi, math.pi, 2001, dtype=torch.float64)[:-1]
     q = p[:1].expand(grid.numel(), -1)
     yg, _ = circular_spline(grid, q)
-    steps = wrap(torch.diff(torch.cat([yg, yg[:1]])))
+    steps = wrap_angle(torch.diff(torch.cat([yg, yg[:1]])))
     assert (steps > 0).all()
     torch.testing.assert_close(steps.sum(), torch.tensor(2 * math.pi, dtype=torch.float64))
 
@@ -249,7 +249,7 @@ def test_circular_spline_continuous_across_cut():
     assert ld.abs().max() > 0.1  # non-trivial derivatives at the cut
     # values: the two points 2 eps apart straddling the cut stay ~2 eps f' apart
     eps = 1e-9
-    gap = wrap(fwd(-math.pi + eps)[0] - fwd(math.pi - eps)[0])
+    gap = wrap_angle(fwd(-math.pi + eps)[0] - fwd(math.pi - eps)[0])
     assert (gap > 0).all() and (gap < 2 * eps * ld.exp() * 1.01).all()
 
 
@@ -299,7 +299,10 @@ def test_mlp():
     with pytest.raises(ValueError, match="hidden"):
         MLP(3, 4, hidden=(8, 0))
     with pytest.raises(ValueError, match="activation"):
-        MLP(3, 4, activation="relu")
+        MLP(3, 4, activation="no_such_activation")
+    with pytest.raises(ValueError, match="activation"):
+        MLP(3, 4, activation=3)
+    assert isinstance(MLP(3, 4, hidden=(8,), activation="ReLU").net[1], nn.ReLU)
     with pytest.raises(ValueError, match=r"\(batch, 3\)"):
         net(torch.randn(5, 2, dtype=torch.float64))
 

@@ -1,30 +1,29 @@
-"""scripts/free_energy.py end to end on a tiny ALDP run, its bad-input errors, and the
-periodic handling of torsion PMFs (bgflow_mini.free_energy)."""
+"""bgflow-free-energy (scripts/free_energy.py) end to end on a tiny ALDP run, its bad-input
+errors, and the periodic handling of torsion PMFs (bgflow_mini.free_energy)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import mdtraj
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from test_sample_script import aldp_run, run_script  # noqa: F401 - shared fixture
 
 from bgflow_mini import cv as cvmod
 from bgflow_mini import free_energy as fe
+from bgflow_mini.apps.free_energy import free_energy
+from bgflow_mini.apps.validation import ConfigError
 from bgflow_mini.evaluation import block_free_energy
 from bgflow_mini.reweighting import free_energy_difference
 from bgflow_mini.systems import load_system
+from bgflow_mini.units import wrap_angle
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import free_energy as fe_script  # noqa: E402 - scripts/free_energy.py
-from test_sample_script import aldp_run, run_script  # noqa: E402, F401 - shared fixture
 
 CONFIGS = ROOT / "configs"
 PHI_NEG, PHI_POS = (-math.pi, 0.0), (0.0, 2.0)
@@ -133,22 +132,23 @@ def test_sampling_from_a_checkpoint_with_a_state_from_the_config(aldp_run, tmp_p
 
 
 def test_bad_inputs_are_clear_errors(samples, tmp_path):
-    with pytest.raises(KeyError, match="unknown CV 'chi'.*'phi', 'psi'"):
-        fe_script.analyse(fe_config(f"samples={samples}", "cvs=[phi,chi]"), tmp_path / "a")
-    with pytest.raises(KeyError, match="unknown CV 'omega'"):
-        fe_script.analyse(fe_config(f"samples={samples}", "cvs_2d=[[phi,omega]]"), tmp_path / "b")
-    with pytest.raises(KeyError, match="unknown state 'alpha_l'.*phi_negative"):
-        fe_script.analyse(fe_config(f"samples={samples}", "state_b=alpha_l"), tmp_path / "c")
-    with pytest.raises(KeyError, match="unknown CV 'theta'"):
-        cfg = fe_config(f"samples={samples}", "+states.x={theta: [0, 1]}", "state_b=x")
-        fe_script.analyse(cfg, tmp_path / "d")
+    def analyse(*overrides: str, out: str = "x"):
+        return free_energy(fe_config(*overrides), tmp_path / out)
+
+    with pytest.raises(ConfigError, match=r"cvs\.1='chi': unknown CV.*'phi', 'psi'"):
+        analyse(f"samples={samples}", "cvs=[phi,chi]")
+    with pytest.raises(ConfigError, match="unknown CV"):
+        analyse(f"samples={samples}", "cvs_2d=[[phi,omega]]")
+    with pytest.raises(ConfigError, match="state_b='alpha_l'.*phi_negative"):
+        analyse(f"samples={samples}", "state_b=alpha_l")
+    with pytest.raises(ConfigError, match="theta"):
+        analyse(f"samples={samples}", "+states.x={theta: [0, 1]}", "state_b=x")
     with pytest.raises(ValueError, match="'phi_negative'.*'left'.*overlap"):
-        cfg = fe_config(f"samples={samples}", "+states.left={phi: [-2, -1]}", "state_b=left")
-        fe_script.analyse(cfg, tmp_path / "o")
-    with pytest.raises(ValueError, match="exactly one of samples"):
-        fe_script.analyse(fe_config(), tmp_path / "e")
-    with pytest.raises(FileNotFoundError, match="not a sample.py output"):
-        fe_script.analyse(fe_config(f"samples={tmp_path}"), tmp_path / "f")
+        analyse(f"samples={samples}", "+states.left={phi: [-2, -1]}", "state_b=left")
+    with pytest.raises(ConfigError, match="samples, checkpoint: neither given"):
+        analyse()
+    with pytest.raises(FileNotFoundError, match="not a sample folder"):
+        analyse(f"samples={tmp_path}")
 
     # a samples folder whose trajectory has the wrong number of atoms
     bad = tmp_path / "bad"
@@ -159,10 +159,11 @@ def test_bad_inputs_are_clear_errors(samples, tmp_path):
     mdtraj.load_hdf5(str(samples / "samples.h5")).atom_slice(range(10)).save_hdf5(
         str(bad / "samples.h5")
     )
-    with pytest.raises(ValueError, match="has 10 atoms but system 'aldp_vacuum' has 22"):
-        fe_script.analyse(fe_config(f"samples={bad}"), tmp_path / "g")
+    with pytest.raises(ValueError, match="30 features per sample but target 'aldp_vacuum' has 66"):
+        analyse(f"samples={bad}")
     res = run_script("free_energy", [f"samples={bad}", f"out={tmp_path / 'h'}"], tmp_path, ok=False)
-    assert "has 10 atoms" in res.stderr and not (tmp_path / "h" / "free_energy.json").exists()
+    assert res.returncode == 2 and "30 features per sample" in res.stderr
+    assert not (tmp_path / "h" / "free_energy.json").exists()
 
 
 def test_torsion_pmfs_are_periodic():
@@ -177,9 +178,9 @@ def test_torsion_pmfs_are_periodic():
     assert np.isfinite(f[0]) and np.isfinite(f[-1]) and abs(f[0] - f[-1]) < 0.1
     assert max(f[0], f[-1]) < 0.2 and np.isinf(f[len(f) // 2])  # basin at ±pi, none at 0
     w = np.exp(-f[np.isfinite(f)]) * (edges[1] - edges[0])
-    p0 = np.histogram(fe.wrap_angle(x), bins=edges)[0] / len(x)  # all samples inside
+    p0 = np.histogram(wrap_angle(x), bins=edges)[0] / len(x)  # all samples inside
     np.testing.assert_allclose(w / w.sum(), p0[np.isfinite(f)], atol=1e-12)
-    assert np.histogram(fe.wrap_angle(x[:5]), bins=edges)[0][0] == 5
+    assert np.histogram(wrap_angle(x[:5]), bins=edges)[0][0] == 5
     # the MD (block-bootstrap) profile wraps in the same way
     f_md, e_md = fe.block_pmf([x], [spec], [edges], n_blocks=10, n_bootstrap=20)
     np.testing.assert_allclose(f_md, f)

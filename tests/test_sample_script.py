@@ -1,4 +1,4 @@
-"""scripts/sample.py and scripts/common.load_run on tiny trained runs (ALDP and a toy)."""
+"""bgflow-sample (scripts/sample.py) and load_generator on tiny trained runs (ALDP, a toy)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,14 @@ import mdtraj
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from bgflow_mini import load_generator
 from bgflow_mini.energies import DoubleWell, TorchForceField
 from bgflow_mini.reweighting import effective_sample_size
+from bgflow_mini.systems import load_system
 
 ROOT = Path(__file__).parents[1]
 SCRIPTS = ROOT / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-
-import common  # noqa: E402
 
 PHASES = (
     "training.phases=[{name: ml, steps: 20, w_ml: 1.0},"
@@ -99,6 +97,7 @@ def test_sample_aldp_writes_consistent_files(aldp_run, tmp_path):
     lw, u, lq = (np.load(out / f"{k}.npy") for k in ("log_weights", "energies", "log_q"))
     assert summary["n_samples"] == 700 and lw.shape == u.shape == lq.shape == (700,)
     assert summary["system"] == "aldp_vacuum" and summary["energy"] == "TorchForceField"
+    assert summary["target"]["name"] == "aldp_vacuum" and summary["md"]["n_frames"] == 200
     assert summary["ess"] == pytest.approx(effective_sample_size(lw), rel=1e-12)
     assert summary["nonfinite_energy_fraction"] == pytest.approx(1 - np.isfinite(u).mean())
     finite = np.isfinite(u) & np.isfinite(lq)
@@ -110,12 +109,11 @@ def test_sample_aldp_writes_consistent_files(aldp_run, tmp_path):
     dcd = mdtraj.load_dcd(str(out / "samples.dcd"), top=str(out / "samples.pdb"))
     np.testing.assert_allclose(dcd.xyz, traj.xyz, atol=1e-5)  # DCD: angstrom on disk
     assert mdtraj.load_pdb(str(out / "samples.pdb")).n_frames == 1
-    assert OmegaConf.load(out / "run_config.yaml").system.name == "aldp_vacuum"
 
     # the frames on disk are the frames whose energies and densities were stored
     x = torch.as_tensor(traj.xyz.reshape(700, -1), dtype=torch.float64)
-    _, system, gen = common.load_run(aldp_run, "cpu", "float64", with_energy=False)
-    u_ref = TorchForceField.from_openmm(system)(x).numpy()
+    gen = load_generator(aldp_run, dtype="float64")
+    u_ref = TorchForceField.from_openmm(load_system("aldp_vacuum"))(x).numpy()
     ok = np.isfinite(u)
     rel = np.abs(u_ref[ok] - u[ok]) / np.maximum(np.abs(u[ok]), 1.0)
     assert np.median(rel) < 1e-3  # float32 positions on disk
@@ -124,57 +122,45 @@ def test_sample_aldp_writes_consistent_files(aldp_run, tmp_path):
     assert np.median(np.abs(lq_ref - lq)) < 1e-2
 
 
-def test_load_run_reproduces_the_trained_generator(aldp_run):
-    cfg, system, gen = common.load_run(aldp_run, "cpu", regularize=True)
-    _, _, gen_ckpt = common.load_run(aldp_run / "checkpoints" / "latest.pt", "cpu")
+def test_load_generator_reproduces_the_trained_generator(aldp_run):
+    gen = load_generator(aldp_run)  # model.pt: no config file is read
+    gen_ckpt = load_generator(aldp_run / "checkpoints" / "latest.pt")
     for (k, a), b in zip(gen.state_dict().items(), gen_ckpt.state_dict().values()):
         assert torch.equal(a, b), k
-    assert cfg.system.name == "aldp_vacuum" and system.n_atoms == 22
-    # train.py's own samples: log q = -log w - u (its weights use the regularised energy)
+    # train.py's own samples are a sample folder: log q = -log w - u, with the real energy
     traj = mdtraj.load_hdf5(str(aldp_run / "samples.h5"))
     lw, u = np.load(aldp_run / "log_weights.npy"), np.load(aldp_run / "energies.npy")
+    lq_saved = np.load(aldp_run / "log_q.npy")
+    ff = TorchForceField.from_openmm(load_system("aldp_vacuum"))
     with torch.no_grad():
         x = torch.as_tensor(traj.xyz.reshape(traj.n_frames, -1))
         lq = gen.log_prob(x).double().numpy()
-        u_new = gen.reduced_energy(x).double().numpy()
+        u_new = ff.float()(x).double().numpy()
     ok = np.isfinite(lw)
     assert ok.mean() > 0.9
-    np.testing.assert_allclose(lq[ok], -lw[ok] - u[ok], atol=1e-2)
+    np.testing.assert_array_equal(lw[ok], -u[ok] - lq_saved[ok])  # how the weights were made
+    np.testing.assert_allclose(lq[ok], lq_saved[ok], atol=1e-2)
     np.testing.assert_allclose(u_new[ok], u[ok], rtol=1e-5)
 
 
-def test_mismatched_checkpoint_and_config_are_clear_errors(aldp_run, tmp_path):
-    cfg = OmegaConf.load(aldp_run / "config.yaml")
-    cfg.flow.hidden = [8]  # a different flow size
-    other = tmp_path / "other.yaml"
-    OmegaConf.save(cfg, other)
-    with pytest.raises(ValueError, match="does not match the generator"):
-        common.load_run(aldp_run / "model.pt", config=other, with_energy=False)
-    with pytest.raises(ValueError, match=r"flow\.hidden"):  # checkpoints carry the flow
-        common.load_run(aldp_run / "checkpoints" / "latest.pt", config=other, with_energy=False)
-
-    cfg = OmegaConf.load(aldp_run / "config.yaml")
-    cfg.system = {"name": "double_well", "load": {"_target_": "bgflow_mini.energies.DoubleWell"}}
-    toy = tmp_path / "toy.yaml"
-    OmegaConf.save(cfg, toy)
-    with pytest.raises(ValueError, match="trained on system 'aldp_vacuum'"):
-        common.load_run(aldp_run / "checkpoints" / "best.pt", config=toy, with_energy=False)
-    with pytest.raises(ValueError, match="does not match"):
-        common.load_run(aldp_run / "model.pt", config=toy, with_energy=False)
-
-    lone = tmp_path / "lone.pt"
+def test_a_lone_checkpoint_samples_and_bad_ones_are_clear_errors(aldp_run, tmp_path):
+    lone = tmp_path / "lone" / "model.pt"  # the file alone: no config.yaml, no MD data
+    lone.parent.mkdir()
     lone.write_bytes((aldp_run / "model.pt").read_bytes())
-    with pytest.raises(FileNotFoundError, match="config=PATH"):
-        common.load_run(lone, with_energy=False)
+    out = tmp_path / "x"
+    run_script("sample", [f"checkpoint={lone}", f"out={out}", "n_samples=50"], tmp_path)
+    assert json.loads((out / "summary.json").read_text())["n_samples"] == 50
 
+    broken = tmp_path / "broken" / "checkpoints" / "latest.pt"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(lone.read_bytes()[:1000])  # truncated by a crash
+    (broken.parent / "best.pt").write_bytes(lone.read_bytes())
     res = run_script(
-        "sample",
-        [f"checkpoint={lone}", f"config={other}", f"out={tmp_path / 'x'}", "n_samples=10"],
-        tmp_path,
-        ok=False,
+        "sample", [f"checkpoint={broken}", f"out={tmp_path / 'y'}", "n_samples=10"], tmp_path, False
     )
-    assert "does not match" in res.stderr
-    assert not (tmp_path / "x" / "summary.json").exists()
+    assert res.returncode == 2 and "latest.pt" in res.stderr and "best.pt" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "y" / "summary.json").exists()
 
 
 def test_sample_toy_writes_npy(toy_run, tmp_path):

@@ -1,4 +1,5 @@
-"""scripts/train.py end to end on a toy system: outputs, and SIGKILL + resume."""
+"""bgflow-train (scripts/train.py) end to end on a toy system: outputs, SIGKILL + resume,
+resume overrides, and config mistakes caught before any work starts."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_outputs_of_a_short_run(tmp_path):
     out = tmp_path / "run"
     res = run(command(out, phases(60, 40)), tmp_path)
-    assert "ESS (normalised)" in res.stdout and "dF exact" in res.stdout
+    assert "ESS (normalised)" in res.stdout and "3.380 (exact)" in res.stdout
     for name in [
         "config.yaml",
         "model.pt",
@@ -65,6 +66,8 @@ def test_outputs_of_a_short_run(tmp_path):
         "log_weights.npy",
         "energies.npy",
         "samples.npy",
+        "log_q.npy",
+        "summary.json",
         "checkpoints/latest.pt",
         "checkpoints/best.pt",
         "plots/training.png",
@@ -73,9 +76,62 @@ def test_outputs_of_a_short_run(tmp_path):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["ess"] <= 1 and metrics["steps"] == 100
-    assert abs(metrics["dF_exact"] - 3.380) < 1e-3
+    assert abs(metrics["dF_reference"] - 3.380) < 1e-3 and metrics["dF_reference_kind"] == "exact"
+    assert metrics["state_a"] == "A" and metrics["state_b"] == "B"
+    pops = metrics["state_populations"]
+    assert pops["A"]["reweighted"] + pops["B"]["reweighted"] == pytest.approx(1.0)
+    assert metrics["finite_energy_fraction"] == 1.0 and metrics["n_energies_above_cap"] >= 0
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step,phase,loss") and len(rows) == 1 + 10
+    assert "n_capped_total" in rows[0] and "n_nonfinite_total" in rows[0]
+
+    # resume a finished run with a safe override: evaluation is redone with it
+    res = run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            f"resume={out}",
+            "evaluation.n_samples=1000",
+            "progress=false",
+            f"hydra.run.dir={tmp_path / 'r1'}",
+        ],
+        tmp_path,
+    )
+    assert json.loads((out / "metrics.json").read_text())["n_samples"] == 1000
+    assert "n_samples: 1000" in (out / "config.yaml").read_text()
+    # an override that changes what is trained is refused, naming it
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            f"resume={out}",
+            "training.lr=0.1",
+            "progress=false",
+            f"hydra.run.dir={tmp_path / 'r2'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "training.lr" in bad.stderr and "Traceback" not in bad.stderr
+    # a checkpoint truncated by a crash: a message naming it and offering best.pt
+    latest = out / "checkpoints" / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:500])
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            f"resume={out}",
+            "progress=false",
+            f"hydra.run.dir={tmp_path / 'r3'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "latest.pt" in bad.stderr and "best.pt" in bad.stderr
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
@@ -142,3 +198,50 @@ def test_resume_without_run_folder_is_a_clear_error(tmp_path):
     )
     assert res.returncode != 0
     assert "no config.yaml" in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.phases.0.steps=0", "training.phases.0.steps"),
+        ("training.batch_size=abc", "training.batch_size"),
+        ("training.lr=-1", "training.lr"),
+        ("evaluation.state_b=Bee", "evaluation.state_b='Bee'"),
+        ("dtype=half", "float32"),
+        ("device=tpu", "device"),
+        ("data.fractions=[0.5,0.5]", "data.fractions"),
+    ],
+)
+def test_config_mistakes_stop_before_any_work(tmp_path, override, message):
+    out = tmp_path / "run"
+    res = subprocess.run(
+        command(out, phases(5, 5), override),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert not (out / "checkpoints").exists() and not (out / "config.yaml").exists()
+
+
+def test_unsupported_molecules_are_refused_before_md(tmp_path):
+    folder = tmp_path / "aldp_hbonds"
+    folder.mkdir()
+    src = ROOT / "systems" / "aldp_vacuum"
+    (folder / "aldp.pdb").write_bytes((src / "aldp.pdb").read_bytes())
+    text = (src / "system.yaml").read_text().replace("constraints: null", "constraints: HBonds")
+    (folder / "system.yaml").write_text(text.replace("name: aldp_vacuum", "name: aldp_hbonds"))
+    args = [
+        sys.executable,
+        str(SCRIPT),
+        f"system.load.name_or_path={folder}",
+        "system.name=x",
+        f"data_dir={tmp_path / 'data'}",
+        "progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "constraints 'HBonds'" in res.stderr
+    assert not (tmp_path / "data").exists()  # no MD was started

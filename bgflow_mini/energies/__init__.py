@@ -4,7 +4,7 @@ from .base import Energy
 from .openmm import OpenMMEnergy
 from .regularization import LinLogCut, linlogcut
 from .torchff import TorchForceField
-from .toy import DoubleWell, MuellerBrown
+from .toy import DoubleWell, MuellerBrown, ToyEnergy
 
 __all__ = [
     "Energy",
@@ -13,5 +13,6 @@ __all__ = [
     "linlogcut",
     "DoubleWell",
     "MuellerBrown",
+    "ToyEnergy",
     "TorchForceField",
 ]

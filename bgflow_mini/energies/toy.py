@@ -17,10 +17,49 @@ from torch import Tensor
 
 from .base import Energy
 
-__all__ = ["DoubleWell", "MuellerBrown"]
+__all__ = ["DoubleWell", "MuellerBrown", "ToyEnergy"]
+
+# half-width of the state ranges of the toys: far outside any sample (u ~ x^4 there)
+_FAR = 1.0e3
 
 
-class DoubleWell(Energy):
+class ToyEnergy(Energy):
+    """An analytic energy that is its own target: named CVs, two states A and B, and the
+    exact ``ΔF = F_B - F_A`` (kT) between them, so toys and molecules share one interface.
+
+    Subclasses set :attr:`name` and implement :attr:`cvs`, :attr:`states`,
+    :meth:`free_energy_difference` and :attr:`init_args` (the constructor arguments,
+    to rebuild the energy from a checkpoint).
+    """
+
+    name = "toy"
+    default_states = ("A", "B")
+
+    @property
+    def cvs(self) -> dict[str, dict]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def states(self) -> dict[str, dict[str, list[float]]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def init_args(self) -> dict[str, float | int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def free_energy_difference(self) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def reference_delta_f(self, state_a: str, state_b: str) -> float | None:
+        """Exact ``F(state_b) - F(state_a)`` in kT for the states A/B, else None."""
+        if (state_a, state_b) == ("A", "B"):
+            return float(self.free_energy_difference())
+        if (state_a, state_b) == ("B", "A"):
+            return -float(self.free_energy_difference())
+        return None
+
+
+class DoubleWell(ToyEnergy):
     """Double well along ``x1`` with harmonic remaining coordinates.
 
     E(x) = a x1^4 - b x1^2 + c x1 + d/2 * sum_{i>=2} x_i^2, returned as E/kT.
@@ -32,7 +71,11 @@ class DoubleWell(Energy):
             for a normalisable density.
         kT: thermal energy in the same units.
         dim: total number of coordinates (>= 1).
+
+    CVs: ``x1`` (and ``x2`` when ``dim >= 2``); states ``A`` (x1 < 0) and ``B`` (x1 >= 0).
     """
+
+    name = "double_well"
 
     def __init__(
         self,
@@ -47,6 +90,18 @@ class DoubleWell(Energy):
         if a <= 0 or d <= 0 or kT <= 0:
             raise ValueError(f"need a > 0, d > 0, kT > 0; got a={a}, d={d}, kT={kT}")
         self.a, self.b, self.c, self.d, self.kT = map(float, (a, b, c, d, kT))
+
+    @property
+    def init_args(self) -> dict[str, float | int]:
+        return {"a": self.a, "b": self.b, "c": self.c, "d": self.d, "kT": self.kT, "dim": self.dim}
+
+    @property
+    def cvs(self) -> dict[str, dict]:
+        return {f"x{i + 1}": {"type": "coordinate", "index": i} for i in range(min(self.dim, 2))}
+
+    @property
+    def states(self) -> dict[str, dict[str, list[float]]]:
+        return {"A": {"x1": [-_FAR, 0.0]}, "B": {"x1": [0.0, _FAR]}}
 
     def _energy(self, x: Tensor) -> Tensor:
         x1 = x[:, 0]
@@ -132,7 +187,7 @@ def _mb_numpy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return v
 
 
-class MuellerBrown(Energy):
+class MuellerBrown(ToyEnergy):
     """Müller–Brown potential (2-D), u = scale * V(x, y) / kT.
 
     V = sum_k A_k exp(a_k (x-x0_k)^2 + b_k (x-x0_k)(y-y0_k) + c_k (y-y0_k)^2) with the
@@ -145,13 +200,33 @@ class MuellerBrown(Energy):
     barrier along s (scale=0.1, kT=1); the saddle (-0.822, 0.624) between the deep and
     the middle minimum lies at s = 1.446. With scale=0.1, kT=1: ΔF = F_B - F_A = 3.6386 kT
     (see :meth:`free_energy_difference`).
+
+    CVs: ``x``, ``y`` and ``s = y - x``; states ``A`` (s >= split) and ``B`` (s < split).
     """
+
+    name = "mueller_brown"
 
     def __init__(self, scale: float = 0.1, kT: float = 1.0, split: float = 1.4) -> None:
         super().__init__(2)
         if kT <= 0:
             raise ValueError(f"kT must be > 0, got {kT}")
         self.scale, self.kT, self.split = float(scale), float(kT), float(split)
+
+    @property
+    def init_args(self) -> dict[str, float | int]:
+        return {"scale": self.scale, "kT": self.kT, "split": self.split}
+
+    @property
+    def cvs(self) -> dict[str, dict]:
+        return {
+            "x": {"type": "coordinate", "index": 0},
+            "y": {"type": "coordinate", "index": 1},
+            "s": {"type": "linear", "coefficients": [-1.0, 1.0]},
+        }
+
+    @property
+    def states(self) -> dict[str, dict[str, list[float]]]:
+        return {"A": {"s": [self.split, _FAR]}, "B": {"s": [-_FAR, self.split]}}
 
     def _energy(self, x: Tensor) -> Tensor:
         px, py = x[:, 0], x[:, 1]

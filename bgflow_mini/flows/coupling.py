@@ -14,7 +14,7 @@ Circular features (angles on ``[-pi, pi)``, e.g. torsions) are marked by
   circular rational-quadratic spline plus a rotation
   (:func:`~bgflow_mini.flows.circular.circular_spline`), a smooth circle
   diffeomorphism whose density is continuous across the cut at ``+-pi``;
-* in :class:`AdditiveCoupling` it is rotated, ``x_b = wrap(z_b + t(z_a))``
+* in :class:`AdditiveCoupling` it is rotated, ``x_b = wrap_angle(z_b + t(z_a))``
   (volume preserving).
 
 Non-circular transformed features: affine ``x_b = z_b * exp(s) + t`` with the
@@ -33,8 +33,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..units import wrap_angle
 from .base import Flow, Sequential, check_batch
-from .circular import circular_spline, n_circular_spline_params, wrap
+from .circular import circular_spline, n_circular_spline_params
 from .nets import MLP
 
 __all__ = ["AffineCoupling", "AdditiveCoupling", "coupling_flow", "as_mask"]
@@ -183,7 +184,7 @@ class AffineCoupling(_Coupling):
         dim: int,
         mask: Sequence[bool] | Sequence[int] | Tensor,
         hidden: Sequence[int] = (64, 64),
-        activation: Callable[[], nn.Module] = nn.SiLU,
+        activation: str | Callable[[], nn.Module] = nn.SiLU,
         circular: Sequence[bool] | Sequence[int] | Tensor | None = None,
         n_bins: int = 8,
     ) -> None:
@@ -206,7 +207,7 @@ class AffineCoupling(_Coupling):
 
 
 class AdditiveCoupling(_Coupling):
-    """NICE coupling ``x_b = z_b + t(z_a)`` (circular: ``wrap(z_b + t(z_a))``); logdet 0.
+    """NICE coupling ``x_b = z_b + t(z_a)`` (circular: ``wrap_angle(z_b + t(z_a))``); logdet 0.
 
     Arguments as :class:`AffineCoupling` (``n_bins`` is accepted and ignored, so
     both kinds share one signature).
@@ -217,7 +218,7 @@ class AdditiveCoupling(_Coupling):
         dim: int,
         mask: Sequence[bool] | Sequence[int] | Tensor,
         hidden: Sequence[int] = (64, 64),
-        activation: Callable[[], nn.Module] = nn.SiLU,
+        activation: str | Callable[[], nn.Module] = nn.SiLU,
         circular: Sequence[bool] | Sequence[int] | Tensor | None = None,
         n_bins: int = 8,
     ) -> None:
@@ -229,7 +230,7 @@ class AdditiveCoupling(_Coupling):
 
     def _circular(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         t = p[..., 0]
-        return wrap(z - t if inverse else z + t), torch.zeros_like(z)
+        return wrap_angle(z - t if inverse else z + t), torch.zeros_like(z)
 
 
 def coupling_flow(
@@ -237,7 +238,7 @@ def coupling_flow(
     n_blocks: int,
     hidden: Sequence[int] = (64, 64),
     kind: str = "rnvp",
-    activation: Callable[[], nn.Module] = nn.SiLU,
+    activation: str | Callable[[], nn.Module] = nn.SiLU,
     circular: Sequence[bool] | Sequence[int] | Tensor | None = None,
     n_bins: int = 8,
     seed: int | None = None,

@@ -6,7 +6,33 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "ACTIVATIONS", "activation_class"]
+
+# activations by name, so a flow's constructor arguments are plain data (checkpoints)
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "silu": nn.SiLU,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
+def activation_class(activation: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """An activation factory from a name in :data:`ACTIVATIONS` (case-insensitive) or a
+    callable returning an ``nn.Module`` (returned unchanged)."""
+    if isinstance(activation, str):
+        key = activation.lower()
+        if key not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}"
+            )
+        return ACTIVATIONS[key]
+    if not callable(activation):
+        raise ValueError(f"MLP activation must be callable (e.g. nn.SiLU), got {activation!r}")
+    return activation
 
 
 class MLP(nn.Module):
@@ -21,8 +47,9 @@ class MLP(nn.Module):
         out_features: output width (>= 1).
         hidden: widths of the hidden layers (each >= 1); may be empty (a single
             linear layer).
-        activation: a callable returning an ``nn.Module`` (e.g. ``nn.SiLU``),
-            instantiated once after each hidden layer.
+        activation: a name of :data:`ACTIVATIONS` (e.g. ``"silu"``) or a callable
+            returning an ``nn.Module`` (e.g. ``nn.SiLU``), instantiated once after each
+            hidden layer.
 
     Input ``(batch, in_features)``, output ``(batch, out_features)``.
     """
@@ -32,7 +59,7 @@ class MLP(nn.Module):
         in_features: int,
         out_features: int,
         hidden: Sequence[int] = (64, 64),
-        activation: Callable[[], nn.Module] = nn.SiLU,
+        activation: str | Callable[[], nn.Module] = nn.SiLU,
     ) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -44,8 +71,7 @@ class MLP(nn.Module):
         for h in hidden:
             if isinstance(h, bool) or not isinstance(h, int) or h < 1:
                 raise ValueError(f"MLP hidden widths must be positive ints, got {hidden!r}")
-        if not callable(activation):
-            raise ValueError(f"MLP activation must be callable (e.g. nn.SiLU), got {activation!r}")
+        activation = activation_class(activation)
         layers: list[nn.Module] = []
         width = in_features
         for h in hidden:

@@ -1,0 +1,51 @@
+"""What the Hydra apps share: the config location, clean errors, energies from configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["CONFIG_PATH", "run_app", "energy_backend", "set_threads", "plain"]
+
+# the configs ship inside the package (bgflow_mini.configs = the repository's configs/)
+CONFIG_PATH = "pkg://bgflow_mini.configs"
+T = TypeVar("T")
+
+
+def run_app(fn: Callable[[], T]) -> T:
+    """Run an app body; a user error (bad config, missing file, unsupported system)
+    prints ``error: <message>`` and exits with code 2 instead of a traceback
+    (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
+    try:
+        return fn()
+    except (ValueError, FileNotFoundError, KeyError, OSError) as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {msg}", file=sys.stderr)
+        print("(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def plain(cfg: Any) -> Any:
+    """A config node as plain Python data (interpolations resolved)."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def energy_backend(spec: Any) -> Callable | None:
+    """An energy factory ``backend(system)`` from a config node with ``_target_`` (or None)."""
+    return None if spec is None else instantiate(spec)
+
+
+def set_threads(num_threads: int | None) -> None:
+    """torch CPU threads (``None``: torch's default)."""
+    if num_threads:
+        torch.set_num_threads(int(num_threads))

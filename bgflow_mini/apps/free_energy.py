@@ -1,0 +1,90 @@
+"""``bgflow-free-energy``: free energies of generator samples vs MD (``configs/free_energy.yaml``).
+
+    bgflow-free-energy samples=outputs/sample/DATE/TIME        # a sample folder (or a run)
+    bgflow-free-energy checkpoint=outputs/DATE/TIME n_samples=100000
+    bgflow-free-energy samples=S state_b=alpha_l \\
+        '+states.alpha_l={phi: [0.0, 2.0], psi: [-1.0, 1.5]}' 'cvs=[phi]' cvs_2d=[]
+    bgflow-free-energy samples=S md_reference=data/aldp_vacuum/KEY/traj.h5
+
+See :mod:`bgflow_mini.analysis` for what is computed and written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import numpy as np
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from bgflow_mini.analysis import AnalysisSettings, analyse
+from bgflow_mini.data import find_cached, load_trajectory
+from bgflow_mini.samples import SampleSet, reduced_energies
+
+from ._common import CONFIG_PATH, plain, run_app, set_threads
+from .sample import output_dir, run_energy, sample
+from .validation import validate_free_energy_config
+
+__all__ = ["main", "free_energy", "load_md"]
+
+_SAMPLE_KEYS = ("checkpoint", "n_samples", "batch_size", "energy", "seed", "device", "dtype")
+
+
+def load_md(cfg: DictConfig, summary: dict, target) -> tuple[np.ndarray, str] | None:
+    """Reference positions ``(n, dim)`` nm in time order and their path, or None."""
+    ref = cfg.get("md_reference")
+    if ref is None or ref is False or str(ref).lower() in ("none", "null", "false", "off"):
+        return None
+    if str(ref) == "auto":
+        if target.kind != "molecular" or not summary.get("md"):
+            return None
+        data_dir = cfg.get("data_dir") or summary.get("data_dir") or "data"
+        entry = find_cached(target.system, summary["md"], to_absolute_path(str(data_dir)))
+        if entry is None:
+            print("[free_energy] no MD cache of this run on disk: MD reference skipped")
+            return None
+        traj, path = load_trajectory(entry), entry.traj_path
+    else:
+        path = Path(to_absolute_path(str(ref)))
+        if not path.exists():
+            raise FileNotFoundError(f"md_reference={ref}: no such file or folder ({path})")
+        traj = load_trajectory(path)
+    if 3 * traj.n_atoms != target.dim:
+        raise ValueError(
+            f"MD reference {path} has {traj.n_atoms} atoms; {target.name!r} has {target.dim // 3}"
+        )
+    return traj.xyz.reshape(traj.n_frames, -1).astype(np.float64), str(path)
+
+
+def free_energy(cfg: DictConfig, out: Path) -> dict:
+    """The whole analysis: samples (drawn first for ``checkpoint=``), MD, ΔF, PMFs, plots."""
+    validate_free_energy_config(cfg)
+    set_threads(cfg.num_threads)
+    if cfg.samples is None:  # sample first, into <out>/samples
+        scfg = OmegaConf.create({k: cfg.get(k) for k in _SAMPLE_KEYS})
+        scfg.update(formats=["h5"], regularize=False, num_threads=None, progress=cfg.progress)
+        sample(scfg, out / "samples")
+    ss = SampleSet.open(to_absolute_path(str(cfg.samples)) if cfg.samples else out / "samples")
+    target = ss.target()
+    validate_free_energy_config(cfg, target)
+    md = load_md(cfg, ss.summary, target)
+    md_u = None
+    if md is not None and cfg.md_energies:
+        energy, _ = run_energy(target, cfg.get("energy") or ss.summary.get("energy_config"), {})
+        with energy:
+            md_u = reduced_energies(energy, md[0])
+    keys = AnalysisSettings.__dataclass_fields__
+    settings = AnalysisSettings(**{k: plain(cfg[k]) for k in keys if k in cfg})
+    result, table = analyse(ss, target, out, settings, md, md_u)
+    print(f"[free_energy] {target.name}: results in {out}\n{table}")
+    return result
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="free_energy", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_app(lambda: free_energy(cfg, output_dir(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""``bgflow-train``: train a Boltzmann generator from a Hydra config (``configs/train.yaml``).
+
+    bgflow-train                                   # default: ALDP vacuum, RNVP
+    bgflow-train experiment=aldp_vacuum_rnvp       # the long quality run
+    bgflow-train system=double_well flow=nice      # toy systems
+    bgflow-train -m flow=rnvp,nice                 # multirun, one folder each
+    bgflow-train resume=outputs/DATE/TIME          # continue a killed run
+
+Outputs go to the Hydra run folder: ``config.yaml``, ``checkpoints/{latest,best}.pt``,
+``model.pt`` (self-describing: :func:`bgflow_mini.load_generator`), ``metrics.csv``,
+``metrics.json``, the evaluation samples as a sample folder (``samples.h5`` or
+``samples.npy``, ``log_weights.npy``, ``energies.npy``, ``summary.json``) and plots.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate, to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from bgflow_mini import pipeline, plotting
+from bgflow_mini.checkpoint import resolve_device, resolve_dtype, save_generator
+from bgflow_mini.fileio import save_json, save_text
+from bgflow_mini.report import peak_memory_mb, summary_table
+from bgflow_mini.run_logger import RunLogger
+from bgflow_mini.samples import save_sample_set
+from bgflow_mini.targets import as_target
+from bgflow_mini.training import Phase, Trainer
+
+from ._common import CONFIG_PATH, plain, run_app, set_threads
+from .validation import ConfigError, validate_train_config
+
+__all__ = ["main", "train", "RESUME_SAFE"]
+
+# keys that may change when a run is resumed: they do not change what is trained
+RESUME_SAFE = (
+    "resume",
+    "progress",
+    "num_threads",
+    "evaluation",
+    "training.metrics_every",
+    "training.checkpoint_every",
+)
+
+
+def _override_keys() -> list[str]:
+    keys = []
+    for o in HydraConfig.get().overrides.task:
+        key = o.split("=", 1)[0].lstrip("+~")
+        keys.append(key)
+    return keys
+
+
+def resolve_run_dir(cfg: DictConfig) -> tuple[Path, DictConfig, bool]:
+    """The run folder and config: a fresh Hydra folder, or the folder being resumed with
+    the safe overrides of this call applied (any other override is an error)."""
+    if cfg.resume is None:
+        return Path(HydraConfig.get().runtime.output_dir), cfg, False
+    path = Path(to_absolute_path(str(cfg.resume)))
+    run = path.parent.parent if path.is_file() else path
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"resume={cfg.resume}: no config.yaml in run folder {run}")
+    keys = _override_keys()
+    safe = lambda k: any(k == s or k.startswith(s + ".") for s in RESUME_SAFE)  # noqa: E731
+    refused = [k for k in keys if not safe(k)]
+    if refused:
+        raise ConfigError(
+            f"resume={cfg.resume}: cannot change {refused} of a run being resumed (they change "
+            f"what is trained); allowed with resume: {list(RESUME_SAFE)}. Start a new run instead."
+        )
+    old = OmegaConf.load(saved)
+    for key in keys:
+        if key != "resume":
+            OmegaConf.update(old, key, OmegaConf.select(cfg, key), merge=False)
+    old.resume = str(run)
+    save_text(OmegaConf.to_yaml(old), saved)
+    return run, old, True
+
+
+def train(cfg: DictConfig) -> dict:
+    """The whole job; returns the metrics dict."""
+    t0 = time.time()
+    out, cfg, resuming = resolve_run_dir(cfg)
+    target = as_target(instantiate(cfg.system.load))
+    validate_train_config(cfg, target)  # every config mistake, before any MD or training
+    target.check_supported()
+    device, dtype = resolve_device(str(cfg.device)), resolve_dtype(str(cfg.dtype))
+    out.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        save_text(OmegaConf.to_yaml(cfg, resolve=True), out / "config.yaml")
+    set_threads(cfg.num_threads)
+    import torch
+
+    torch.manual_seed(int(cfg.seed))
+    data = target.data(
+        md=plain(cfg.get("md")),
+        toy=plain(cfg.data.toy),
+        data_dir=to_absolute_path(str(cfg.data_dir)),
+        fractions=list(cfg.data.fractions),
+        stride=cfg.data.stride,
+        n_workers=cfg.data.n_workers,
+        seed=int(cfg.seed),
+        progress=bool(cfg.progress),
+    )
+    tc = cfg.training
+    energy = target.energy(instantiate(cfg.energy))
+    train_energy = instantiate(tc.regularization)(energy) if tc.regularization else energy
+    generator = target.generator(data.train, instantiate(cfg.flow), train_energy)
+    generator = generator.to(device=device, dtype=dtype)
+    phases = [Phase(**p) for p in plain(tc.phases)]
+    total = sum(p.steps for p in phases)
+    sched = None
+    if tc.scheduler is not None:
+        factory = instantiate(tc.scheduler)
+        sched = lambda opt: factory(opt, total_steps=total)  # noqa: E731
+    extra = {
+        "system": target.name,
+        "md": plain(cfg.get("md")),
+        "data_dir": to_absolute_path(str(cfg.data_dir)),
+        "config": plain(cfg),
+    }
+    logger = RunLogger(out, tc.metrics_every, tc.checkpoint_every, extra, t0)
+    trainer = Trainer(
+        generator,
+        lr=tc.lr,
+        batch_size=tc.batch_size,
+        kl_batch_size=tc.kl_batch_size,
+        clip_grad_norm=tc.clip_grad_norm,
+        scheduler=sched,
+        weight_decay=tc.weight_decay,
+        ess_every=tc.ess_every,
+        ess_samples=tc.ess_samples,
+        val_data=data.val,
+        eval_every=tc.eval_every,
+        seed=int(cfg.seed),
+        progress=bool(cfg.progress),
+        callbacks=[logger],
+    )
+    ckpt = out / "checkpoints" / "latest.pt"
+    if resuming and ckpt.is_file():
+        got = trainer.load_checkpoint(ckpt)
+        if got.get("system") != target.name:
+            raise ValueError(f"checkpoint {ckpt} is for {got.get('system')!r}, not {target.name!r}")
+        print(f"[train] resumed from {ckpt} at step {trainer.step}/{total}")
+    elif resuming:
+        print(f"[train] no checkpoint in {out}; starting from step 0")
+    logger.restart(trainer)  # (re)writes metrics.csv from the restored history
+    t_train, steps_before = time.time(), trainer.step
+    try:
+        trainer.fit_phases(phases, data=data.train)
+        train_time = time.time() - t_train
+        trainer.save_checkpoint(ckpt, extra)
+        save_generator(generator, out / "model.pt", extra)
+        ev = cfg.evaluation
+        metrics, samples = pipeline.evaluate(
+            generator,
+            target,
+            data,
+            energy=energy,  # the real energy: weights and finite fractions are honest
+            n_samples=ev.n_samples,
+            batch_size=ev.batch_size,
+            state_a=ev.state_a,
+            state_b=ev.state_b,
+            bins=ev.bins,
+            n_bootstrap=ev.n_bootstrap,
+            cap=getattr(train_energy, "high", None),
+            seed=int(cfg.seed),
+            progress=bool(cfg.progress),
+        )
+    finally:
+        energy.close()
+    metrics.update(
+        system=target.name,
+        steps=trainer.step,
+        skipped_steps=trainer.n_skipped,
+        training_nonfinite_energies=trainer.n_nonfinite_samples,
+        training_capped_energies=trainer.n_capped_samples,
+        steps_per_s=(trainer.step - steps_before) / max(train_time, 1e-9),
+        wall_time_s=time.time() - t0,
+        data_info=data.info,
+        peak_memory_mb=peak_memory_mb(device),
+    )
+    write_outputs(out, target, samples, metrics, trainer, data, cfg)
+    print(f"\n[train] {target.name}: results in {out}\n" + summary_table(metrics))
+    return metrics
+
+
+def write_outputs(out: Path, target, samples: dict, metrics: dict, trainer, data, cfg) -> None:
+    """Sample folder files, metrics.json and plots (every file written atomically)."""
+    formats = ["h5"] if cfg.evaluation.save_samples else []
+    if formats or target.topology is None:
+        extra = {"checkpoint": str(out / "model.pt"), "md": plain(cfg.get("md"))}
+        extra["data_dir"] = to_absolute_path(str(cfg.data_dir))
+        save_sample_set(out, target, samples["x"], samples["log_q"], samples["u"], formats, extra)
+    save_json(metrics, out / "metrics.json")
+    plots = out / "plots"
+    plotting.plot_training_curves(plots / "training.png", trainer.history)
+    plotting.plot_log_weights(plots / "log_weights.png", samples["log_w"])
+    if {"phi", "psi"} <= set(target.cvs):
+        from bgflow_mini import cv as cvmod
+
+        md_cv = cvmod.compute_cvs(data.test.numpy(), target.cvs, ["phi", "psi"])
+        g_cv = cvmod.compute_cvs(samples["x"], target.cvs, ["phi", "psi"])
+        plotting.plot_ramachandran(
+            plots / "ramachandran.png",
+            {
+                "MD (test)": (md_cv["phi"], md_cv["psi"]),
+                "generator": (g_cv["phi"], g_cv["psi"]),
+                "generator, reweighted": (g_cv["phi"], g_cv["psi"], samples["log_w"]),
+            },
+        )
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    metrics = run_app(lambda: train(cfg))
+    return float(metrics.get("ess", math.nan))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Checks of the composed Hydra configs, run before any MD, training or sampling starts.
+
+Each ``validate_*_config`` collects every problem and raises one :class:`ConfigError`
+listing them, one per line: dotted key, bad value, what is allowed. Per-key rules are
+tables of ``(key, Rule)`` rows (add a row to check a key); cross-key checks are functions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bgflow_mini.flows.nets import ACTIVATIONS
+from bgflow_mini.training import Phase
+
+__all__ = [
+    "ConfigError",
+    "validate_train_config",
+    "validate_sample_config",
+    "validate_free_energy_config",
+    "validate_run_md_config",
+]
+
+_ABSENT: Any = object()  # a key not in the config (or left at ``???``)
+
+
+class ConfigError(ValueError):
+    """An invalid config; ``problems`` holds one line per problem (key, value, allowed)."""
+
+    def __init__(self, problems: str | Sequence[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        n = len(self.problems)
+        head = "invalid config" + (f" ({n} problems)" if n > 1 else "")
+        super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A check of one value: ``ok(value)`` and the ``allowed`` values in words."""
+
+    allowed: str
+    ok: Callable[[Any], bool]
+    nullable: bool = False
+
+    def problem(self, key: str, value: Any, absent_ok: bool = False) -> str | None:
+        """``None`` if ``value`` is fine, else ``key=value: must be ...``."""
+        if value is _ABSENT:
+            return None if absent_ok or self.nullable else f"{key}: missing; must be {self.allowed}"
+        if (value is None and self.nullable) or (value is not None and self.ok(value)):
+            return None
+        return f"{key}={_show(value)}: must be {self.allowed}"
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo: int | None = None) -> Rule:
+    """An int (not a bool, float or string), ``>= lo`` if given."""
+    text = "an integer" + ("" if lo is None else f" >= {lo}")
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    return Rule(text, lambda v: ok(v) and (lo is None or v >= lo))
+
+
+def number(gt: float | None = None, ge: float | None = None) -> Rule:
+    """A finite int or float, ``> gt`` / ``>= ge`` if given."""
+    text = "a number" + ("" if gt is None else f" > {gt}") + ("" if ge is None else f" >= {ge}")
+    return Rule(text, lambda v: _is_num(v) and (gt is None or v > gt) and (ge is None or v >= ge))
+
+
+def one_of(options: Iterable[str]) -> Rule:
+    """A string in ``options``."""
+    opts = sorted(options)
+    return Rule(f"one of {opts}", lambda v: isinstance(v, str) and v in opts)
+
+
+def optional(rule: Rule) -> Rule:
+    """``rule`` or null."""
+    return Rule(f"null or {rule.allowed}", rule.ok, nullable=True)
+
+
+def list_of(rule: Rule, min_len: int = 0, length: int | None = None) -> Rule:
+    """A list of values passing ``rule`` (``length`` items, or at least ``min_len``)."""
+    size = f"a {length}-item" if length else ("a non-empty" if min_len else "a")
+    text = f"{size} list, each {rule.allowed}"
+    ok_len = (lambda n: n == length) if length else (lambda n: n >= min_len)
+    return Rule(
+        text, lambda v: isinstance(v, list) and ok_len(len(v)) and all(rule.ok(x) for x in v)
+    )
+
+
+BOOL = Rule("true or false", lambda v: isinstance(v, bool))
+TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip()))
+DTYPES = ("float32", "float64")
+FLOW_KINDS = ("rnvp", "nice")
+FORMATS = ("h5", "dcd", "pdb")
+_CUDA = re.compile(r"cuda(:\d+)?")
+DEVICE = Rule(
+    "one of ['auto', 'cpu', 'cuda', 'cuda:N']",
+    lambda v: isinstance(v, str) and (v in ("auto", "cpu") or bool(_CUDA.fullmatch(v))),
+)
+
+FRACTIONS = Rule(
+    "[train, val, test]: 3 numbers >= 0 with train > 0",
+    lambda v: (
+        isinstance(v, list) and len(v) == 3 and all(_is_num(x) and x >= 0 for x in v) and v[0] > 0
+    ),
+)
+STATE = optional(TEXT)  # null: the target's default state
+ACTIVATION = Rule(
+    f"one of {sorted(ACTIVATIONS)} or a {{_target_: ...}} mapping",
+    lambda v: (
+        (isinstance(v, str) and v.lower() in ACTIVATIONS)
+        or (isinstance(v, dict) and "_target_" in v)
+    ),
+)
+Rules = Sequence[tuple[str, Rule]]
+
+
+def rows(rule: Rule, *keys: str) -> list[tuple[str, Rule]]:
+    """Table rows checking every key of ``keys`` with ``rule``."""
+    return [(key, rule) for key in keys]
+
+
+POS_INT, NAT, POS = integer(1), integer(0), number(gt=0)
+RUNTIME: Rules = [  # every app
+    *rows(integer(), "seed"),
+    *rows(DEVICE, "device"),
+    *rows(optional(POS_INT), "num_threads"),
+    *rows(BOOL, "progress"),
+]
+MD: Rules = [  # absent keys take bgflow_mini.md.MD_DEFAULTS
+    *rows(POS_INT, "n_frames", "save_every", "n_replicas", "swap_every"),
+    *rows(POS, "timestep", "t_max"),
+    *rows(number(ge=0), "friction"),
+    *rows(optional(POS), "temperature"),
+    *rows(optional(list_of(POS, min_len=1)), "temperatures"),
+    *rows(NAT, "equilibration_steps"),
+    *rows(BOOL, "minimize"),
+    *rows(integer(), "seed"),
+    *rows(TEXT, "platform"),
+]
+PHASE: Rules = [  # steps first: the only key without a default
+    *rows(POS_INT, "steps"),
+    *rows(number(ge=0), "w_ml", "w_kl"),
+    *rows(optional(POS), "lr"),
+    *rows(optional(POS_INT), "batch_size", "kl_batch_size"),
+    *rows(Rule("a string", lambda v: isinstance(v, str)), "name"),
+]
+TRAIN: Rules = [
+    *RUNTIME,
+    *rows(one_of(DTYPES), "dtype"),
+    *rows(optional(TEXT), "resume"),
+    *rows(TEXT, "system.name"),
+    *rows(STATE, "evaluation.state_a", "evaluation.state_b"),
+    *rows(POS, "training.lr", "data.toy.step_size", "data.toy.init_scale"),
+    *rows(optional(POS), "training.clip_grad_norm"),
+    *rows(number(ge=0), "training.weight_decay"),
+    *rows(NAT, "training.ess_every", "training.eval_every", "data.toy.burn_in"),
+    *rows(POS_INT, "training.batch_size", "training.kl_batch_size", "training.ess_samples"),
+    *rows(POS_INT, "training.metrics_every", "training.checkpoint_every"),
+    *rows(POS_INT, *(f"evaluation.{k}" for k in ("n_samples", "batch_size", "bins"))),
+    *rows(POS_INT, "evaluation.n_bootstrap", "data.stride", "flow.n_blocks"),
+    *rows(POS_INT, "data.toy.n_chains", "data.toy.n_steps", "data.toy.thin"),
+    *rows(BOOL, "evaluation.save_samples"),
+    *rows(FRACTIONS, "data.fractions"),
+    *rows(optional(POS_INT), "data.n_workers"),
+    *rows(one_of(FLOW_KINDS), "flow.kind"),
+    *rows(list_of(POS_INT, min_len=1), "flow.hidden"),
+]
+OPTIONAL_TRAIN: Rules = [  # only checked when present
+    *rows(integer(2), "flow.n_bins"),
+    *rows(ACTIVATION, "flow.activation"),
+]
+SAMPLE: Rules = [
+    *RUNTIME,
+    *rows(TEXT, "checkpoint"),
+    *rows(optional(TEXT), "config", "out"),
+    *rows(POS_INT, "n_samples", "batch_size"),
+    *rows(list_of(one_of(FORMATS)), "formats"),
+    *rows(optional(one_of(DTYPES)), "dtype"),
+    *rows(BOOL, "regularize"),
+]
+FREE_ENERGY: Rules = [
+    *RUNTIME,
+    *rows(optional(TEXT), "samples", "checkpoint", "config", "out", "md_reference", "data_dir"),
+    *rows(POS_INT, "n_samples", "batch_size", "n_bootstrap"),
+    *rows(integer(2), "bins", "n_blocks"),
+    *rows(optional(one_of(DTYPES)), "dtype"),
+    *rows(STATE, "state_a", "state_b"),
+    *rows(optional(list_of(TEXT)), "cvs"),  # null: every CV of the target
+    *rows(optional(list_of(list_of(TEXT, length=2))), "cvs_2d"),  # null: its first two CVs
+    *rows(Rule("a mapping {state: {cv: [lo, hi]}}", lambda v: isinstance(v, dict)), "states"),
+    *rows(BOOL, "md_energies", "plots"),
+    *rows(POS, "pmf_max_f"),
+    *rows(optional(POS), "plot_max_f", "plot_max_stderr"),
+]
+RUN_MD: Rules = [
+    *rows(TEXT, "system.name", "data_dir"),
+    *rows(optional(POS_INT), "n_workers"),
+    *rows(BOOL, "progress"),
+]
+
+
+def _get(d: Any, key: str) -> Any:
+    """The value at dotted ``key`` of nested dicts / lists, or ``_ABSENT``."""
+    for part in key.split("."):
+        if isinstance(d, Mapping) and part in d:
+            d = d[part]
+        elif isinstance(d, list) and part.isdigit() and int(part) < len(d):
+            d = d[int(part)]
+        else:
+            return _ABSENT
+    return _ABSENT if d == "???" else d
+
+
+def _apply(d: Any, rules: Rules, prefix: str = "", absent_ok: bool = False) -> list[str]:
+    """Problems of the values of ``d`` (keys of ``rules``, reported as ``prefix + key``)."""
+    lines = (rule.problem(prefix + key, _get(d, key), absent_ok) for key, rule in rules)
+    return [line for line in lines if line]
+
+
+def _unknown(d: Mapping, known: Iterable[str], where: str) -> list[str]:
+    bad = sorted(set(d) - set(known), key=str)
+    return [f"{where}.{k}: unknown key; known keys: {sorted(known)}" for k in bad]
+
+
+def _plain(cfg: DictConfig | Mapping) -> dict:
+    """``cfg`` as plain dicts (interpolations resolved); resolution errors as ConfigError."""
+    if not isinstance(cfg, DictConfig):
+        return dict(cfg)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+        raise ConfigError(f"{key}: cannot resolve the value: {msg}") from err
+
+
+def _cuda(d: Mapping) -> list[str]:
+    """``device=cuda[:N]`` needs a visible CUDA device."""
+    dev = d.get("device")
+    if not (isinstance(dev, str) and _CUDA.fullmatch(dev)):
+        return []
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(dev.partition(":")[2] or 0)
+    if n == 0:
+        return [f"device={dev!r}: no CUDA device is visible; use device=cpu or device=auto"]
+    if index >= n:
+        return [f"device={dev!r}: only {n} CUDA device(s) visible (cuda:0 to cuda:{n - 1})"]
+    return []
+
+
+def _phases(d: Mapping) -> list[str]:
+    phases = _get(d, "training.phases")
+    if not (isinstance(phases, list) and phases):
+        return [f"training.phases={_show(phases)}: must be a non-empty list of phases"]
+    lines: list[str] = []
+    for i, p in enumerate(phases):
+        where = f"training.phases.{i}"
+        if not isinstance(p, Mapping):
+            lines.append(f"{where}={_show(p)}: must be a mapping with steps, w_ml, w_kl, ...")
+            continue
+        lines += _unknown(p, [f.name for f in fields(Phase)], where)
+        lines += _apply(p, PHASE[:1], where + ".")  # steps has no default
+        lines += _apply(p, PHASE[1:], where + ".", absent_ok=True)
+        w = (p.get("w_ml", 1.0), p.get("w_kl", 0.0))
+        if all(_is_num(x) for x in w) and w[0] == 0 and w[1] == 0:
+            lines.append(f"{where}: w_ml and w_kl are both 0; at least one must be > 0")
+    return lines
+
+
+def _md(d: Mapping) -> list[str]:
+    md = d.get("md")
+    if md is None:
+        return []
+    if not isinstance(md, Mapping):
+        return [f"md={_show(md)}: must be a mapping of MD settings"]
+    from bgflow_mini.md import MD_DEFAULTS  # imports OpenMM: only when there is an md section
+
+    return _unknown(md, MD_DEFAULTS, "md") + _apply(md, MD, "md.", absent_ok=True)
+
+
+def _state_problems(states: Mapping, cvs: Mapping | None, where: str) -> list[str]:
+    """Each state must map known CV names to ``[lo, hi]`` with ``lo < hi``."""
+    lines: list[str] = []
+    known = sorted(cvs) if cvs is not None else None
+    for name, ranges in states.items():
+        if not isinstance(ranges, Mapping) or not ranges:
+            lines.append(f"{where}.{name}={_show(ranges)}: must map CV names to [lo, hi]")
+            continue
+        for cv, r in ranges.items():
+            key = f"{where}.{name}.{cv}"
+            if known is not None and cv not in known:
+                lines.append(f"{key}: unknown CV {cv!r}; known CVs: {known}")
+            ok = isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_num(x) for x in r)
+            if not ok or r[0] >= r[1]:
+                lines.append(f"{key}={_show(r)}: must be [lo, hi] with numbers lo < hi")
+    return lines
+
+
+def _state_choice(d: Mapping, keys: tuple[str, str], target: Any, extra: Mapping) -> list[str]:
+    """``state_a``/``state_b`` differ and name states of the target (or of ``extra``);
+    null (or absent) is the target's ``default_states``."""
+    try:
+        defaults = tuple(target.default_states)[:2]
+    except (AttributeError, TypeError, ValueError):
+        defaults = ()
+    given = [_get(d, k) for k in keys]
+    a, b = (
+        v if v not in (None, _ABSENT) else (defaults + (None, None))[i] for i, v in enumerate(given)
+    )
+    lines = []
+    if isinstance(a, str) and a == b:
+        lines.append(f"{keys[0]}, {keys[1]}: both are {a!r}; they must name different states")
+    states, cvs = getattr(target, "states", None), getattr(target, "cvs", None)
+    if states is None or cvs is None:
+        return lines
+    lines += _state_problems(states, cvs, "system.states")
+    known = sorted({**dict(states), **dict(extra)})
+    name = getattr(target, "name", "?")
+    for key, v in zip(keys, (a, b), strict=True):
+        if isinstance(v, str) and v not in known:
+            lines.append(f"{key}={v!r}: unknown state of system {name!r}; known states: {known}")
+    return lines
+
+
+def _as_list(v: Any) -> list:
+    return v if isinstance(v, list) else []
+
+
+def _raise(lines: list[str]) -> None:
+    if lines:
+        raise ConfigError(lines)
+
+
+def validate_train_config(cfg: DictConfig | Mapping, target: Any = None) -> None:
+    """Check a composed ``configs/train.yaml``; ``target`` (the loaded system, with
+    ``name``, ``cvs`` and ``states``) also checks the evaluation states.
+
+    Raises:
+        ConfigError: every problem found, one per line.
+    """
+    d = _plain(cfg)
+    lines = _apply(d, TRAIN) + _apply(d, OPTIONAL_TRAIN, absent_ok=True)
+    lines += _cuda(d) + _phases(d) + _md(d)
+    lines += _state_choice(d, ("evaluation.state_a", "evaluation.state_b"), target, {})
+    _raise(lines)
+
+
+def validate_sample_config(cfg: DictConfig | Mapping) -> None:
+    """Check a composed ``configs/sample.yaml``; raises :class:`ConfigError`."""
+    d = _plain(cfg)
+    _raise(_apply(d, SAMPLE) + _cuda(d))
+
+
+def validate_free_energy_config(cfg: DictConfig | Mapping, target: Any = None) -> None:
+    """Check a composed ``configs/free_energy.yaml``; ``target`` (the system) also checks
+    CV and state names. Raises :class:`ConfigError`."""
+    d = _plain(cfg)
+    lines = _apply(d, FREE_ENERGY) + _cuda(d)
+    if (d.get("samples") is None) == (d.get("checkpoint") is None):
+        given = "both" if d.get("samples") is not None else "neither"
+        lines.append(
+            f"samples, checkpoint: {given} given; set exactly one "
+            "(samples=<sample.py folder> or checkpoint=<run folder>)"
+        )
+    cvs = getattr(target, "cvs", None)
+    if target is not None and not (cvs and getattr(target, "states", None) is not None):
+        name = getattr(target, "name", "?")
+        lines.append(f"system {name!r} defines no CVs or states: nothing to analyse")
+        cvs = None
+    extra = d.get("states") if isinstance(d.get("states"), dict) else {}
+    lines += _state_problems(extra, cvs, "states")
+    if cvs is not None:
+        known = sorted(cvs)
+        used = [(f"cvs.{i}", n) for i, n in enumerate(_as_list(d.get("cvs")))]
+        pairs = enumerate(_as_list(d.get("cvs_2d")))
+        used += [(f"cvs_2d.{i}.{j}", n) for i, p in pairs for j, n in enumerate(_as_list(p))]
+        bad = [(k, n) for k, n in used if isinstance(n, str) and n not in cvs]
+        lines += [f"{k}={n!r}: unknown CV; known CVs: {known}" for k, n in bad]
+    lines += _state_choice(d, ("state_a", "state_b"), target if cvs else None, extra)
+    _raise(lines)
+
+
+def validate_run_md_config(cfg: DictConfig | Mapping) -> None:
+    """Check a composed ``configs/run_md.yaml``; raises :class:`ConfigError`."""
+    d = _plain(cfg)
+    _raise(_apply(d, RUN_MD) + _md(d))

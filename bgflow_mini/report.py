@@ -1,0 +1,54 @@
+"""Human-readable summaries of a training run's metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["summary_table", "peak_memory_mb"]
+
+_ROWS = (
+    ("ESS (normalised)", "ess", "{:.4f}"),
+    ("test NLL", "test_nll", "{:.3f}"),
+    ("dF reweighted (kT)", "dF_reweighted", "{:.3f}"),
+    ("dF unweighted (kT)", "dF_unweighted", "{:.3f}"),
+    ("dF reference (kT)", "dF_reference", "{:.3f}"),
+    ("dF error (kT)", "dF_error", "{:+.3f}"),
+    ("Ramachandran KL", "ramachandran_kl", "{:.4f}"),
+    ("Ramachandran KL, MD train (floor)", "ramachandran_kl_md_train", "{:.4f}"),
+    ("finite energies (evaluation)", "finite_energy_fraction", "{:.4f}"),
+    ("energies above the cap (evaluation)", "n_energies_above_cap", "{:d}"),
+    ("non-finite energies (training)", "training_nonfinite_energies", "{:d}"),
+    ("capped energies (training)", "training_capped_energies", "{:d}"),
+    ("ICs out of domain (evaluation)", "ic_out_of_domain_fraction", "{:.2e}"),
+    ("wall time (s)", "wall_time_s", "{:.0f}"),
+    ("steps/s", "steps_per_s", "{:.2f}"),
+)
+
+
+def summary_table(metrics: Mapping) -> str:
+    """A Markdown table of the headline metrics present in ``metrics`` (with errors)."""
+    lines = ["| metric | value |", "| --- | --- |"]
+    for label, key, fmt in _ROWS:
+        if key in metrics and metrics[key] is not None:
+            err = metrics.get(key + "_stderr")
+            text = fmt.format(metrics[key]) + (f" ± {err:.3f}" if err else "")
+            if key == "dF_reference":
+                text += f" ({metrics.get('dF_reference_kind', '')})"
+            lines.append(f"| {label} | {text} |")
+    pops = metrics.get("state_populations") or {}
+    for name, p in pops.items():
+        lines.append(
+            f"| population {name}: raw / reweighted | {p['raw']:.4f} / {p['reweighted']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process in MiB: CUDA allocations on a GPU, else max RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

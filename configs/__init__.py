@@ -1,0 +1,1 @@
+"""Hydra configs of the bgflow_mini apps (the repository's configs/, shipped as package data)."""

@@ -1,0 +1,1 @@
+"""Shipped molecular systems (the repository's systems/ folder, shipped as package data)."""

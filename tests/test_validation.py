@@ -1,0 +1,304 @@
+"""Config validation: real configs pass, every kind of mistake is a ConfigError naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from bgflow_mini.apps.validation import (
+    ConfigError,
+    validate_free_energy_config,
+    validate_run_md_config,
+    validate_sample_config,
+    validate_train_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TARGET = SimpleNamespace(
+    name="fake",
+    cvs={"phi": {"type": "torsion", "atoms": [0, 1, 2, 3]}, "psi": {"type": "torsion"}},
+    states={"phi_negative": {"phi": [-3.2, 0.0]}, "phi_positive": {"phi": [0.0, 3.2]}},
+    default_states=("phi_negative", "phi_positive"),
+)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def load(name: str, overrides: list[str] = ()):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def raises(check, cfg, *texts: str, **kwargs) -> ConfigError:
+    """``check(cfg)`` raises a ConfigError whose message contains every one of ``texts``."""
+    with pytest.raises(ConfigError) as info:
+        check(cfg, **kwargs)
+    msg = str(info.value)
+    for text in texts:
+        assert text in msg, f"{text!r} not in:\n{msg}"
+    return info.value
+
+
+# --- real configs validate --------------------------------------------------------------
+
+
+def test_default_train_config():
+    cfg = load("train")
+    validate_train_config(cfg)
+    validate_train_config(cfg, target=TARGET)
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment(experiment):
+    validate_train_config(load("train", [f"experiment={experiment}"]), target=TARGET)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        f"{g}={o}"
+        for g in ("system", "md", "flow", "energy", "training", "data")
+        for o in options(g)
+    ],
+)
+def test_every_group_option(override):
+    validate_train_config(load("train", [override]))
+
+
+def test_toy_target_without_states_skips_state_checks():
+    toy = SimpleNamespace(name="double_well")  # an analytic energy: no cvs / states
+    validate_train_config(load("train", ["system=double_well"]), target=toy)
+
+
+def test_default_sample_free_energy_run_md_configs():
+    validate_sample_config(load("sample", ["checkpoint=x"]))
+    validate_sample_config(load("sample", ["checkpoint=x", "energy=torchff", "dtype=float64"]))
+    validate_free_energy_config(load("free_energy", ["samples=x"]))
+    validate_free_energy_config(load("free_energy", ["checkpoint=x"]), target=TARGET)
+    extra = "+states.alpha={psi: [-1.5, 0.5]}"
+    validate_free_energy_config(
+        load("free_energy", ["samples=x", extra, "state_b=alpha"]), target=TARGET
+    )
+    for md in options("md"):
+        validate_run_md_config(load("run_md", [f"md={md}"]))
+
+
+def test_plain_dict_is_accepted():
+    from omegaconf import OmegaConf
+
+    validate_sample_config(OmegaConf.to_container(load("sample", ["checkpoint=x"])))
+
+
+# --- train config mistakes --------------------------------------------------------------
+
+INT1 = "must be an integer >= 1"
+TRAIN_BAD = [
+    (["training.phases.0.steps=0"], ["training.phases.0.steps=0", INT1]),
+    (["training.phases.0.steps=2.5"], ["training.phases.0.steps=2.5", INT1]),
+    (["training.phases.0.steps=true"], ["training.phases.0.steps=True", INT1]),
+    (["training.phases.1.steps=abc"], ["training.phases.1.steps='abc'", INT1]),
+    (["training.phases=[]"], ["training.phases=[]", "non-empty list"]),
+    (["training.phases.1.w_kl=0", "training.phases.1.w_ml=0"], ["training.phases.1", "both 0"]),
+    (["training.phases.0.w_ml=-1"], ["training.phases.0.w_ml=-1", ">= 0"]),
+    (["training.phases.1.lr=-0.1"], ["training.phases.1.lr=-0.1", "> 0"]),
+    (["+training.phases.0.batch_size=0"], ["training.phases.0.batch_size=0", ">= 1"]),
+    (["+training.phases.0.epochs=3"], ["training.phases.0.epochs: unknown key", "'steps'"]),
+    (["training.batch_size=abc"], ["training.batch_size='abc'", INT1]),
+    (["training.kl_batch_size=0"], ["training.kl_batch_size=0", INT1]),
+    (["training.lr=-1e-3"], ["training.lr=-0.001", "a number > 0"]),
+    (["training.lr=abc"], ["training.lr='abc'", "a number > 0"]),
+    (["training.clip_grad_norm=0"], ["training.clip_grad_norm=0", "null or a number > 0"]),
+    (["training.weight_decay=-1"], ["training.weight_decay=-1", ">= 0"]),
+    (["training.ess_every=-1"], ["training.ess_every=-1", "integer >= 0"]),
+    (["training.ess_samples=0"], ["training.ess_samples=0", INT1]),
+    (["training.eval_every=1.5"], ["training.eval_every=1.5", "integer >= 0"]),
+    (["training.metrics_every=0"], ["training.metrics_every=0", INT1]),
+    (["training.checkpoint_every=0"], ["training.checkpoint_every=0", INT1]),
+    (["evaluation.n_samples=0"], ["evaluation.n_samples=0", INT1]),
+    (["evaluation.batch_size=-5"], ["evaluation.batch_size=-5", INT1]),
+    (["evaluation.bins=0"], ["evaluation.bins=0", INT1]),
+    (["evaluation.n_bootstrap=abc"], ["evaluation.n_bootstrap='abc'", INT1]),
+    (
+        ["evaluation.state_a=phi_negative", "evaluation.state_b=phi_negative"],
+        ["evaluation.state_a, evaluation.state_b", "both"],
+    ),
+    (["data.fractions=[0.8,0.2]"], ["data.fractions=[0.8, 0.2]", "3 numbers >= 0"]),
+    (["data.fractions=[0,0.5,0.5]"], ["data.fractions=[0, 0.5, 0.5]", "train > 0"]),
+    (["data.fractions=[0.8,-0.1,0.3]"], ["data.fractions=[0.8, -0.1, 0.3]", ">= 0"]),
+    (["data.stride=0"], ["data.stride=0", INT1]),
+    (["data.n_workers=0"], ["data.n_workers=0", "null or an integer >= 1"]),
+    (["seed=abc"], ["seed='abc'", "must be an integer"]),
+    (["dtype=float16"], ["dtype='float16'", "['float32', 'float64']"]),
+    (["device=tpu"], ["device='tpu'", "['auto', 'cpu', 'cuda', 'cuda:N']"]),
+    (["device=cuda0"], ["device='cuda0'", "'cuda:N'"]),
+    (["num_threads=0"], ["num_threads=0", "null or an integer >= 1"]),
+    (["progress=maybe"], ["progress='maybe'", "true or false"]),
+    (["md.n_frames=0"], ["md.n_frames=0", INT1]),
+    (["md.save_every=0"], ["md.save_every=0", INT1]),
+    (["md.n_replicas=0"], ["md.n_replicas=0", INT1]),
+    (["md.timestep=0"], ["md.timestep=0", "a number > 0"]),
+    (["md.friction=-1"], ["md.friction=-1", ">= 0"]),
+    (["md.temperature=-300"], ["md.temperature=-300", "null or a number > 0"]),
+    (["md.t_max=0"], ["md.t_max=0", "> 0"]),
+    (["md.swap_every=0"], ["md.swap_every=0", INT1]),
+    (["md.equilibration_steps=-1"], ["md.equilibration_steps=-1", "integer >= 0"]),
+    (["md.temperatures=[]"], ["md.temperatures=[]", "non-empty list"]),
+    (["+md.n_step=5"], ["md.n_step: unknown key", "'n_frames'"]),
+    (["flow.n_blocks=0"], ["flow.n_blocks=0", INT1]),
+    (["flow.hidden=[]"], ["flow.hidden=[]", "non-empty list, each an integer >= 1"]),
+    (["flow.hidden=[64,0]"], ["flow.hidden=[64, 0]", "integer >= 1"]),
+    (["flow.kind=maf"], ["flow.kind='maf'", "['nice', 'rnvp']"]),
+    (["flow.n_bins=1"], ["flow.n_bins=1", "integer >= 2"]),
+    (["flow.activation=swish"], ["flow.activation='swish'", "'leaky_relu'", "'silu'"]),
+    (
+        ["data_dir=${oc.env:BGFLOW_VALIDATION_UNSET}"],
+        ["data_dir: cannot resolve", "BGFLOW_VALIDATION_UNSET"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "texts"), TRAIN_BAD, ids=lambda x: str(x))
+def test_bad_train_config(overrides, texts):
+    raises(validate_train_config, load("train", overrides), *texts)
+
+
+def test_device_cuda_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    for dev in ("cuda", "cuda:1"):
+        raises(validate_train_config, load("train", [f"device={dev}"]), "device=", "no CUDA")
+        raises(validate_sample_config, load("sample", ["checkpoint=x", f"device={dev}"]), "CUDA")
+
+
+def test_unknown_evaluation_state_with_target():
+    cfg = load("train", ["evaluation.state_b=phi_positiv"])
+    validate_train_config(cfg)  # without a target the names cannot be checked
+    raises(
+        validate_train_config,
+        cfg,
+        "evaluation.state_b='phi_positiv'",
+        "unknown state",
+        "'fake'",
+        "['phi_negative', 'phi_positive']",
+        target=TARGET,
+    )
+
+
+def test_null_states_are_the_target_defaults():
+    target = TARGET
+    null = ["evaluation.state_a=null", "evaluation.state_b=null", "flow.activation=ReLU"]
+    validate_train_config(load("train", null), target=target)
+    validate_free_energy_config(
+        load("free_energy", ["samples=x", "state_a=null", "state_b=null"]), target=target
+    )
+    cfg = load("train", ["evaluation.state_a=null", "evaluation.state_b=phi_negative"])
+    raises(validate_train_config, cfg, "both are 'phi_negative'", target=target)
+
+
+def test_toy_target_states_are_checked():
+    toy = SimpleNamespace(
+        name="double_well", cvs={"x1": {}}, states={"A": {"x1": [-9, 0]}, "B": {"x1": [0, 9]}}
+    )
+    validate_train_config(load("train", ["system=double_well"]), target=toy)  # null: A, B
+    cfg = load("train", ["system=double_well", "evaluation.state_a=phi_negative"])
+    raises(
+        validate_train_config, cfg, "evaluation.state_a='phi_negative'", "['A', 'B']", target=toy
+    )
+
+
+def test_target_state_with_unknown_cv():
+    states = {**TARGET.states, "c7eq": {"chi": [0.0, 1.0]}}
+    target = SimpleNamespace(name="fake", cvs=TARGET.cvs, states=states)
+    raises(
+        validate_train_config,
+        load("train"),
+        "system.states.c7eq.chi",
+        "unknown CV 'chi'",
+        "['phi', 'psi']",
+        target=target,
+    )
+
+
+def test_several_problems_in_one_message():
+    cfg = load(
+        "train",
+        ["training.phases.0.steps=0", "training.batch_size=abc", "dtype=half", "md.timestep=0"],
+    )
+    err = raises(
+        validate_train_config,
+        cfg,
+        "4 problems",
+        "training.phases.0.steps=0",
+        "training.batch_size='abc'",
+        "dtype='half'",
+        "md.timestep=0",
+    )
+    assert isinstance(err, ValueError) and len(err.problems) == 4
+    assert len(str(err).splitlines()) == 5  # header + one line per problem
+
+
+# --- sample and free-energy config mistakes ---------------------------------------------
+
+SAMPLE_BAD = [
+    ([], ["checkpoint: missing", "non-empty string"]),
+    (["checkpoint=x", "formats=[h5,xyz]"], ["formats=['h5', 'xyz']", "['dcd', 'h5', 'pdb']"]),
+    (["checkpoint=x", "formats=h5"], ["formats='h5'", "list"]),
+    (["checkpoint=x", "n_samples=0"], ["n_samples=0", INT1]),
+    (["checkpoint=x", "batch_size=abc"], ["batch_size='abc'", INT1]),
+    (["checkpoint=x", "dtype=float16"], ["dtype='float16'", "null or one of"]),
+    (["checkpoint=x", "device=gpu"], ["device='gpu'", "'cuda:N'"]),
+    (["checkpoint=x", "num_threads=-1"], ["num_threads=-1", ">= 1"]),
+    (["checkpoint=x", "seed=1.5"], ["seed=1.5", "integer"]),
+]
+
+
+@pytest.mark.parametrize(("overrides", "texts"), SAMPLE_BAD, ids=lambda x: str(x))
+def test_bad_sample_config(overrides, texts):
+    raises(validate_sample_config, load("sample", overrides), *texts)
+
+
+FE_BAD = [
+    (["bins=1"], ["bins=1", "integer >= 2"]),
+    (["n_bootstrap=0"], ["n_bootstrap=0", INT1]),
+    (["n_blocks=1"], ["n_blocks=1", "integer >= 2"]),
+    (["cvs=[phi,chi]"], ["cvs.1='chi'", "unknown CV", "['phi', 'psi']"]),
+    (["cvs_2d=[[phi,chi]]"], ["cvs_2d.0.1='chi'", "unknown CV"]),
+    (["cvs_2d=[[phi]]"], ["cvs_2d=[['phi']]", "2-item list"]),
+    (["state_b=alpha"], ["state_b='alpha'", "unknown state", "['phi_negative', 'phi_positive']"]),
+    (["state_b=phi_negative"], ["state_a, state_b", "different"]),
+    (["+states.alpha={psi: [0.5, -1.5]}"], ["states.alpha.psi=[0.5, -1.5]", "lo < hi"]),
+    (["+states.alpha={chi: [0.0, 1.0]}"], ["states.alpha.chi", "unknown CV 'chi'"]),
+    (["+states.alpha={psi: 1.0}"], ["states.alpha.psi=1.0", "[lo, hi]"]),
+    (["checkpoint=y"], ["samples, checkpoint: both given", "exactly one"]),
+    (["samples=null"], ["samples, checkpoint: neither given", "exactly one"]),
+    (["pmf_max_f=0"], ["pmf_max_f=0", "> 0"]),
+    (["dtype=double"], ["dtype='double'", "['float32', 'float64']"]),
+]
+
+
+@pytest.mark.parametrize(("overrides", "texts"), FE_BAD, ids=lambda x: str(x))
+def test_bad_free_energy_config(overrides, texts):
+    cfg = load("free_energy", ["samples=x", *overrides])
+    raises(validate_free_energy_config, cfg, *texts, target=TARGET)
+
+
+def test_free_energy_needs_a_molecular_target():
+    cfg = load("free_energy", ["samples=x"])
+    raises(
+        validate_free_energy_config,
+        cfg,
+        "'double_well'",
+        "no CVs or states",
+        target=SimpleNamespace(name="double_well"),
+    )
+
+
+def test_bad_run_md_config():
+    cfg = load("run_md", ["md.n_frames=abc", "n_workers=0"])
+    raises(validate_run_md_config, cfg, "md.n_frames='abc'", "n_workers=0", "2 problems")
