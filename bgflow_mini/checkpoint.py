@@ -183,6 +183,16 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
+def _alternative(path: Path) -> Path | None:
+    """The file to suggest when ``path`` is unreadable: ``best.pt`` beside ``latest.pt``,
+    ``checkpoints/best.pt`` beside ``model.pt``; None otherwise."""
+    if path.name == "latest.pt":
+        return path.with_name("best.pt")
+    if path.name == "model.pt":
+        return path.parent / "checkpoints" / "best.pt"
+    return None
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A ``model.pt`` or training checkpoint as ``{"spec", "model", "extra", ...}``.
 
@@ -190,7 +200,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     beside a broken ``latest.pt``) and for files without a ``spec`` (older formats).
     """
     path = find_checkpoint(path)
-    state = load_torch(path, alternative=path.with_name("best.pt"))
+    state = load_torch(path, alternative=_alternative(path))
     if not isinstance(state, Mapping) or "model" not in state:
         raise ValueError(f"{path} is not a bgflow_mini model or training checkpoint")
     if not state.get("spec"):
@@ -238,6 +248,6 @@ def load_generator(
             f"checkpoint {path} does not match the generator its spec describes: "
             f"{str(err).splitlines()[0]}"
         ) from err
+    gen.energy = energy  # before .to(): a torch energy moves with the model
     gen = gen.to(device=resolve_device(device), dtype=resolve_dtype(dtype or spec["dtype"]))
-    gen.energy = energy
     return gen.eval()

@@ -31,6 +31,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        with open(tmp, "rb") as f:  # on disk before the rename: safe against power loss too
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -76,6 +78,13 @@ def save_npy(array: Any, path: str | os.PathLike) -> Path:
     return _write(path, write)
 
 
+def alternative_hint(path: Path, alternative: str | os.PathLike | None) -> str:
+    """A sentence pointing at ``alternative`` when it is another file that exists."""
+    if alternative is None or Path(alternative) == path or not Path(alternative).is_file():
+        return ""
+    return f"; the last good copy may be {alternative} (use it instead)"
+
+
 def load_torch(path: str | os.PathLike, alternative: str | os.PathLike | None = None) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU with a clear error.
 
@@ -89,9 +98,7 @@ def load_torch(path: str | os.PathLike, alternative: str | os.PathLike | None = 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - zip, pickle and unpickler errors of many kinds
-        hint = ""
-        if alternative is not None and Path(alternative).is_file():
-            hint = f"; the last good copy may be {alternative} (use it instead)"
+        hint = alternative_hint(path, alternative)
         raise ValueError(
             f"cannot read {path}: the file is truncated or corrupt, or not a bgflow_mini "
             f"checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}){hint}"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .fileio import atomic_path
+
 __all__ = ["write_pmf_csv", "write_pmf_2d_csv", "format_table"]
 
 
@@ -25,7 +27,7 @@ def write_pmf_csv(
     """
     path = Path(path)
     header = [cv_name] + [f"{k}_{src}" for src in profiles for k in ("F", "stderr")]
-    with open(path, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for i, c in enumerate(np.asarray(centres)):
@@ -52,7 +54,7 @@ def write_pmf_2d_csv(
 def _write_long(path, names, x1, x2, flat) -> Path:
     path = Path(path)
     header = list(names) + [f"{k}_{src}" for src in flat for k in ("F", "stderr")]
-    with open(path, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for i in range(len(x1)):

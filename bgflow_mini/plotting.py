@@ -36,10 +36,15 @@ def _weights(log_w) -> np.ndarray | None:
 
 
 def _save(fig, path) -> Path:
+    """Save and close ``fig``; the file appears complete or not at all (atomic rename)."""
+    from .fileio import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -184,7 +184,9 @@ def free_energy_difference(
     if n_bootstrap <= 0:
         return df, float("nan")
     reps = _bootstrap_log_sums(labels, 3, lw, int(n_bootstrap), _rng(seed))
-    return df, float(_robust_std(reps[:, 0] - reps[:, 1]))
+    with np.errstate(invalid="ignore"):  # -inf - -inf: a replicate without A and B (dropped)
+        diff = reps[:, 0] - reps[:, 1]
+    return df, float(_robust_std(diff))
 
 
 def _binned_free_energy(

@@ -75,6 +75,12 @@ class RunLogger:
             except Exception:  # noqa: BLE001 - tensorboard missing or broken
                 self.tb = None
 
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (if any)."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
     def _row(self, r: Mapping, totals: tuple[int, int, int], elapsed: float) -> dict:
         row = {k: r.get(k, "") for k in CSV_KEYS}
         row.update(

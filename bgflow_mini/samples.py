@@ -34,7 +34,8 @@ TRAJ_FORMATS = ("h5", "dcd", "pdb")
 
 
 def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
+    """Where ``path`` is written before it is complete (same suffix: mdtraj checks it)."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
 
 
 class _Writer:
@@ -95,6 +96,15 @@ class _Writer:
         return names
 
 
+def _formats(formats) -> list[str]:
+    """Checked trajectory formats, ``h5`` always first: it is what :class:`SampleSet` reads."""
+    formats = [str(f).lower() for f in formats]
+    bad = sorted(set(formats) - set(TRAJ_FORMATS))
+    if bad:
+        raise ValueError(f"unknown trajectory format(s) {bad}; choose from {list(TRAJ_FORMATS)}")
+    return ["h5"] + [f for f in TRAJ_FORMATS[1:] if f in formats]
+
+
 def write_samples(
     generator: Any,
     target: Any,
@@ -112,8 +122,8 @@ def write_samples(
         generator: a :class:`~bgflow_mini.BoltzmannGenerator`.
         target: its :class:`~bgflow_mini.targets.Target` (or system / toy energy).
         formats: trajectory files for molecules, from :data:`TRAJ_FORMATS` (``pdb`` is
-            the first sample, the topology for a DCD); targets without atoms always
-            get ``samples.npy``.
+            the first sample, the topology for a DCD); ``h5`` is always written (it is
+            what :class:`SampleSet` reads); targets without atoms get ``samples.npy``.
         energy: reduced energy (kT) for the weights; default the generator's.
         extra: added to ``summary.json`` (e.g. the checkpoint path, MD settings).
 
@@ -127,10 +137,7 @@ def write_samples(
     n_samples, batch_size = int(n_samples), int(batch_size)
     if n_samples < 1 or batch_size < 1:
         raise ValueError(f"n_samples and batch_size must be >= 1, got {n_samples}, {batch_size}")
-    formats = [str(f).lower() for f in formats] or ["h5"]
-    bad = sorted(set(formats) - set(TRAJ_FORMATS))
-    if bad:
-        raise ValueError(f"unknown trajectory format(s) {bad}; choose from {list(TRAJ_FORMATS)}")
+    formats = _formats(formats)
     energy = generator.energy if energy is None else energy
     if energy is None:
         raise ValueError("the generator has no energy: cannot compute importance weights")
@@ -192,7 +199,7 @@ def save_sample_set(
     target, out = as_target(target), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     x = np.asarray(x, dtype=np.float64)
-    writer = _Writer(out, target, len(x), [str(f).lower() for f in formats] or ["h5"])
+    writer = _Writer(out, target, len(x), _formats(formats))
     try:
         writer.write(x)
         files = writer.finish()

@@ -24,10 +24,10 @@ CVs and states are evaluated by :mod:`bgflow_mini.cv` (the one implementation): 
 lie in [-pi, pi), ranges are ``lo <= v < hi`` and torsion ranges are periodic (see
 :func:`bgflow_mini.cv.in_range`).
 
-Shipped systems live in the repository's ``systems/`` folder. Names are looked up in the
-folders listed in the environment variable ``BGFLOW_MINI_SYSTEMS`` (``os.pathsep``
-separated), then in ``<repo>/systems`` and ``bgflow_mini/data/systems`` (package data, if
-installed that way); a path to a folder is loaded directly.
+Shipped systems live in the repository's ``systems/`` folder, which is installed as the
+package data ``bgflow_mini.system_data``. Names are looked up in the folders listed in the
+environment variable ``BGFLOW_MINI_SYSTEMS`` (``os.pathsep`` separated), then among the
+shipped systems; a path to a folder is loaded directly.
 """
 
 from __future__ import annotations
@@ -143,10 +143,13 @@ class MolecularSystem:
 
 
 def system_search_paths() -> list[Path]:
-    """Folders searched for named systems: ``$BGFLOW_MINI_SYSTEMS``, then ``<repo>/systems``."""
+    """Folders searched for named systems: ``$BGFLOW_MINI_SYSTEMS``, then the shipped ones
+    (package data ``bgflow_mini.system_data``: the checkout's ``systems/`` in an editable
+    install, a folder inside site-packages in a wheel install)."""
+    from importlib.resources import files
+
     paths = [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
-    paths.append(Path(__file__).resolve().parent.parent / "systems")  # repository checkout
-    paths.append(Path(__file__).resolve().parent / "data" / "systems")  # package data, if shipped
+    paths.append(Path(str(files("bgflow_mini.system_data"))))
     return paths
 
 

@@ -285,24 +285,26 @@ def as_target(obj: Any) -> Target:
 def load_target(spec: Mapping[str, Any], check_fingerprint: bool = True) -> Target:
     """Rebuild a target from :meth:`Target.spec` (e.g. a checkpoint's).
 
-    A molecular target is loaded by name (shipped systems, ``$BGFLOW_MINI_SYSTEMS``) and,
-    failing that, from the folder it was trained from. With ``check_fingerprint`` a
-    system whose force field or structure changed since is an error.
+    A molecular target is loaded from the folder it was trained from when that folder still
+    holds the same system, else by name (shipped systems, ``$BGFLOW_MINI_SYSTEMS``). With
+    ``check_fingerprint`` a system whose force field or structure changed is an error.
     """
     kind = spec.get("kind")
     if kind == "toy":
         energy = import_object(spec["class"])(**dict(spec.get("kwargs") or {}))
         target: Target = ToyTarget(energy, spec.get("name"))
     elif kind == "molecular":
-        from .systems import SystemConfigError, load_system
+        from .systems import load_system
 
-        try:
-            system = load_system(spec["name"])
-        except SystemConfigError:
-            if not spec.get("path") or not os.path.isdir(spec["path"]):
-                raise
-            system = load_system(spec["path"])
-        target = MolecularTarget(system)
+        # the folder it was trained from when it is still there and unchanged, else by name
+        path = spec.get("path")
+        target = None
+        if path and os.path.isdir(path):
+            target = MolecularTarget(load_system(path))
+            if spec.get("fingerprint") and target.fingerprint() != spec["fingerprint"]:
+                target = None
+        if target is None:
+            target = MolecularTarget(load_system(spec["name"]))
     else:
         raise ValueError(f"unknown target kind {kind!r} in {dict(spec)!r}")
     want = spec.get("fingerprint")

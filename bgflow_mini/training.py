@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import full_spec
+from .checkpoint import _alternative, full_spec
 from .fileio import load_torch, save_torch
 from .losses import nll, reverse_kl
 from .reweighting import effective_sample_size
@@ -357,7 +357,7 @@ class Trainer:
         match this generator (e.g. a checkpoint from a different system or flow).
         """
         path = Path(path)
-        state = load_torch(path, alternative=path.with_name("best.pt"))
+        state = load_torch(path, alternative=_alternative(path))
         try:
             self.generator.load_state_dict(state["model"])
         except RuntimeError as err:

@@ -42,7 +42,23 @@ def test_configs_and_systems_ship_as_package_data() -> None:
     assert repo and all(configs.joinpath(p).is_file() for p in repo)
     systems = resources.files("bgflow_mini.system_data")
     assert systems.joinpath("aldp_vacuum", "system.yaml").is_file()
+    assert bgflow_mini.systems.system_search_paths()[-1] == Path(str(systems))
     assert "aldp_vacuum" in bgflow_mini.systems.available_systems()
+
+
+def test_every_data_folder_is_a_listed_package() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    for top, package in (
+        ("configs", "bgflow_mini.configs"),
+        ("systems", "bgflow_mini.system_data"),
+    ):
+        for folder in (ROOT / top).iterdir():
+            if folder.is_dir() and not folder.name.startswith((".", "_")):
+                assert f"{package}.{folder.name}" in listed, f"{top}/{folder.name} is not shipped"
 
 
 def test_command_runs_outside_the_checkout(tmp_path: Path) -> None:

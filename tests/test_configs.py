@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from bgflow_mini import BoltzmannGenerator, Phase
 from bgflow_mini.energies import Energy
 from bgflow_mini.flows import Flow
+from bgflow_mini.targets import as_target
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -40,17 +41,15 @@ def check_instantiable(cfg) -> None:
         instantiate(cfg.training.scheduler)(opt, total_steps=100)
     phases = [Phase(**p) for p in OmegaConf.to_container(cfg.training.phases)]
     assert phases and all(p.steps > 0 for p in phases)
-    if isinstance(system, Energy):
-        return
-    energy = instantiate(cfg.energy)(system)
-    try:
-        assert isinstance(energy, Energy) and energy.dim == system.dim
+    target = as_target(system)
+    assert target.name == cfg.system.name and len(target.default_states) == 2
+    with target.energy(instantiate(cfg.energy)) as energy:
+        assert isinstance(energy, Energy) and energy.dim == target.dim
         if cfg.training.regularization is not None:
             wrapped = instantiate(cfg.training.regularization)(energy)
             assert isinstance(wrapped, Energy)
-    finally:
-        if hasattr(energy, "close"):
-            energy.close()
+    if target.kind == "toy":
+        return
     md = OmegaConf.to_container(cfg.md)
     from bgflow_mini.md import resolve_settings
 

@@ -131,7 +131,7 @@ def test_sampling_from_a_checkpoint_with_a_state_from_the_config(aldp_run, tmp_p
     assert not (out / "ramachandran.png").exists()
 
 
-def test_bad_inputs_are_clear_errors(samples, tmp_path):
+def test_bad_inputs_are_clear_errors(samples, aldp_run, tmp_path):  # noqa: F811
     def analyse(*overrides: str, out: str = "x"):
         return free_energy(fe_config(*overrides), tmp_path / out)
 
@@ -149,6 +149,9 @@ def test_bad_inputs_are_clear_errors(samples, tmp_path):
         analyse()
     with pytest.raises(FileNotFoundError, match="not a sample folder"):
         analyse(f"samples={tmp_path}")
+    with pytest.raises(ConfigError, match="state_b='bogus'"):  # checked before sampling
+        analyse(f"checkpoint={aldp_run}", "state_b=bogus", out="y")
+    assert not (tmp_path / "y" / "samples").exists()
 
     # a samples folder whose trajectory has the wrong number of atoms
     bad = tmp_path / "bad"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
@@ -132,6 +133,11 @@ def test_outputs_of_a_short_run(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "latest.pt" in bad.stderr and "best.pt" in bad.stderr
+    # ... and resuming from best.pt, as offered, works
+    cmd = [sys.executable, str(SCRIPT), f"resume={out / 'checkpoints' / 'best.pt'}"]
+    run([*cmd, "progress=false", f"hydra.run.dir={tmp_path / 'r4'}"], tmp_path)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert Path(saved["data_dir"]).is_absolute()  # resumable from another folder
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
@@ -153,7 +159,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < killed_at < 300, "the run was not interrupted mid-way"
     assert not (cut_dir / "metrics.json").exists()
 
@@ -167,8 +173,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         ],
         tmp_path,
     )
-    ref = torch.load(ref_dir / "checkpoints" / "latest.pt", weights_only=False)
-    got = torch.load(ckpt, weights_only=False)
+    ref = torch.load(ref_dir / "checkpoints" / "latest.pt", weights_only=True)
+    got = torch.load(ckpt, weights_only=True)
     assert got["step"] == ref["step"] == 300
     assert [r["loss"] for r in got["history"]] == [r["loss"] for r in ref["history"]]
     for k, v in ref["model"].items():

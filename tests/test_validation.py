@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from bgflow_mini.apps.validation import (
     ConfigError,
@@ -128,9 +129,11 @@ TRAIN_BAD = [
         ["evaluation.state_a=phi_negative", "evaluation.state_b=phi_negative"],
         ["evaluation.state_a, evaluation.state_b", "both"],
     ),
-    (["data.fractions=[0.8,0.2]"], ["data.fractions=[0.8, 0.2]", "3 numbers >= 0"]),
-    (["data.fractions=[0,0.5,0.5]"], ["data.fractions=[0, 0.5, 0.5]", "train > 0"]),
-    (["data.fractions=[0.8,-0.1,0.3]"], ["data.fractions=[0.8, -0.1, 0.3]", ">= 0"]),
+    (["data.fractions=[0.8,0.2]"], ["data.fractions=[0.8, 0.2]", "3 numbers > 0"]),
+    (["data.fractions=[0,0.5,0.5]"], ["data.fractions=[0, 0.5, 0.5]", "3 numbers > 0"]),
+    (["data.fractions=[0.9,0.1,0]"], ["data.fractions=[0.9, 0.1, 0]", "test metrics need"]),
+    (["data.toy.n_steps=5", "data.toy.thin=10"], ["data.toy.n_steps=5", "thin=10"]),
+    (["data.fractions=[0.8,-0.1,0.3]"], ["data.fractions=[0.8, -0.1, 0.3]", "> 0"]),
     (["data.stride=0"], ["data.stride=0", INT1]),
     (["data.n_workers=0"], ["data.n_workers=0", "null or an integer >= 1"]),
     (["seed=abc"], ["seed='abc'", "must be an integer"]),
@@ -272,7 +275,7 @@ FE_BAD = [
     (["cvs_2d=[[phi]]"], ["cvs_2d=[['phi']]", "2-item list"]),
     (["state_b=alpha"], ["state_b='alpha'", "unknown state", "['phi_negative', 'phi_positive']"]),
     (["state_b=phi_negative"], ["state_a, state_b", "different"]),
-    (["+states.alpha={psi: [0.5, -1.5]}"], ["states.alpha.psi=[0.5, -1.5]", "lo < hi"]),
+    (["+states.alpha={psi: [0.5, 0.5]}"], ["states.alpha.psi=[0.5, 0.5]", "lo < hi"]),
     (["+states.alpha={chi: [0.0, 1.0]}"], ["states.alpha.chi", "unknown CV 'chi'"]),
     (["+states.alpha={psi: 1.0}"], ["states.alpha.psi=1.0", "[lo, hi]"]),
     (["checkpoint=y"], ["samples, checkpoint: both given", "exactly one"]),
@@ -302,3 +305,35 @@ def test_free_energy_needs_a_molecular_target():
 def test_bad_run_md_config():
     cfg = load("run_md", ["md.n_frames=abc", "n_workers=0"])
     raises(validate_run_md_config, cfg, "md.n_frames='abc'", "n_workers=0", "2 problems")
+
+
+def test_torsion_ranges_may_cross_the_cut_and_other_ranges_may_not():
+    cfg = load("free_energy", ["samples=x", "+states.wrap={psi: [2.5, -2.5]}", "state_b=wrap"])
+    validate_free_energy_config(cfg, target=TARGET)  # psi is a torsion: across +-pi
+    toy = SimpleNamespace(
+        name="toy",
+        cvs={"x1": {"type": "coordinate", "index": 0}},
+        states={"A": {"x1": [-9, 0]}, "B": {"x1": [0, 9]}},
+        default_states=("A", "B"),
+    )
+    bad = load("free_energy", ["samples=x", "+states.C={x1: [2, -2]}", "state_b=C"])
+    raises(validate_free_energy_config, bad, "states.C.x1=[2, -2]", "lo < hi", target=toy)
+
+
+class _OneState:
+    """A target with a single state: no default pair."""
+
+    name, kind, cvs = "one", "toy", TARGET.cvs
+    states = {"s": {"phi": [0.0, 1.0]}}
+
+    @property
+    def default_states(self):
+        raise ValueError("target 'one' defines fewer than two states: ['s']")
+
+
+def test_molecule_needs_md_and_two_states():
+    molecule = SimpleNamespace(**vars(TARGET), kind="molecular")
+    cfg = OmegaConf.to_container(load("train"), resolve=True)
+    cfg["md"] = None
+    raises(validate_train_config, cfg, "md=None", "a molecule needs MD settings", target=molecule)
+    raises(validate_train_config, load("train"), "no default states", target=_OneState())

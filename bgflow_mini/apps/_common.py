@@ -22,11 +22,17 @@ def run_app(fn: Callable[[], T]) -> T:
     """Run an app body; a user error (bad config, missing file, unsupported system)
     prints ``error: <message>`` and exits with code 2 instead of a traceback
     (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
+    from hydra.errors import InstantiationException
+
     try:
         return fn()
-    except (ValueError, FileNotFoundError, KeyError, OSError) as err:
+    except (ValueError, FileNotFoundError, KeyError, OSError, InstantiationException) as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if isinstance(err, InstantiationException):
+            if not isinstance(err.__cause__, ValueError | FileNotFoundError | KeyError):
+                raise  # not a user error: keep the traceback
+            err = err.__cause__  # e.g. load_system's message for a misspelt system
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {msg}", file=sys.stderr)
         print("(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)

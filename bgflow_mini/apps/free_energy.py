@@ -19,8 +19,10 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from bgflow_mini.analysis import AnalysisSettings, analyse
+from bgflow_mini.checkpoint import find_checkpoint, read_checkpoint
 from bgflow_mini.data import find_cached, load_trajectory
 from bgflow_mini.samples import SampleSet, reduced_energies
+from bgflow_mini.targets import load_target
 
 from ._common import CONFIG_PATH, plain, run_app, set_threads
 from .sample import output_dir, run_energy, sample
@@ -61,7 +63,9 @@ def free_energy(cfg: DictConfig, out: Path) -> dict:
     """The whole analysis: samples (drawn first for ``checkpoint=``), MD, ΔF, PMFs, plots."""
     validate_free_energy_config(cfg)
     set_threads(cfg.num_threads)
-    if cfg.samples is None:  # sample first, into <out>/samples
+    if cfg.samples is None:  # check names against the checkpoint's target, then sample
+        state = read_checkpoint(find_checkpoint(to_absolute_path(str(cfg.checkpoint))))
+        validate_free_energy_config(cfg, load_target(state["spec"]["target"]))
         scfg = OmegaConf.create({k: cfg.get(k) for k in _SAMPLE_KEYS})
         scfg.update(formats=["h5"], regularize=False, num_threads=None, progress=cfg.progress)
         sample(scfg, out / "samples")

@@ -42,6 +42,8 @@ RESUME_SAFE = (
     "resume",
     "progress",
     "num_threads",
+    "device",
+    "data_dir",  # the MD cache is keyed by its content, not by where it lies
     "evaluation",
     "training.metrics_every",
     "training.checkpoint_every",
@@ -49,20 +51,25 @@ RESUME_SAFE = (
 
 
 def _override_keys() -> list[str]:
-    keys = []
-    for o in HydraConfig.get().overrides.task:
-        key = o.split("=", 1)[0].lstrip("+~")
-        keys.append(key)
-    return keys
+    return [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
 
 
-def resolve_run_dir(cfg: DictConfig) -> tuple[Path, DictConfig, bool]:
-    """The run folder and config: a fresh Hydra folder, or the folder being resumed with
-    the safe overrides of this call applied (any other override is an error)."""
+def resolve_run_dir(cfg: DictConfig) -> tuple[Path, DictConfig, Path | None]:
+    """``(run folder, config, checkpoint to resume from or None)``: a fresh Hydra folder, or
+    the run being resumed with this call's safe overrides applied (any other override is
+    an error). ``resume`` is a run folder (its ``checkpoints/latest.pt``) or a checkpoint
+    file of it (e.g. ``checkpoints/best.pt``)."""
     if cfg.resume is None:
-        return Path(HydraConfig.get().runtime.output_dir), cfg, False
+        cfg.data_dir = to_absolute_path(str(cfg.data_dir))  # resumable from anywhere
+        return Path(HydraConfig.get().runtime.output_dir), cfg, None
     path = Path(to_absolute_path(str(cfg.resume)))
+    if path.is_file() and path.name == "model.pt":
+        raise ConfigError(
+            f"resume={cfg.resume}: model.pt holds no optimizer state; resume from the run "
+            f"folder ({path.parent}) or from {path.parent / 'checkpoints' / 'best.pt'}"
+        )
     run = path.parent.parent if path.is_file() else path
+    ckpt = path if path.is_file() else run / "checkpoints" / "latest.pt"
     saved = run / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"resume={cfg.resume}: no config.yaml in run folder {run}")
@@ -79,21 +86,19 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, DictConfig, bool]:
         if key != "resume":
             OmegaConf.update(old, key, OmegaConf.select(cfg, key), merge=False)
     old.resume = str(run)
-    save_text(OmegaConf.to_yaml(old), saved)
-    return run, old, True
+    return run, old, ckpt
 
 
 def train(cfg: DictConfig) -> dict:
     """The whole job; returns the metrics dict."""
     t0 = time.time()
-    out, cfg, resuming = resolve_run_dir(cfg)
+    out, cfg, ckpt = resolve_run_dir(cfg)
     target = as_target(instantiate(cfg.system.load))
     validate_train_config(cfg, target)  # every config mistake, before any MD or training
     target.check_supported()
     device, dtype = resolve_device(str(cfg.device)), resolve_dtype(str(cfg.dtype))
     out.mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        save_text(OmegaConf.to_yaml(cfg, resolve=True), out / "config.yaml")
+    save_text(OmegaConf.to_yaml(cfg, resolve=ckpt is None), out / "config.yaml")
     set_threads(cfg.num_threads)
     import torch
 
@@ -142,20 +147,20 @@ def train(cfg: DictConfig) -> dict:
         progress=bool(cfg.progress),
         callbacks=[logger],
     )
-    ckpt = out / "checkpoints" / "latest.pt"
-    if resuming and ckpt.is_file():
+    if ckpt is not None and ckpt.is_file():
         got = trainer.load_checkpoint(ckpt)
         if got.get("system") != target.name:
             raise ValueError(f"checkpoint {ckpt} is for {got.get('system')!r}, not {target.name!r}")
         print(f"[train] resumed from {ckpt} at step {trainer.step}/{total}")
-    elif resuming:
-        print(f"[train] no checkpoint in {out}; starting from step 0")
+    elif ckpt is not None:
+        print(f"[train] no checkpoint {ckpt}; starting from step 0")
+    latest = out / "checkpoints" / "latest.pt"
     logger.restart(trainer)  # (re)writes metrics.csv from the restored history
     t_train, steps_before = time.time(), trainer.step
     try:
         trainer.fit_phases(phases, data=data.train)
         train_time = time.time() - t_train
-        trainer.save_checkpoint(ckpt, extra)
+        trainer.save_checkpoint(latest, extra)
         save_generator(generator, out / "model.pt", extra)
         ev = cfg.evaluation
         metrics, samples = pipeline.evaluate(
@@ -175,6 +180,7 @@ def train(cfg: DictConfig) -> dict:
         )
     finally:
         energy.close()
+        logger.close()
     metrics.update(
         system=target.name,
         steps=trainer.step,

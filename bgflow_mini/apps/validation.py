@@ -113,10 +113,8 @@ DEVICE = Rule(
 )
 
 FRACTIONS = Rule(
-    "[train, val, test]: 3 numbers >= 0 with train > 0",
-    lambda v: (
-        isinstance(v, list) and len(v) == 3 and all(_is_num(x) and x >= 0 for x in v) and v[0] > 0
-    ),
+    "[train, val, test]: 3 numbers > 0 (validation NLL and test metrics need frames)",
+    lambda v: isinstance(v, list) and len(v) == 3 and all(_is_num(x) and x > 0 for x in v),
 )
 STATE = optional(TEXT)  # null: the target's default state
 ACTIVATION = Rule(
@@ -177,10 +175,10 @@ TRAIN: Rules = [
     *rows(BOOL, "evaluation.save_samples"),
     *rows(FRACTIONS, "data.fractions"),
     *rows(optional(POS_INT), "data.n_workers"),
+]
+OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not have them)
     *rows(one_of(FLOW_KINDS), "flow.kind"),
     *rows(list_of(POS_INT, min_len=1), "flow.hidden"),
-]
-OPTIONAL_TRAIN: Rules = [  # only checked when present
     *rows(integer(2), "flow.n_bins"),
     *rows(ACTIVATION, "flow.activation"),
 ]
@@ -294,7 +292,8 @@ def _md(d: Mapping) -> list[str]:
 
 
 def _state_problems(states: Mapping, cvs: Mapping | None, where: str) -> list[str]:
-    """Each state must map known CV names to ``[lo, hi]`` with ``lo < hi``."""
+    """Each state must map known CV names to ``[lo, hi]`` with ``lo < hi``; a torsion range
+    may have ``lo > hi``: it crosses the ±pi cut (see :func:`bgflow_mini.cv.in_range`)."""
     lines: list[str] = []
     known = sorted(cvs) if cvs is not None else None
     for name, ranges in states.items():
@@ -306,23 +305,32 @@ def _state_problems(states: Mapping, cvs: Mapping | None, where: str) -> list[st
             if known is not None and cv not in known:
                 lines.append(f"{key}: unknown CV {cv!r}; known CVs: {known}")
             ok = isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_num(x) for x in r)
-            if not ok or r[0] >= r[1]:
-                lines.append(f"{key}={_show(r)}: must be [lo, hi] with numbers lo < hi")
+            spec = (cvs or {}).get(cv) or {}
+            periodic = isinstance(spec, Mapping) and spec.get("type") == "torsion"
+            if not ok or r[0] == r[1] or (r[0] > r[1] and not periodic):
+                lines.append(
+                    f"{key}={_show(r)}: must be [lo, hi] with numbers lo < hi "
+                    "(lo > hi only for torsions: a range across the ±pi cut)"
+                )
     return lines
 
 
 def _state_choice(d: Mapping, keys: tuple[str, str], target: Any, extra: Mapping) -> list[str]:
     """``state_a``/``state_b`` differ and name states of the target (or of ``extra``);
     null (or absent) is the target's ``default_states``."""
+    lines = []
+    given = [_get(d, k) for k in keys]
     try:
         defaults = tuple(target.default_states)[:2]
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError):
         defaults = ()
-    given = [_get(d, k) for k in keys]
+    except ValueError as err:  # a target with fewer than two states
+        defaults = ()
+        if any(v in (None, _ABSENT) for v in given):
+            lines.append(f"{keys[0]}, {keys[1]}: no default states: {err}; name two states")
     a, b = (
         v if v not in (None, _ABSENT) else (defaults + (None, None))[i] for i, v in enumerate(given)
     )
-    lines = []
     if isinstance(a, str) and a == b:
         lines.append(f"{keys[0]}, {keys[1]}: both are {a!r}; they must name different states")
     states, cvs = getattr(target, "states", None), getattr(target, "cvs", None)
@@ -357,6 +365,15 @@ def validate_train_config(cfg: DictConfig | Mapping, target: Any = None) -> None
     lines = _apply(d, TRAIN) + _apply(d, OPTIONAL_TRAIN, absent_ok=True)
     lines += _cuda(d) + _phases(d) + _md(d)
     lines += _state_choice(d, ("evaluation.state_a", "evaluation.state_b"), target, {})
+    if getattr(target, "kind", None) == "molecular" and not isinstance(d.get("md"), Mapping):
+        lines.append(f"md={_show(d.get('md'))}: a molecule needs MD settings (md=remd or md=plain)")
+    toy = d.get("data", {}).get("toy") if isinstance(d.get("data"), Mapping) else None
+    if isinstance(toy, Mapping) and all(isinstance(toy.get(k), int) for k in ("n_steps", "thin")):
+        if toy["n_steps"] < toy["thin"]:
+            lines.append(
+                f"data.toy.n_steps={toy['n_steps']}: must be >= data.toy.thin={toy['thin']} "
+                "(no sample would be kept)"
+            )
     _raise(lines)
 
 
