@@ -55,6 +55,7 @@ SUBMODULES = (
     "generator",
     "losses",
     "md",
+    "monitor",
     "pipeline",
     "plotting",
     "replica",

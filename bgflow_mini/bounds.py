@@ -14,6 +14,14 @@ Gaussian with standard deviations ``s_1..s_d`` and ``S = prod s_i`` (only ``S``
 matters), ``v = c_d S r^d`` with ``c_d = pi^(d/2) / Gamma(d/2 + 1)`` and
 ``g(v) = (2 pi)^(-d/2) S^-1 exp(-r^2 / 2)``. Optimising over ``S`` gives an upper
 bound on the ESS of *any* volume-preserving flow with any diagonal Gaussian prior.
+
+What this means for NICE: a stack of additive couplings is volume preserving, so with a
+fixed prior it cannot beat :func:`volume_preserving_ess` at that prior's ``S``. NICE as
+published ends with a diagonal scaling layer (``coupling_flow(kind="nice")`` adds it by
+default, :class:`~bgflow_mini.flows.scaling.Scaling`); its log-det is a constant, which is
+the same as choosing ``S``, so NICE with its scaling layer (or additive couplings with a
+learnable prior width) is bounded by :func:`volume_preserving_ess_bound`, the optimum
+over ``S``, whatever prior a user picks.
 """
 
 from __future__ import annotations

@@ -42,6 +42,16 @@ def summary_table(metrics: Mapping) -> str:
         lines.append(
             f"| population {name}: raw / reweighted | {p['raw']:.4f} / {p['reweighted']:.4f} |"
         )
+    ev = metrics.get("energy_evaluations")
+    if ev:
+        counts = f"{ev['training']:,} / {ev['evaluation']:,}"
+        lines.append(f"| energy evaluations: training / evaluation | {counts} |")
+    sel = metrics.get("selected_model")
+    if sel:
+        est = f", ESS estimate {sel['ess']:.3f}" if "ess" in sel else ""
+        lines.append(f"| evaluated weights | {sel['kind']} (step {sel['step']}{est}) |")
+    for line in metrics.get("collapse_warnings") or []:
+        lines.append(f"| MODE COLLAPSE | {line} |")
     return "\n".join(lines)
 
 

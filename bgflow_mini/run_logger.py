@@ -48,6 +48,7 @@ class RunLogger:
         extra: stored in every checkpoint (e.g. the run's config).
         t0: wall-clock start of the run (``time.time()``), for ``elapsed_s``.
         tensorboard: also write scalars with TensorBoard's ``SummaryWriter`` if installed.
+        columns: extra record keys written as CSV columns (e.g. ``StateMonitor.columns``).
     """
 
     def __init__(
@@ -58,8 +59,10 @@ class RunLogger:
         extra: Mapping | None = None,
         t0: float | None = None,
         tensorboard: bool = True,
+        columns: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.out = Path(out)
+        self.keys = CSV_KEYS + [c for c in columns if c not in CSV_KEYS]
         self.every, self.ckpt_every = int(every), int(ckpt_every)
         self.extra = dict(extra or {})
         self.t0 = time.time() if t0 is None else t0
@@ -82,7 +85,7 @@ class RunLogger:
             self.tb = None
 
     def _row(self, r: Mapping, totals: tuple[int, int, int], elapsed: float) -> dict:
-        row = {k: r.get(k, "") for k in CSV_KEYS}
+        row = {k: r.get(k, "") for k in self.keys}
         row.update(
             val_nll=self.last_val,
             n_nonfinite_total=totals[0],
@@ -97,7 +100,7 @@ class RunLogger:
         vals = [r["val_nll"] for r in trainer.history if "val_nll" in r]
         self.best = min(vals) if vals else math.inf
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, CSV_KEYS)
+        writer = csv.DictWriter(buf, self.keys)
         writer.writeheader()
         n_bad = n_cap = n_skip = 0
         for r in trainer.history:
@@ -119,7 +122,7 @@ class RunLogger:
             totals = (trainer.n_nonfinite_samples, trainer.n_capped_samples, trainer.n_skipped)
             row = self._row(r, totals, time.time() - self.t0)
             with open(self.csv_path, "a", newline="") as f:
-                csv.DictWriter(f, CSV_KEYS).writerow(row)
+                csv.DictWriter(f, self.keys).writerow(row)
             if self.tb is not None:
                 for k in ("loss", "nll", "kl", "ess", "ess_eval", "val_nll"):
                     v = row.get(k)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,11 @@ class Trainer:
             (their count is logged); if ``False`` one infinite energy makes the step's
             loss infinite, so the step is skipped.
         ess_every, ess_samples: every ``ess_every`` steps estimate the normalised ESS on
-            ``ess_samples`` fresh samples (0 disables; needs an energy).
+            ``ess_samples`` fresh samples (0 disables; needs an energy). The estimate is of
+            the averaged weights when ``ema_decay`` is set, and the weights with the best
+            estimate are kept for :meth:`finalize`.
+        ema_decay: keep an exponential moving average of the parameters with this decay
+            (e.g. 0.999; ``None``: off). Early steps use ``min(decay, (1 + t) / (10 + t))``.
         val_data, eval_every: validation NLL every ``eval_every`` steps (0 disables).
         checkpoint_path, checkpoint_every: save a checkpoint every ``checkpoint_every``
             steps (atomically) and at the end of :meth:`fit`.
@@ -119,6 +124,7 @@ class Trainer:
         seed: int = 0,
         progress: bool = True,
         callbacks: Sequence[Callable] = (),
+        ema_decay: float | None = None,
     ) -> None:
         if lr <= 0 or batch_size < 1:
             raise ValueError(f"need lr > 0 and batch_size >= 1, got lr={lr}, {batch_size=}")
@@ -143,8 +149,18 @@ class Trainer:
         self.n_skipped = 0
         self.n_nonfinite_samples = 0
         self.n_capped_samples = 0
+        self.n_energy_evaluations = 0  # target-energy calls (samples), reverse KL and ESS
         self.history: list[dict] = []
         self._batch_rng = torch.Generator().manual_seed(int(seed))
+        if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
+        self.ema_decay = None if ema_decay is None else float(ema_decay)
+        self.ema: list[Tensor] | None = None
+        if self.ema_decay is not None:
+            self.ema = [p.detach().clone() for p in generator.parameters()]
+        # the weights with the best ESS estimate so far: {"ess", "step", "params"}
+        self.best: dict = {"ess": -1.0, "step": 0, "params": None}
+        self.last_eval_samples: Tensor | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -265,6 +281,7 @@ class Trainer:
             record["nll"] = float(l_ml.detach())
         if w_kl > 0:
             vals = reverse_kl(gen, kl_bs, reduction="none")
+            self.n_energy_evaluations += int(vals.numel())
             finite = torch.isfinite(vals)
             n_bad = int((~finite).sum())
             n_capped = 0
@@ -297,19 +314,70 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
+            if self.ema is not None:
+                t = self.step
+                decay = min(self.ema_decay, (1.0 + t) / (10.0 + t))
+                with torch.no_grad():
+                    params = [p.detach() for p in gen.parameters()]
+                    torch._foreach_lerp_(self.ema, params, 1.0 - decay)
             if self.scheduler is not None:
                 self.scheduler.step()
         record["skipped"] = skipped
         self.step += 1
         return record
 
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Inside the block the generator holds the averaged (EMA) weights, if any."""
+        if self.ema is None:
+            yield
+            return
+        params = list(self.generator.parameters())
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            torch._foreach_copy_([p.detach() for p in params], self.ema)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in params], saved)
+
+    def finalize(self, select: str = "best_ess") -> dict:
+        """Put the weights to evaluate into the generator; returns what was chosen.
+
+        ``select``: ``"best_ess"`` (the weights with the best periodic ESS estimate on
+        fresh samples; the averaged ones with EMA), ``"ema"`` (the final average) or
+        ``"last"`` (the last step's weights). Without an estimate or an average, falls
+        back to the next choice in that order.
+        """
+        if select not in ("best_ess", "ema", "last"):
+            raise ValueError(f"select must be 'best_ess', 'ema' or 'last', got {select!r}")
+        chosen = {"kind": "last", "step": self.step}
+        source = None
+        if select == "best_ess" and self.best["params"] is not None:
+            source = self.best["params"]
+            chosen = {"kind": "best_ess", "step": self.best["step"], "ess": self.best["ess"]}
+        elif select in ("best_ess", "ema") and self.ema is not None:
+            source, chosen = self.ema, {"kind": "ema", "step": self.step}
+        if source is not None:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in self.generator.parameters()], source)
+        return chosen
+
     @torch.no_grad()
     def _periodic(self, record: dict) -> None:
         gen = self.generator
         if self.ess_every and self.step % self.ess_every == 0:
             gen.eval()
-            x, log_q = gen.sample(self.ess_samples, with_log_prob=True)
-            record["ess_eval"] = effective_sample_size(gen.log_weights(x, log_q))
+            with self.averaged_weights():
+                x, log_q = gen.sample(self.ess_samples, with_log_prob=True)
+                self.n_energy_evaluations += int(x.shape[0])
+                ess = effective_sample_size(gen.log_weights(x, log_q))
+                self.last_eval_samples = x  # for callbacks, e.g. the collapse guard
+                if ess > self.best["ess"]:
+                    params = [p.detach().clone() for p in gen.parameters()]
+                    self.best = {"ess": ess, "step": self.step, "params": params}
+            record["ess_eval"] = ess
         if self.val_data is not None and self.eval_every and self.step % self.eval_every == 0:
             gen.eval()
             p = self._param
@@ -329,10 +397,13 @@ class Trainer:
             "n_skipped": self.n_skipped,
             "n_nonfinite_samples": self.n_nonfinite_samples,
             "n_capped_samples": self.n_capped_samples,
+            "n_energy_evaluations": self.n_energy_evaluations,
             "history": self.history,
             "spec": full_spec(self.generator),
             "rng_torch": torch.get_rng_state(),
             "rng_batch": self._batch_rng.get_state(),
+            "ema": self.ema,
+            "best": self.best,
         }
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
@@ -372,9 +443,17 @@ class Trainer:
         self.n_skipped = int(state["n_skipped"])
         self.n_nonfinite_samples = int(state["n_nonfinite_samples"])
         self.n_capped_samples = int(state.get("n_capped_samples", 0))
+        self.n_energy_evaluations = int(state.get("n_energy_evaluations", 0))
         self.history = list(state["history"])
         torch.set_rng_state(state["rng_torch"])
         self._batch_rng.set_state(state["rng_batch"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema = [t.to(p) for t, p in zip(state["ema"], self.ema, strict=True)]
+        best = state.get("best") or {"ess": -1.0, "step": 0, "params": None}
+        if best["params"] is not None:
+            ref = list(self.generator.parameters())
+            best["params"] = [t.to(p) for t, p in zip(best["params"], ref, strict=True)]
+        self.best = best
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         return state.get("extra", {})

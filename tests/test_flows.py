@@ -15,6 +15,7 @@ from bgflow_mini.flows import (
     Flow,
     Inverse,
     Permutation,
+    Scaling,
     Sequential,
     circular_spline,
     coupling_flow,
@@ -39,9 +40,15 @@ FACTORIES = {
     "rnvp_stack": lambda: coupling_flow(DIM, 2, hidden=HIDDEN, kind="rnvp", circular=CIRC),
     "nice_stack": lambda: coupling_flow(DIM, 2, hidden=HIDDEN, kind="nice", circular=CIRC),
     "rnvp_stack_plain": lambda: coupling_flow(DIM, 2, hidden=HIDDEN, kind="rnvp"),
+    "scaling_circ": lambda: Scaling(DIM, circular=CIRC),
+    "nice_stack_unscaled": lambda: coupling_flow(
+        DIM, 2, hidden=HIDDEN, kind="nice", circular=CIRC, scale=False
+    ),
 }
 NAMES = list(FACTORIES)
-HAS_CIRC = {n: n.endswith("circ") or n in ("rnvp_stack", "nice_stack") for n in NAMES}
+HAS_CIRC = {
+    n: n.endswith("circ") or n in ("rnvp_stack", "nice_stack", "nice_stack_unscaled") for n in NAMES
+}
 
 
 def make(name: str, dtype: torch.dtype = torch.float64, perturb: float = 0.25) -> Flow:
@@ -309,12 +316,13 @@ def test_mlp():
 
 def test_coupling_flow_structure_and_seed():
     flow = coupling_flow(5, 3, hidden=(8,), kind="nice", seed=1)
-    assert isinstance(flow, Sequential) and len(flow) == 6
+    assert isinstance(flow, Sequential) and len(flow) == 7  # 6 couplings + the scaling
     for i in range(0, 6, 2):  # each block transforms every feature exactly once
         assert torch.equal(flow[i].mask ^ flow[i + 1].mask, torch.ones(5, dtype=torch.bool))
     assert not torch.equal(flow[0].mask, flow[2].mask)  # alternating patterns
     state = torch.get_rng_state()
     again = coupling_flow(5, 3, hidden=(8,), kind="nice", seed=1)
+    assert isinstance(again[6], Scaling)
     assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
     for a, b in zip(flow.parameters(), again.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -372,3 +380,17 @@ def test_bad_inputs(name):
         flow(torch.zeros(4, DIM + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match=f"expected dim={DIM}"):
         flow.inverse(torch.zeros(4, DIM - 1, dtype=torch.float64))
+
+
+def test_nice_ends_with_a_scaling_layer_that_frees_the_volume():
+    nice = coupling_flow(DIM, 2, hidden=HIDDEN, kind="nice", circular=CIRC)
+    assert isinstance(nice.flows[-1], Scaling) and len(nice.flows) == 5
+    assert not isinstance(coupling_flow(DIM, 2, hidden=HIDDEN).flows[-1], Scaling)  # RNVP
+    assert len(coupling_flow(DIM, 2, hidden=HIDDEN, kind="nice", scale=False).flows) == 4
+    with torch.no_grad():
+        nice.flows[-1].log_scale.fill_(0.5)
+    z = sample(7, circ=True)
+    x, logdet = nice.double()(z)
+    # constant log-det: 0.5 per non-circular feature (3 of 6), none for the angles
+    torch.testing.assert_close(logdet, torch.full((7,), 1.5, dtype=torch.float64))
+    assert torch.all(x[:, CIRC].abs() <= math.pi)  # angles stay on the circle

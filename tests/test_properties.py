@@ -83,8 +83,8 @@ def test_coupling_flow_roundtrip_and_logdets(case: dict) -> None:
         assert x[:, circ].min() >= -math.pi and x[:, circ].max() < math.pi
     assert _diff(z2, z, circ).max() < 1e-8
     torch.testing.assert_close(ld_inv, -ld_fwd, atol=1e-9, rtol=0)
-    if case["kind"] == "nice":
-        assert ld_fwd.abs().max() == 0  # volume preserving
+    if case["kind"] == "nice":  # additive couplings + diagonal scaling: a constant log-det
+        assert (ld_fwd - ld_fwd[0]).abs().max() < 1e-12
     elif case["noise"] > 0.1:  # a perturbed RealNVP changes volume
         assert ld_fwd.abs().max() > 1e-6
 

@@ -50,6 +50,7 @@ def test_phases_and_resume_give_identical_losses(tmp_path):
     ]
     sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.9)  # noqa: E731
     kw = dict(batch_size=32, kl_batch_size=32, ess_every=5, ess_samples=64, progress=False)
+    kw["ema_decay"] = 0.9
 
     full = Trainer(make_bg(), scheduler=sched, **kw)
     full.fit_phases(phases, data=data())
@@ -68,6 +69,49 @@ def test_phases_and_resume_give_identical_losses(tmp_path):
     resumed.fit_phases(phases, data=data())
     got = [(r["loss"], r["lr"], r.get("ess_eval")) for r in resumed.history]
     assert got == ref
+    # energy calls: 12 mixed steps of 32 samples + ESS estimates at steps 5, 10, 15, 20
+    assert full.n_energy_evaluations == resumed.n_energy_evaluations == 12 * 32 + 4 * 64
+    # the average and the selected weights resume exactly too
+    assert all(torch.equal(a, b) for a, b in zip(full.ema, resumed.ema, strict=True))
+    assert full.best["step"] == resumed.best["step"] and full.best["ess"] == resumed.best["ess"]
+
+
+def test_ema_and_selection_by_ess():
+    trainer = Trainer(
+        make_bg(),
+        lr=5e-3,
+        batch_size=64,
+        ess_every=10,
+        ess_samples=256,
+        ema_decay=0.95,
+        progress=False,
+    )
+    trainer.fit(60, data=data(), w_ml=1.0)
+    params = [p.detach().clone() for p in trainer.generator.parameters()]
+    assert not all(torch.equal(p, e) for p, e in zip(params, trainer.ema, strict=True))
+    with trainer.averaged_weights():
+        inside = [p.detach().clone() for p in trainer.generator.parameters()]
+    assert all(torch.equal(p, e) for p, e in zip(inside, trainer.ema, strict=True))
+    assert all(  # restored after the block
+        torch.equal(p, q) for p, q in zip(params, trainer.generator.parameters(), strict=True)
+    )
+    # the kept weights are those of the step with the best periodic estimate
+    estimates = {r["step"]: r["ess_eval"] for r in trainer.history if "ess_eval" in r}
+    assert len(estimates) == 6
+    assert trainer.best["step"] == max(estimates, key=estimates.get)
+    assert trainer.best["ess"] == max(estimates.values())
+    chosen = trainer.finalize("best_ess")
+    assert chosen == {"kind": "best_ess", "step": trainer.best["step"], "ess": trainer.best["ess"]}
+    now = list(trainer.generator.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(now, trainer.best["params"], strict=True))
+    assert trainer.finalize("ema")["kind"] == "ema"
+    assert all(torch.equal(p, e) for p, e in zip(now, trainer.ema, strict=True))
+    plain = Trainer(make_bg(), progress=False)  # no estimate, no average: the last weights
+    assert plain.finalize("best_ess") == {"kind": "last", "step": 0}
+    with pytest.raises(ValueError, match="ema_decay"):
+        Trainer(make_bg(), ema_decay=1.5)
+    with pytest.raises(ValueError, match="select"):
+        trainer.finalize("median")
 
 
 def test_checkpoint_from_other_model_is_rejected(tmp_path):

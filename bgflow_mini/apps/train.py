@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from bgflow_mini import pipeline, plotting
 from bgflow_mini.checkpoint import resolve_device, resolve_dtype, save_generator
 from bgflow_mini.fileio import save_json, save_text
+from bgflow_mini.monitor import StateMonitor, state_populations
 from bgflow_mini.report import peak_memory_mb, summary_table
 from bgflow_mini.run_logger import RunLogger
 from bgflow_mini.samples import save_sample_set
@@ -130,7 +131,12 @@ def train(cfg: DictConfig) -> dict:
         "data_dir": to_absolute_path(str(cfg.data_dir)),
         "config": plain(cfg),
     }
-    logger = RunLogger(out, tc.metrics_every, tc.checkpoint_every, extra, t0)
+    monitor = StateMonitor(
+        target.cvs, target.states, state_populations(data.train, target.cvs, target.states)
+    )
+    logger = RunLogger(
+        out, tc.metrics_every, tc.checkpoint_every, extra, t0, columns=monitor.columns
+    )
     trainer = Trainer(
         generator,
         lr=tc.lr,
@@ -145,7 +151,8 @@ def train(cfg: DictConfig) -> dict:
         eval_every=tc.eval_every,
         seed=int(cfg.seed),
         progress=bool(cfg.progress),
-        callbacks=[logger],
+        callbacks=[monitor, logger],  # the monitor adds pop_<state> before the row is written
+        ema_decay=tc.get("ema_decay"),
     )
     if ckpt is not None and ckpt.is_file():
         got = trainer.load_checkpoint(ckpt)
@@ -156,12 +163,14 @@ def train(cfg: DictConfig) -> dict:
         print(f"[train] no checkpoint {ckpt}; starting from step 0")
     latest = out / "checkpoints" / "latest.pt"
     logger.restart(trainer)  # (re)writes metrics.csv from the restored history
+    monitor.replay(trainer.history)
     t_train, steps_before = time.time(), trainer.step
     try:
         trainer.fit_phases(phases, data=data.train)
         train_time = time.time() - t_train
-        trainer.save_checkpoint(latest, extra)
-        save_generator(generator, out / "model.pt", extra)
+        trainer.save_checkpoint(latest, extra)  # the last step's state, for resuming
+        selected = trainer.finalize(str(tc.get("select", "last")))  # the weights to evaluate
+        save_generator(generator, out / "model.pt", {**extra, "selected": selected})
         ev = cfg.evaluation
         metrics, samples = pipeline.evaluate(
             generator,
@@ -184,9 +193,16 @@ def train(cfg: DictConfig) -> dict:
     metrics.update(
         system=target.name,
         steps=trainer.step,
+        selected_model=selected,
+        training_state_populations_reference=monitor.reference,
+        collapse_warnings=monitor.summary(),
         skipped_steps=trainer.n_skipped,
         training_nonfinite_energies=trainer.n_nonfinite_samples,
         training_capped_energies=trainer.n_capped_samples,
+        energy_evaluations={
+            "training": trainer.n_energy_evaluations,
+            "evaluation": int(cfg.evaluation.n_samples),
+        },
         steps_per_s=(trainer.step - steps_before) / max(train_time, 1e-9),
         wall_time_s=time.time() - t0,
         data_info=data.info,

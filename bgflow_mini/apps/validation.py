@@ -177,6 +177,11 @@ TRAIN: Rules = [
     *rows(optional(POS_INT), "data.n_workers"),
 ]
 OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not have them)
+    *rows(
+        optional(Rule("a number in (0, 1)", lambda v: _is_num(v) and 0 < v < 1)),
+        "training.ema_decay",
+    ),
+    *rows(one_of(("best_ess", "ema", "last")), "training.select"),
     *rows(one_of(FLOW_KINDS), "flow.kind"),
     *rows(list_of(POS_INT, min_len=1), "flow.hidden"),
     *rows(integer(2), "flow.n_bins"),

@@ -5,6 +5,7 @@ from .circular import circular_spline, n_circular_spline_params
 from .coupling import AdditiveCoupling, AffineCoupling, as_mask, coupling_flow
 from .nets import MLP
 from .permutation import Permutation
+from .scaling import Scaling
 
 __all__ = [
     "Flow",
@@ -15,6 +16,7 @@ __all__ = [
     "AffineCoupling",
     "AdditiveCoupling",
     "Permutation",
+    "Scaling",
     "coupling_flow",
     "as_mask",
     "circular_spline",

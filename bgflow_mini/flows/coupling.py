@@ -242,6 +242,7 @@ def coupling_flow(
     circular: Sequence[bool] | Sequence[int] | Tensor | None = None,
     n_bins: int = 8,
     seed: int | None = None,
+    scale: bool | None = None,
 ) -> Sequential:
     """A stack of ``2 * n_blocks`` coupling layers.
 
@@ -251,6 +252,11 @@ def coupling_flow(
     in every block. ``kind="rnvp"`` uses :class:`AffineCoupling`, ``"nice"``
     :class:`AdditiveCoupling`. ``seed`` (if given) fixes the conditioner
     initialisation without touching the global RNG state.
+
+    ``scale`` appends a learnable diagonal scaling of the non-circular features
+    (:class:`~bgflow_mini.flows.scaling.Scaling`) on the data side; ``None`` means on for
+    NICE, as in Dinh et al. (2015) (additive couplings alone are volume preserving and
+    cannot adapt the width of a fixed prior), and off for RNVP (affine couplings scale).
     """
     if kind not in _KINDS:
         raise ValueError(f"coupling_flow kind must be one of {list(_KINDS)}, got {kind!r}")
@@ -261,12 +267,18 @@ def coupling_flow(
     idx = torch.arange(dim)
     patterns = (idx < dim // 2, idx % 2 == 0)
 
+    scale = (kind == "nice") if scale is None else bool(scale)
+
     def build() -> Sequential:
+        from .scaling import Scaling
+
         layers: list[Flow] = []
         for i in range(n_blocks):
             m = patterns[i % 2]
             for mask in (m, ~m):
                 layers.append(layer(dim, mask, hidden, activation, circular, n_bins))
+        if scale:
+            layers.append(Scaling(dim, circular))
         return Sequential(*layers)
 
     if seed is None:
