@@ -376,7 +376,7 @@ def test_ic_transform_roundtrip_and_logdet(traj: md.Trajectory, mode: str) -> No
     # float32 inputs with float64 buffers
     z32, _ = flow.inverse(x[:4].float())
     assert z32.dtype == torch.float32 and (z32 - z[:4]).abs().max() < 1e-3
-    # a given mask rebuilds the same layout from other data (as load_run does)
+    # a given mask rebuilds the same layout from other data (like a checkpoint's spec)
     other, circ2 = ic_transform(zmat, x[:3] + 1e-3, circular=circular)
     assert torch.equal(circ2, circular)
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
@@ -101,8 +102,6 @@ def train(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_text(OmegaConf.to_yaml(cfg, resolve=ckpt is None), out / "config.yaml")
     set_threads(cfg.num_threads)
-    import torch
-
     torch.manual_seed(int(cfg.seed))
     data = target.data(
         md=plain(cfg.get("md")),
@@ -218,7 +217,7 @@ def write_outputs(out: Path, target, samples: dict, metrics: dict, trainer, data
     formats = ["h5"] if cfg.evaluation.save_samples else []
     if formats or target.topology is None:
         extra = {"checkpoint": str(out / "model.pt"), "md": plain(cfg.get("md"))}
-        extra["data_dir"] = to_absolute_path(str(cfg.data_dir))
+        extra.update(data_dir=to_absolute_path(str(cfg.data_dir)), energy_config=plain(cfg.energy))
         save_sample_set(out, target, samples["x"], samples["log_q"], samples["u"], formats, extra)
     save_json(metrics, out / "metrics.json")
     plots = out / "plots"
