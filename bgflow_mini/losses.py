@@ -40,15 +40,22 @@ def nll(generator, x: Tensor, reduction: str = "mean") -> Tensor:
     return reduce(-generator.log_prob(x), reduction)
 
 
-def reverse_kl(generator, n: int, reduction: str = "mean", temperature: float = 1.0) -> Tensor:
-    """Reverse KL ``E_q[u(x) + log q(x)]`` (equal to ``KL(q||p) - log Z``) in kT.
+def reverse_kl(
+    generator,
+    n: int,
+    reduction: str = "mean",
+    temperature: float = 1.0,
+    target_temperature: float = 1.0,
+) -> Tensor:
+    """Reverse KL ``E_q[u(x) / τ + log q(x)]`` (equal to ``KL(q||p_τ) - log Z_τ``).
 
-    Draws ``n`` samples from ``generator`` and evaluates its energy. Per-sample values
-    (``reduction="none"``) are ``u(x_i) + log q(x_i) = -log w_i``; a configuration whose
-    energy is ``+inf`` gives ``+inf`` there, which callers can count or drop.
-    ``temperature`` scales the prior (``log q`` is then the tempered model's density); the
-    target stays at the energy's kT.
+    Draws ``n`` samples from ``generator`` and evaluates its energy ``u`` (kT).
+    Per-sample values (``reduction="none"``) are ``u(x_i) / τ + log q(x_i) = -log w_i``; a
+    configuration whose energy is ``+inf`` gives ``+inf`` there, which callers can count
+    or drop. ``temperature`` scales the prior (``log q`` is then the tempered model's
+    density); ``target_temperature`` ``τ`` is that of the target ``p_τ ∝ exp(-u / τ)``,
+    relative to the energy's own (1: the energy's kT).
     """
     x, log_q = generator.sample(n, temperature=temperature, with_log_prob=True)
     u = generator.reduced_energy(x)
-    return reduce(u + log_q, reduction)
+    return reduce(u / float(target_temperature) + log_q, reduction)

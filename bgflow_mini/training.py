@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .annealing import ImportanceBuffer
 from .checkpoint import _alternative, full_spec
 from .fileio import load_torch, save_torch
 from .losses import nll, reverse_kl
@@ -40,6 +41,12 @@ class Phase:
         batch_size: data batch size for ML (``None``: the trainer's default).
         kl_batch_size: number of generator samples for reverse KL (``None``: default).
         name: a label used in the history and progress bar.
+        w_iw: weight of maximum likelihood on the model's own samples reweighted to
+            ``exp(-u / temperature)`` (an :class:`~bgflow_mini.annealing.ImportanceBuffer`,
+            refilled every ``resample_every`` steps); needs an energy, no data.
+        temperature: relative temperature ``τ = T / T_target`` of the reverse-KL target
+            and of the buffer's weights (1: the energy's own temperature).
+        resample_every: steps between buffer refills (``None``: the trainer's default).
     """
 
     steps: int
@@ -49,6 +56,9 @@ class Phase:
     batch_size: int | None = None
     kl_batch_size: int | None = None
     name: str = ""
+    w_iw: float = 0.0
+    temperature: float = 1.0
+    resample_every: int | None = None
 
 
 def cosine_schedule(
@@ -94,6 +104,8 @@ class Trainer:
             estimate are kept for :meth:`finalize`.
         ema_decay: keep an exponential moving average of the parameters with this decay
             (e.g. 0.999; ``None``: off). Early steps use ``min(decay, (1 + t) / (10 + t))``.
+        buffer_size, resample_every: the importance buffer of annealing phases
+            (``Phase.w_iw > 0``, see :mod:`bgflow_mini.annealing`).
         val_data, eval_every: validation NLL every ``eval_every`` steps (0 disables).
         checkpoint_path, checkpoint_every: save a checkpoint every ``checkpoint_every``
             steps (atomically) and at the end of :meth:`fit`.
@@ -125,6 +137,8 @@ class Trainer:
         progress: bool = True,
         callbacks: Sequence[Callable] = (),
         ema_decay: float | None = None,
+        buffer_size: int = 8192,
+        resample_every: int = 50,
     ) -> None:
         if lr <= 0 or batch_size < 1:
             raise ValueError(f"need lr > 0 and batch_size >= 1, got lr={lr}, {batch_size=}")
@@ -161,6 +175,8 @@ class Trainer:
         # the weights with the best ESS estimate so far: {"ess", "step", "params"}
         self.best: dict = {"ess": -1.0, "step": 0, "params": None}
         self.last_eval_samples: Tensor | None = None
+        self.buffer = ImportanceBuffer(buffer_size)  # for phases with w_iw > 0
+        self.resample_every = int(resample_every)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -198,17 +214,29 @@ class Trainer:
         batch_size: int | None = None,
         kl_batch_size: int | None = None,
         name: str = "",
+        w_iw: float = 0.0,
+        temperature: float = 1.0,
+        resample_every: int | None = None,
     ) -> list[dict]:
         """Run ``steps`` optimisation steps; returns the history records of those steps.
 
         ``data`` ``(n, dim)`` is required when the ML weight is positive; NaN/inf rows
         raise ``ValueError``. Weights, learning rate and batch sizes default to the
-        trainer's settings.
+        trainer's settings; ``w_iw``, ``temperature`` and ``resample_every`` are those of
+        :class:`Phase`.
         """
         w_ml = self.w_ml if w_ml is None else float(w_ml)
         w_kl = self.w_kl if w_kl is None else float(w_kl)
-        if w_ml < 0 or w_kl < 0 or (w_ml == 0 and w_kl == 0):
-            raise ValueError(f"need w_ml, w_kl >= 0 and not both 0, got {w_ml=}, {w_kl=}")
+        w_iw, temperature = float(w_iw), float(temperature)
+        if min(w_ml, w_kl, w_iw) < 0 or (w_ml == 0 and w_kl == 0 and w_iw == 0):
+            raise ValueError(
+                f"need w_ml, w_kl, w_iw >= 0 and not all 0, got {w_ml=}, {w_kl=}, {w_iw=}"
+            )
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if w_iw > 0 and self.generator.energy is None:
+            raise ValueError("w_iw > 0 (importance-weighted ML) needs a generator with an energy")
+        anneal = (w_iw, temperature, int(resample_every or self.resample_every))
         if w_ml > 0:
             if data is None:
                 raise ValueError("w_ml > 0 needs data: fit(steps, data=...)")
@@ -222,7 +250,7 @@ class Trainer:
         start = len(self.history)
         bar = tqdm(range(int(steps)), disable=not self.progress, desc=name or "train")
         for _ in bar:
-            record = self._train_step(data, w_ml, w_kl, bs, kl_bs)
+            record = self._train_step(data, w_ml, w_kl, bs, kl_bs, anneal)
             record["phase"] = name
             self._periodic(record)
             self.history.append(record)
@@ -262,17 +290,33 @@ class Trainer:
                     batch_size=phase.batch_size,
                     kl_batch_size=phase.kl_batch_size,
                     name=phase.name,
+                    w_iw=phase.w_iw,
+                    temperature=phase.temperature,
+                    resample_every=phase.resample_every,
                 )
             done = end
         return records
 
-    def _train_step(self, data, w_ml: float, w_kl: float, bs: int, kl_bs: int) -> dict:
+    def _train_step(self, data, w_ml: float, w_kl: float, bs: int, kl_bs: int, anneal) -> dict:
         gen = self.generator
-        gen.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        w_iw, temperature, resample_every = anneal
         p = self._param
         record: dict = {"step": self.step + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+        if temperature != 1.0 or w_iw > 0:
+            record["temperature"] = temperature
+        if w_iw > 0:
+            buf = self.buffer
+            if buf.temperature != temperature or self.step % resample_every == 0:
+                gen.eval()
+                self.n_energy_evaluations += buf.refill(gen, temperature)
+            record["ess_buffer"] = buf.ess
+        gen.train()
+        self.optimizer.zero_grad(set_to_none=True)
         loss = p.new_zeros(())
+        if w_iw > 0:
+            l_iw = nll(gen, self.buffer.draw(bs, self._batch_rng).detach())
+            loss = loss + w_iw * l_iw
+            record["nll_iw"] = float(l_iw.detach())
         if w_ml > 0:
             idx = torch.randint(data.shape[0], (bs,), generator=self._batch_rng)
             xb = data[idx].to(device=p.device, dtype=p.dtype)
@@ -280,7 +324,7 @@ class Trainer:
             loss = loss + w_ml * l_ml
             record["nll"] = float(l_ml.detach())
         if w_kl > 0:
-            vals = reverse_kl(gen, kl_bs, reduction="none")
+            vals = reverse_kl(gen, kl_bs, reduction="none", target_temperature=temperature)
             self.n_energy_evaluations += int(vals.numel())
             finite = torch.isfinite(vals)
             n_bad = int((~finite).sum())
@@ -404,6 +448,7 @@ class Trainer:
             "rng_batch": self._batch_rng.get_state(),
             "ema": self.ema,
             "best": self.best,
+            "buffer": self.buffer.state_dict(),
         }
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
@@ -454,6 +499,8 @@ class Trainer:
             ref = list(self.generator.parameters())
             best["params"] = [t.to(p) for t, p in zip(best["params"], ref, strict=True)]
         self.best = best
+        if state.get("buffer") is not None:
+            self.buffer.load_state_dict(state["buffer"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         return state.get("extra", {})

@@ -251,3 +251,22 @@ def test_unsupported_molecules_are_refused_before_md(tmp_path):
     res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "constraints 'HBonds'" in res.stderr
     assert not (tmp_path / "data").exists()  # no MD was started
+
+
+def test_annealed_training_runs_from_the_energy_alone(tmp_path):
+    out = tmp_path / "run"
+    phases = (
+        "training.phases=[{name: kl_hot, steps: 30, w_ml: 0, w_kl: 1, temperature: 4.0},"
+        "{name: iw_2, steps: 20, w_ml: 0, w_iw: 1, temperature: 2.0},"
+        "{name: iw_1, steps: 20, w_ml: 0, w_iw: 1, temperature: 1.0}]"
+    )
+    extra = ["training=annealed", phases, "training.buffer_size=512", "training.resample_every=10"]
+    run(command(out, *extra), tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    # 30 reverse-KL steps of 128 samples, 4 buffer refills of 512, ESS estimates of 256
+    n_ess = 70 // 40
+    assert metrics["energy_evaluations"]["training"] == 30 * 128 + 4 * 512 + n_ess * 256
+    rows = (out / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    temps = {r.split(",")[header.index("temperature")] for r in rows[1:]}
+    assert temps == {"4.0", "2.0", "1.0"} and "ess_buffer" in header

@@ -152,6 +152,8 @@ def train(cfg: DictConfig) -> dict:
         progress=bool(cfg.progress),
         callbacks=[monitor, logger],  # the monitor adds pop_<state> before the row is written
         ema_decay=tc.get("ema_decay"),
+        buffer_size=int(tc.get("buffer_size", 8192)),
+        resample_every=int(tc.get("resample_every", 50)),
     )
     if ckpt is not None and ckpt.is_file():
         got = trainer.load_checkpoint(ckpt)

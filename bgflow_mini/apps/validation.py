@@ -152,9 +152,10 @@ MD: Rules = [  # absent keys take bgflow_mini.md.MD_DEFAULTS
 ]
 PHASE: Rules = [  # steps first: the only key without a default
     *rows(POS_INT, "steps"),
-    *rows(number(ge=0), "w_ml", "w_kl"),
+    *rows(number(ge=0), "w_ml", "w_kl", "w_iw"),
+    *rows(POS, "temperature"),
     *rows(optional(POS), "lr"),
-    *rows(optional(POS_INT), "batch_size", "kl_batch_size"),
+    *rows(optional(POS_INT), "batch_size", "kl_batch_size", "resample_every"),
     *rows(Rule("a string", lambda v: isinstance(v, str)), "name"),
 ]
 TRAIN: Rules = [
@@ -182,6 +183,7 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
         "training.ema_decay",
     ),
     *rows(one_of(("best_ess", "ema", "last")), "training.select"),
+    *rows(POS_INT, "training.buffer_size", "training.resample_every"),
     *rows(one_of(FLOW_KINDS), "flow.kind"),
     *rows(list_of(POS_INT, min_len=1), "flow.hidden"),
     *rows(integer(2), "flow.n_bins"),
@@ -279,9 +281,9 @@ def _phases(d: Mapping) -> list[str]:
         lines += _unknown(p, [f.name for f in fields(Phase)], where)
         lines += _apply(p, PHASE[:1], where + ".")  # steps has no default
         lines += _apply(p, PHASE[1:], where + ".", absent_ok=True)
-        w = (p.get("w_ml", 1.0), p.get("w_kl", 0.0))
-        if all(_is_num(x) for x in w) and w[0] == 0 and w[1] == 0:
-            lines.append(f"{where}: w_ml and w_kl are both 0; at least one must be > 0")
+        w = (p.get("w_ml", 1.0), p.get("w_kl", 0.0), p.get("w_iw", 0.0))
+        if all(_is_num(x) for x in w) and not any(w):
+            lines.append(f"{where}: w_ml, w_kl and w_iw are all 0; at least one must be > 0")
     return lines
 
 
