@@ -40,6 +40,7 @@ __all__ = [
 
 SUBMODULES = (
     "analysis",
+    "annealing",
     "bounds",
     "checkpoint",
     "coordinates",
