@@ -65,6 +65,7 @@ SUBMODULES = (
     "run_logger",
     "samples",
     "sampling",
+    "schedules",
     "systems",
     "targets",
     "toy_recipes",
