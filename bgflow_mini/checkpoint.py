@@ -123,7 +123,13 @@ def build_generator(spec: Mapping[str, Any]) -> BoltzmannGenerator:
         zeros = torch.zeros(dim, dtype=torch.float64)
         standardize = Standardize(zeros, torch.ones_like(zeros), ~circular)
         shift = CircularShift(zeros, internal.circular)
-        ic = ICTransform(standardize, shift, internal)
+        domain = None
+        if spec.get("bounded_ics"):
+            from .coordinates.domain import DomainMap
+            from .coordinates.normalization import angle_mask, bond_mask
+
+            domain = DomainMap(dim, bond_mask(internal), angle_mask(internal))
+        ic = ICTransform(standardize, shift, internal, domain)
         flow = Sequential(factory(dim=dim, circular=circular), ic)
         gen = BoltzmannGenerator(NormalUniform(dim, circular), flow)
     elif spec["kind"] == "toy":

@@ -125,20 +125,23 @@ def molecular_generator(
     energy=None,
     zmatrix=None,
     circular="auto",
+    bounded_ics: bool = False,
 ) -> BoltzmannGenerator:
     """IC transform fitted to ``train_x`` + ``flow_factory(dim=, circular=)`` + prior.
 
     The prior is Gaussian on bonds, angles and narrow torsions and uniform on the
     other torsions (:class:`NormalUniform`), which stay angles through the circular
     couplings. ``circular`` chooses those torsions (see
-    :func:`~bgflow_mini.coordinates.ic_transform`). The generator's ``spec`` records
-    the Z-matrix, the mask and the flow factory (see :mod:`bgflow_mini.checkpoint`).
+    :func:`~bgflow_mini.coordinates.ic_transform`); ``bounded_ics`` keeps every sample's
+    bonds positive and angles in (0, pi) (see ``ic_transform(bounded=...)``). The
+    generator's ``spec`` records the Z-matrix, the mask, ``bounded_ics`` and the flow
+    factory (see :mod:`bgflow_mini.checkpoint`).
     """
     from .checkpoint import flow_spec
 
     if zmatrix is None:
         zmatrix = build_zmatrix(system.mdtraj_topology, positions=system.positions)
-    ic, circular = ic_transform(zmatrix, train_x, circular=circular)
+    ic, circular = ic_transform(zmatrix, train_x, circular=circular, bounded=bounded_ics)
     coupling = flow_factory(dim=ic.dim, circular=circular)
     prior = NormalUniform(ic.dim, circular)
     gen = BoltzmannGenerator(prior, Sequential(coupling, ic), energy)
@@ -147,6 +150,7 @@ def molecular_generator(
         "dim": int(ic.dim),
         "zmatrix": ic.internal.zmatrix.tolist(),
         "circular": circular.cpu().tolist(),
+        "bounded_ics": bool(bounded_ics),
         "flow": flow_spec(flow_factory),
     }
     return gen

@@ -92,9 +92,14 @@ class Target(ABC):
 
     @abstractmethod
     def generator(
-        self, train_x: Tensor, flow_factory: Callable, energy: Energy | None = None
+        self,
+        train_x: Tensor,
+        flow_factory: Callable,
+        energy: Energy | None = None,
+        bounded_ics: bool = False,
     ) -> BoltzmannGenerator:
-        """A fresh generator fitted to ``train_x`` (normalisation), with ``.spec`` set."""
+        """A fresh generator fitted to ``train_x`` (normalisation), with ``.spec`` set.
+        ``bounded_ics``: molecules only, bonds and angles kept in their domain."""
 
     @abstractmethod
     def spec(self) -> dict[str, Any]:
@@ -154,12 +159,18 @@ class MolecularTarget(Target):
         )
 
     def generator(
-        self, train_x: Tensor, flow_factory: Callable, energy: Energy | None = None
+        self,
+        train_x: Tensor,
+        flow_factory: Callable,
+        energy: Energy | None = None,
+        bounded_ics: bool = False,
     ) -> BoltzmannGenerator:
         from .pipeline import molecular_generator
 
         self.check_supported()
-        gen = molecular_generator(self.system, train_x, flow_factory, energy)
+        gen = molecular_generator(
+            self.system, train_x, flow_factory, energy, bounded_ics=bounded_ics
+        )
         gen.spec["target"] = self.spec()
         return gen
 
@@ -234,7 +245,11 @@ class ToyTarget(Target):
         )
 
     def generator(
-        self, train_x: Tensor, flow_factory: Callable, energy: Energy | None = None
+        self,
+        train_x: Tensor,
+        flow_factory: Callable,
+        energy: Energy | None = None,
+        bounded_ics: bool = False,
     ) -> BoltzmannGenerator:
         from .pipeline import toy_generator
 

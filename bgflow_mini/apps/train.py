@@ -116,7 +116,8 @@ def train(cfg: DictConfig) -> dict:
     tc = cfg.training
     energy = target.energy(instantiate(cfg.energy))
     train_energy = instantiate(tc.regularization)(energy) if tc.regularization else energy
-    generator = target.generator(data.train, instantiate(cfg.flow), train_energy)
+    bounded = bool(cfg.get("bounded_ics", False))
+    generator = target.generator(data.train, instantiate(cfg.flow), train_energy, bounded)
     generator = generator.to(device=device, dtype=dtype)
     phases = [Phase(**p) for p in plain(tc.phases)]
     total = sum(p.steps for p in phases)

@@ -243,29 +243,36 @@ def _positions_tensor(positions: Any, n_atoms: int) -> Tensor:
 
 
 class ICTransform(Sequential):
-    """``Sequential(Standardize, CircularShift, InternalCoordinates)``.
+    """``Sequential(Standardize, CircularShift, [DomainMap,] InternalCoordinates)``.
 
     ``forward(z)`` maps normalised ICs ``(batch, 3N-6)`` -> Cartesian ``(batch, 3N)``
     nm; ``inverse(x)`` maps back.  Latent layout equals the IC layout of
     :class:`InternalCoordinates`: standardised bonds, angles and narrow torsions;
     the other torsions stay angles in [-pi, pi). ``circular`` (bool ``(3N-6,)``) marks
-    those latent angles: the torsions that ``standardize`` leaves alone.
+    those latent angles: the torsions that ``standardize`` leaves alone. With a
+    :class:`~bgflow_mini.coordinates.domain.DomainMap` the standardised quantities are
+    ``log r`` and ``logit(theta / pi)``, so no latent value maps outside the domain.
     """
 
     def __init__(
-        self, standardize: Standardize, shift: CircularShift, internal: InternalCoordinates
+        self,
+        standardize: Standardize,
+        shift: CircularShift,
+        internal: InternalCoordinates,
+        domain: Flow | None = None,
     ) -> None:
         if not (standardize.dim == shift.dim == internal.dim):
             raise ValueError("standardize, shift and internal must have the same dim")
         if not (standardize.mask | internal.circular).all():
             raise ValueError("every bond and angle must be standardised")
-        super().__init__(standardize, shift, internal)
+        layers = (standardize, shift) + ((domain,) if domain is not None else ()) + (internal,)
+        super().__init__(*layers)
         self.dim = internal.dim
         self.register_buffer("circular", internal.circular & ~standardize.mask)
 
     @property
     def internal(self) -> InternalCoordinates:
-        return self.flows[2]
+        return self.flows[-1]
 
 
 def ic_transform(
@@ -276,6 +283,7 @@ def ic_transform(
     max_gap: float = math.pi,
     n_bins: int = 36,
     min_std: float = 1e-6,
+    bounded: bool = False,
 ) -> tuple[ICTransform, Tensor]:
     """Fit the IC normalisation to training data.
 
@@ -291,6 +299,9 @@ def ic_transform(
         max_gap: see :func:`narrow_torsions`.
         n_bins: histogram bins for the torsion cut.
         min_std: lower bound of the standard deviations.
+        bounded: standardise ``log r`` and ``logit(theta / pi)`` instead of bonds and
+            angles (a :class:`~bgflow_mini.coordinates.domain.DomainMap`), so that samples
+            can never have a bond <= 0 or an angle outside (0, pi).
 
     Returns:
         ``(flow, circular)``: the :class:`ICTransform` (buffers in the training data's
@@ -319,8 +330,28 @@ def ic_transform(
             )
         if (latent & ~torsions).any():
             raise ValueError("circular mask selects features that are not torsions")
+    domain = None
+    if bounded:
+        from .domain import DomainMap
+
+        domain = DomainMap(internal.dim, bond_mask(internal), angle_mask(internal))
+        ics, _ = domain.inverse(ics)
     shift = CircularShift.from_data(ics, torsions, n_bins=n_bins)
     shifted, _ = shift.inverse(ics)
     standardize = Standardize.from_data(shifted, ~latent.to(ics.device), min_std=min_std)
-    flow = ICTransform(standardize, shift, internal)
+    flow = ICTransform(standardize, shift, internal, domain)
     return flow, flow.circular
+
+
+def bond_mask(internal: InternalCoordinates) -> Tensor:
+    """Bool ``(3N-6,)``: the bond features of ``internal``."""
+    m = torch.zeros(internal.dim, dtype=torch.bool)
+    m[internal.bond_idx.cpu()] = True
+    return m
+
+
+def angle_mask(internal: InternalCoordinates) -> Tensor:
+    """Bool ``(3N-6,)``: the angle features of ``internal``."""
+    m = torch.zeros(internal.dim, dtype=torch.bool)
+    m[internal.angle_idx.cpu()] = True
+    return m
