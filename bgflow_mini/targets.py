@@ -90,7 +90,6 @@ class Target(ABC):
     def data(self, *, seed: int = 0, progress: bool = True, **settings: Any):
         """Reference configurations split into train/val/test blocks (a ``DataSplit``)."""
 
-    @abstractmethod
     def generator(
         self,
         train_x: Tensor,
@@ -98,8 +97,15 @@ class Target(ABC):
         energy: Energy | None = None,
         bounded_ics: bool = False,
     ) -> BoltzmannGenerator:
-        """A fresh generator fitted to ``train_x`` (normalisation), with ``.spec`` set.
-        ``bounded_ics``: molecules only, bonds and angles kept in their domain."""
+        """A fresh generator fitted to ``train_x`` (normalisation), its ``.spec`` naming this
+        target. ``bounded_ics``: molecules only, bonds and angles kept in their domain."""
+        gen = self._build(train_x, flow_factory, energy, bounded_ics)
+        gen.spec["target"] = self.spec()
+        return gen
+
+    @abstractmethod
+    def _build(self, train_x, flow_factory, energy, bounded_ics) -> BoltzmannGenerator:
+        """The generator of :meth:`generator`, before the target is recorded in its spec."""
 
     @abstractmethod
     def spec(self) -> dict[str, Any]:
@@ -158,21 +164,13 @@ class MolecularTarget(Target):
             progress=progress,
         )
 
-    def generator(
-        self,
-        train_x: Tensor,
-        flow_factory: Callable,
-        energy: Energy | None = None,
-        bounded_ics: bool = False,
-    ) -> BoltzmannGenerator:
+    def _build(self, train_x, flow_factory, energy, bounded_ics) -> BoltzmannGenerator:
         from .pipeline import molecular_generator
 
         self.check_supported()
-        gen = molecular_generator(
+        return molecular_generator(
             self.system, train_x, flow_factory, energy, bounded_ics=bounded_ics
         )
-        gen.spec["target"] = self.spec()
-        return gen
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -244,19 +242,12 @@ class ToyTarget(Target):
             seed=seed,
         )
 
-    def generator(
-        self,
-        train_x: Tensor,
-        flow_factory: Callable,
-        energy: Energy | None = None,
-        bounded_ics: bool = False,
-    ) -> BoltzmannGenerator:
+    def _build(self, train_x, flow_factory, energy, bounded_ics) -> BoltzmannGenerator:
         from .pipeline import toy_generator
 
         gen = toy_generator(self.toy, train_x, flow_factory)
         if energy is not None:
             gen.energy = energy
-        gen.spec["target"] = self.spec()
         return gen
 
     def spec(self) -> dict[str, Any]:

@@ -103,10 +103,11 @@ def train(cfg: DictConfig) -> dict:
     save_text(OmegaConf.to_yaml(cfg, resolve=ckpt is None), out / "config.yaml")
     set_threads(cfg.num_threads)
     torch.manual_seed(int(cfg.seed))
+    data_dir = to_absolute_path(str(cfg.data_dir))
     data = target.data(
         md=plain(cfg.get("md")),
         toy=plain(cfg.data.toy),
-        data_dir=to_absolute_path(str(cfg.data_dir)),
+        data_dir=data_dir,
         fractions=list(cfg.data.fractions),
         stride=cfg.data.stride,
         n_workers=cfg.data.n_workers,
@@ -128,7 +129,7 @@ def train(cfg: DictConfig) -> dict:
     extra = {
         "system": target.name,
         "md": plain(cfg.get("md")),
-        "data_dir": to_absolute_path(str(cfg.data_dir)),
+        "data_dir": data_dir,
         "config": plain(cfg),
     }
     monitor = StateMonitor(
