@@ -119,8 +119,14 @@ def build_generator(spec: Mapping[str, Any]) -> BoltzmannGenerator:
     dim = int(spec["dim"])
     if spec["kind"] == "molecular":
         circular = torch.as_tensor(spec["circular"], dtype=torch.bool)
-        internal = InternalCoordinates(spec["zmatrix"])
+        internal = InternalCoordinates(spec["zmatrix"], spec.get("cartesian"))
         zeros = torch.zeros(dim, dtype=torch.float64)
+        whiten = None
+        if internal.cartesian.any():
+            from .coordinates.whitening import Whiten, cartesian_blocks
+
+            idx = [i for b in cartesian_blocks(internal) for i in b]
+            whiten = Whiten(dim, idx, torch.eye(len(idx), dtype=torch.float64))
         standardize = Standardize(zeros, torch.ones_like(zeros), ~circular)
         shift = CircularShift(zeros, internal.circular)
         domain = None
@@ -129,7 +135,7 @@ def build_generator(spec: Mapping[str, Any]) -> BoltzmannGenerator:
             from .coordinates.normalization import angle_mask, bond_mask
 
             domain = DomainMap(dim, bond_mask(internal), angle_mask(internal))
-        ic = ICTransform(standardize, shift, internal, domain)
+        ic = ICTransform(standardize, shift, internal, domain, whiten)
         flow = Sequential(factory(dim=dim, circular=circular), ic)
         gen = BoltzmannGenerator(NormalUniform(dim, circular), flow)
     elif spec["kind"] == "toy":

@@ -126,6 +126,7 @@ def molecular_generator(
     zmatrix=None,
     circular="auto",
     bounded_ics: bool = False,
+    ring_coordinates: str = "cartesian",
 ) -> BoltzmannGenerator:
     """IC transform fitted to ``train_x`` + ``flow_factory(dim=, circular=)`` + prior.
 
@@ -133,15 +134,29 @@ def molecular_generator(
     other torsions (:class:`NormalUniform`), which stay angles through the circular
     couplings. ``circular`` chooses those torsions (see
     :func:`~bgflow_mini.coordinates.ic_transform`); ``bounded_ics`` keeps every sample's
-    bonds positive and angles in (0, pi) (see ``ic_transform(bounded=...)``). The
-    generator's ``spec`` records the Z-matrix, the mask, ``bounded_ics`` and the flow
-    factory (see :mod:`bgflow_mini.checkpoint`).
+    bonds positive and angles in (0, pi) (see ``ic_transform(bounded=...)``).
+    ``ring_coordinates="cartesian"`` places ring atoms by Cartesian coordinates in a
+    per-ring frame (:func:`~bgflow_mini.coordinates.rings.ring_zmatrix`; no effect on
+    molecules without rings), ``"internal"`` keeps their internal coordinates. The
+    generator's ``spec`` records the Z-matrix, its Cartesian rows, the mask,
+    ``bounded_ics`` and the flow factory (see :mod:`bgflow_mini.checkpoint`).
     """
     from .checkpoint import flow_spec
+    from .coordinates.rings import ring_zmatrix
 
+    top, pos = system.mdtraj_topology, system.positions
     if zmatrix is None:
-        zmatrix = build_zmatrix(system.mdtraj_topology, positions=system.positions)
-    ic, circular = ic_transform(zmatrix, train_x, circular=circular, bounded=bounded_ics)
+        zmatrix = build_zmatrix(top, positions=pos)
+    cartesian = None
+    if ring_coordinates == "cartesian":
+        zmatrix, cartesian = ring_zmatrix(zmatrix, top, pos)
+    elif ring_coordinates != "internal":
+        raise ValueError(
+            f"ring_coordinates must be 'cartesian' or 'internal', got {ring_coordinates!r}"
+        )
+    ic, circular = ic_transform(
+        zmatrix, train_x, cartesian=cartesian, circular=circular, bounded=bounded_ics
+    )
     coupling = flow_factory(dim=ic.dim, circular=circular)
     prior = NormalUniform(ic.dim, circular)
     gen = BoltzmannGenerator(prior, Sequential(coupling, ic), energy)
@@ -149,6 +164,7 @@ def molecular_generator(
         "kind": "molecular",
         "dim": int(ic.dim),
         "zmatrix": ic.internal.zmatrix.tolist(),
+        "cartesian": ic.internal.cartesian_rows.cpu().tolist(),
         "circular": circular.cpu().tolist(),
         "bounded_ics": bool(bounded_ics),
         "flow": flow_spec(flow_factory),

@@ -96,15 +96,20 @@ class Target(ABC):
         flow_factory: Callable,
         energy: Energy | None = None,
         bounded_ics: bool = False,
+        ring_coordinates: str = "cartesian",
     ) -> BoltzmannGenerator:
         """A fresh generator fitted to ``train_x`` (normalisation), its ``.spec`` naming this
-        target. ``bounded_ics``: molecules only, bonds and angles kept in their domain."""
-        gen = self._build(train_x, flow_factory, energy, bounded_ics)
+        target. Molecules only: ``bounded_ics`` keeps bonds and angles in their domain;
+        ``ring_coordinates`` is ``"cartesian"`` (ring atoms in a per-ring frame) or
+        ``"internal"`` (see :func:`~bgflow_mini.pipeline.molecular_generator`)."""
+        gen = self._build(train_x, flow_factory, energy, bounded_ics, ring_coordinates)
         gen.spec["target"] = self.spec()
         return gen
 
     @abstractmethod
-    def _build(self, train_x, flow_factory, energy, bounded_ics) -> BoltzmannGenerator:
+    def _build(
+        self, train_x, flow_factory, energy, bounded_ics, ring_coordinates
+    ) -> BoltzmannGenerator:
         """The generator of :meth:`generator`, before the target is recorded in its spec."""
 
     @abstractmethod
@@ -164,12 +169,19 @@ class MolecularTarget(Target):
             progress=progress,
         )
 
-    def _build(self, train_x, flow_factory, energy, bounded_ics) -> BoltzmannGenerator:
+    def _build(
+        self, train_x, flow_factory, energy, bounded_ics, ring_coordinates
+    ) -> BoltzmannGenerator:
         from .pipeline import molecular_generator
 
         self.check_supported()
         return molecular_generator(
-            self.system, train_x, flow_factory, energy, bounded_ics=bounded_ics
+            self.system,
+            train_x,
+            flow_factory,
+            energy,
+            bounded_ics=bounded_ics,
+            ring_coordinates=ring_coordinates,
         )
 
     def spec(self) -> dict[str, Any]:
@@ -242,7 +254,9 @@ class ToyTarget(Target):
             seed=seed,
         )
 
-    def _build(self, train_x, flow_factory, energy, bounded_ics) -> BoltzmannGenerator:
+    def _build(
+        self, train_x, flow_factory, energy, bounded_ics, ring_coordinates
+    ) -> BoltzmannGenerator:
         from .pipeline import toy_generator
 
         gen = toy_generator(self.toy, train_x, flow_factory)

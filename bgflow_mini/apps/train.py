@@ -117,8 +117,13 @@ def train(cfg: DictConfig) -> dict:
     tc = cfg.training
     energy = target.energy(instantiate(cfg.energy))
     train_energy = instantiate(tc.regularization)(energy) if tc.regularization else energy
-    bounded = bool(cfg.get("bounded_ics", False))
-    generator = target.generator(data.train, instantiate(cfg.flow), train_energy, bounded)
+    generator = target.generator(
+        data.train,
+        instantiate(cfg.flow),
+        train_energy,
+        bounded_ics=bool(cfg.get("bounded_ics", False)),
+        ring_coordinates=str(cfg.get("ring_coordinates", "cartesian")),
+    )
     generator = generator.to(device=device, dtype=dtype)
     phases = [Phase(**p) for p in plain(tc.phases)]
     total = sum(p.steps for p in phases)

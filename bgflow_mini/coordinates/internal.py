@@ -73,23 +73,30 @@ def dihedral_angles(x: Tensor, i: Tensor, j: Tensor, k: Tensor, l: Tensor) -> Te
     return torch.where(phi >= math.pi, phi - 2 * math.pi, phi)
 
 
-def _place(pd: Tensor, pc: Tensor, pb: Tensor, r: Tensor, theta: Tensor, phi: Tensor) -> Tensor:
-    """NeRF: atom ``a`` with ``|a-b| = r``, ``angle(a,b,c) = theta``, ``dihedral(a,b,c,d) = phi``.
-
-    ``pd, pc, pb`` are ``(batch, g, 3)``, ``r, theta, phi`` are ``(batch, g)``.
-    """
+def _frame(pd: Tensor, pc: Tensor, pb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """NeRF frame at ``pb``: unit vectors ``(e1, e2, e3)`` = ``(b - c, m, n)`` where ``n`` is
+    normal to the plane ``(d, c, b)`` and ``m = n x e1``; each ``(batch, g, 3)``."""
     bc = pb - pc
     bc = bc / _norm(bc).unsqueeze(-1)
     n = torch.linalg.cross(pc - pd, bc, dim=-1)
     n = n / _norm(n).unsqueeze(-1)
-    m = torch.linalg.cross(n, bc, dim=-1)
+    return bc, torch.linalg.cross(n, bc, dim=-1), n
+
+
+def _place(pd: Tensor, pc: Tensor, pb: Tensor, f: Tensor, cart: Tensor | None = None) -> Tensor:
+    """Place atoms ``a`` from features ``f = (f1, f2, f3)``, each ``(batch, g)``.
+
+    Internal rows: ``|a-b| = f1``, ``angle(a,b,c) = f2``, ``dihedral(a,b,c,d) = f3``.
+    Cartesian rows (bool ``cart`` ``(g,)``): ``a = b + f1 e1 + f2 e2 + f3 e3`` in the
+    frame of :func:`_frame`. ``pd, pc, pb`` are ``(batch, g, 3)``.
+    """
+    e1, e2, e3 = _frame(pd, pc, pb)
+    r, theta, phi = f
     rs = r * torch.sin(theta)
-    return (
-        pb
-        + (-r * torch.cos(theta)).unsqueeze(-1) * bc
-        + (rs * torch.cos(phi)).unsqueeze(-1) * m
-        + (rs * torch.sin(phi)).unsqueeze(-1) * n
-    )
+    u, v, w = -r * torch.cos(theta), rs * torch.cos(phi), rs * torch.sin(phi)
+    if cart is not None:
+        u, v, w = (torch.where(cart, c, s) for c, s in zip(f, (u, v, w), strict=True))
+    return pb + u.unsqueeze(-1) * e1 + v.unsqueeze(-1) * e2 + w.unsqueeze(-1) * e3
 
 
 class InternalCoordinates(Flow):
@@ -100,12 +107,22 @@ class InternalCoordinates(Flow):
     the xy plane with y > 0); ``inverse(x) -> (ics, -logdet)``.  See the module
     docstring for the feature layout and the log-det convention.
 
+    Cartesian rows (``cartesian``, bool ``(N,)`` by Z-matrix row, rows >= 3; see
+    :func:`~bgflow_mini.coordinates.rings.ring_zmatrix`) hold, in their three feature
+    slots (bond, angle, torsion), the atom's coordinates (nm) in the frame of its
+    references ``(b, c, d)``: origin ``b``, ``e1 = (b - c)/|b - c|``, ``e3`` normal to the
+    plane ``(d, c, b)``, ``e2 = e3 x e1``. A rotation has Jacobian 1, so these rows add
+    nothing to the log-det; they are not circular and have no domain.
+
     Attributes:
         zmatrix: ``(N, 4)`` long buffer.
+        cartesian_rows: bool buffer ``(N,)``, the Cartesian rows.
+        cartesian: bool buffer ``(3N-6,)``, the features of the Cartesian rows.
         bond_idx, angle_idx, torsion_idx: long buffers of feature indices.
-        circular: bool buffer ``(3N-6,)``, True for torsions.
+        circular: bool buffer ``(3N-6,)``, True for torsions (of internal rows).
         bond_atoms, angle_atoms, torsion_atoms: numpy arrays ``(N-1, 2)``, ``(N-2, 3)``,
-            ``(N-3, 4)`` of the atoms defining each feature.
+            ``(N-3, 4)`` of the atoms defining each feature slot (for Cartesian rows: the
+            atom and its frame).
         n_forward: rows passed through :meth:`forward` since the last
             :meth:`reset_domain_stats` (int).
         n_out_of_domain: of those, rows with any bond ``<= 0`` or any angle outside
@@ -113,10 +130,11 @@ class InternalCoordinates(Flow):
             as for any other input but are not meaningful. See :attr:`domain_stats`.
     """
 
-    def __init__(self, zmatrix: Any) -> None:
+    def __init__(self, zmatrix: Any, cartesian: Any = None) -> None:
         super().__init__()
-        z = validate_zmatrix(zmatrix)
+        z = validate_zmatrix(zmatrix, cartesian=cartesian)
         n = len(z)
+        cart_rows = np.zeros(n, dtype=bool) if cartesian is None else np.asarray(cartesian, bool)
         self.n_atoms = n
         self.dim = 3 * n - 6
         self.bond_atoms = z[1:, :2].copy()
@@ -126,9 +144,25 @@ class InternalCoordinates(Flow):
         self.register_buffer("bond_idx", torch.arange(0, n - 1))
         self.register_buffer("angle_idx", torch.arange(n - 1, 2 * n - 3))
         self.register_buffer("torsion_idx", torch.arange(2 * n - 3, 3 * n - 6))
+        rows3 = np.arange(3, n)
+        cart_cols = np.stack([rows3 - 1, n - 1 + rows3 - 2, 2 * n - 3 + rows3 - 3], 1)
+        cart_cols = cart_cols[cart_rows[3:]]  # (k, 3): features of the Cartesian rows
+        cartesian_features = torch.zeros(self.dim, dtype=torch.bool)
+        cartesian_features[torch.as_tensor(cart_cols.reshape(-1), dtype=torch.long)] = True
         circular = torch.zeros(self.dim, dtype=torch.bool)
         circular[2 * n - 3 :] = True
-        self.register_buffer("circular", circular)
+        self.register_buffer("cartesian_rows", torch.as_tensor(cart_rows))
+        self.register_buffer("cartesian", cartesian_features)
+        self.register_buffer("circular", circular & ~cartesian_features)
+        ic_rows = ~cart_rows
+        self.register_buffer("_r_idx", torch.as_tensor(np.flatnonzero(ic_rows[1:])))
+        self.register_buffer("_theta_idx", torch.as_tensor(n - 1 + np.flatnonzero(ic_rows[2:])))
+        self.register_buffer("_cart_cols", torch.as_tensor(cart_cols.T.copy(), dtype=torch.long))
+        cart_atoms = z[cart_rows][:, :3].T.copy()  # (3, k): atom, origin r0, axis r1
+        self.register_buffer("_cart_atoms", torch.as_tensor(cart_atoms, dtype=torch.long))
+        self.register_buffer(
+            "_cart_plane", torch.as_tensor(z[cart_rows][:, 3].copy(), dtype=torch.long)
+        )
         for name, arr in (
             ("_b_atoms", self.bond_atoms),
             ("_a_atoms", self.angle_atoms),
@@ -151,6 +185,8 @@ class InternalCoordinates(Flow):
         cols = np.stack([later - 1, n - 1 + later - 2, 2 * n - 3 + later - 3], axis=0)
         self.register_buffer("_gen_cols", torch.as_tensor(cols, dtype=torch.long))
         self.register_buffer("_gen_refs", torch.as_tensor(ref_slots.T.copy(), dtype=torch.long))
+        self.register_buffer("_gen_cart", torch.as_tensor(cart_rows[later]))
+        self._has_cartesian = bool(cart_rows.any())
         atom_slot = np.empty(n, dtype=np.int64)
         atom_slot[z[:, 0]] = slot
         self.register_buffer("_atom_slot", torch.as_tensor(atom_slot, dtype=torch.long))
@@ -177,10 +213,9 @@ class InternalCoordinates(Flow):
         return {"evaluated": self.n_forward, "out_of_domain": self.n_out_of_domain}
 
     def _count_out_of_domain(self, ics: Tensor) -> None:
-        n = self.n_atoms
         q = ics.detach()
-        bonds_ok = (q[:, : n - 1] > 0).all(-1)
-        theta = q[:, n - 1 : 2 * n - 3]
+        bonds_ok = (q[:, self._r_idx] > 0).all(-1)
+        theta = q[:, self._theta_idx]
         angles_ok = ((theta > 0) & (theta < math.pi)).all(-1)
         bad = (~(bonds_ok & angles_ok)).sum()
         if self._n_out_of_domain.device != bad.device:  # first call on a new device
@@ -189,9 +224,22 @@ class InternalCoordinates(Flow):
         self.n_forward += int(ics.shape[0])
 
     @classmethod
-    def from_topology(cls, topology: Any, positions: Any = None) -> InternalCoordinates:
-        """Build with :func:`build_zmatrix` from an mdtraj / OpenMM topology."""
-        return cls(build_zmatrix(topology, positions=positions))
+    def from_topology(
+        cls, topology: Any, positions: Any = None, rings: str = "cartesian"
+    ) -> InternalCoordinates:
+        """Build with :func:`build_zmatrix` from an mdtraj / OpenMM topology.
+
+        ``rings="cartesian"`` places ring atoms as Cartesian rows
+        (:func:`~bgflow_mini.coordinates.rings.ring_zmatrix`); ``"internal"`` keeps them
+        internal coordinates (the ring-closing bonds implicit)."""
+        z = build_zmatrix(topology, positions=positions)
+        if rings == "internal":
+            return cls(z)
+        if rings != "cartesian":
+            raise ValueError(f"rings must be 'cartesian' or 'internal', got {rings!r}")
+        from .rings import ring_zmatrix
+
+        return cls(*ring_zmatrix(z, topology, positions))
 
     @property
     def n_generations(self) -> int:
@@ -200,8 +248,8 @@ class InternalCoordinates(Flow):
 
     def logdet_forward(self, ics: Tensor) -> Tensor:
         """log|det| of IC -> Cartesian (rigid-body part excluded), shape ``(batch,)``."""
-        r = ics[:, : self.n_atoms - 1]
-        theta = ics[:, self.n_atoms - 1 : 2 * self.n_atoms - 3]
+        r = ics[:, self._r_idx]
+        theta = ics[:, self._theta_idx]
         return 2 * torch.log(r).sum(-1) + torch.log(torch.sin(theta).abs()).sum(-1)
 
     def forward(self, ics: Tensor) -> tuple[Tensor, Tensor]:
@@ -224,14 +272,9 @@ class InternalCoordinates(Flow):
         for lo, hi in zip(self._gen_bounds[:-1], self._gen_bounds[1:], strict=True):
             cols = self._gen_cols[:, lo - 3 : hi - 3]
             refs = self._gen_refs[:, lo - 3 : hi - 3]
-            new = _place(
-                xs[:, refs[2]],
-                xs[:, refs[1]],
-                xs[:, refs[0]],
-                ics[:, cols[0]],
-                ics[:, cols[1]],
-                ics[:, cols[2]],
-            )
+            feats = (ics[:, cols[0]], ics[:, cols[1]], ics[:, cols[2]])
+            cart = self._gen_cart[lo - 3 : hi - 3] if self._has_cartesian else None
+            new = _place(xs[:, refs[2]], xs[:, refs[1]], xs[:, refs[0]], feats, cart)
             xs = torch.cat([xs, new], dim=1)
         x = xs[:, self._atom_slot].reshape(batch, 3 * n)
         return x, self.logdet_forward(ics)
@@ -248,4 +291,11 @@ class InternalCoordinates(Flow):
             ],
             dim=-1,
         )
+        if self._has_cartesian:
+            atom, origin, axis = self._cart_atoms
+            frame = _frame(xyz[:, self._cart_plane], xyz[:, axis], xyz[:, origin])
+            d = xyz[:, atom] - xyz[:, origin]
+            local = torch.stack([(d * e).sum(-1) for e in frame], dim=0)  # (3, batch, k)
+            ics = ics.clone()
+            ics[:, self._cart_cols] = local.permute(1, 0, 2)
         return ics, -self.logdet_forward(ics)

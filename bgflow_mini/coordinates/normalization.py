@@ -96,7 +96,7 @@ def narrow_torsions(angles: Tensor, max_gap: float = math.pi) -> Tensor:
     return (gaps.max(dim=0).values > max_gap).to(angles.device)
 
 
-def sibling_torsions(zmatrix: Any) -> Tensor:
+def sibling_torsions(zmatrix: Any, cartesian: Any = None) -> Tensor:
     """Which torsion rows of a Z-matrix place an atom relative to a sibling.
 
     Row ``(i, j, k, l)`` is a sibling torsion when ``l`` is bonded to ``j`` (like ``i``),
@@ -104,12 +104,16 @@ def sibling_torsions(zmatrix: Any) -> Tensor:
     oxygen relative to the next nitrogen. Local geometry fixes such a torsion near one
     value, whereas a proper torsion (``l`` bonded to ``k``) rotates about the ``j-k``
     bond (backbone phi/psi, methyl rotors). Bonds are those of the Z-matrix (its
-    ``(i, j)`` pairs).
+    ``(i, j)`` pairs). Cartesian rows (bool ``cartesian`` ``(N,)`` by row) have no
+    torsion: they are left out, of the bonds and of the result.
 
     Returns:
-        bool ``(n_torsions,)`` in the order of the torsion rows (rows with ``l >= 0``).
+        bool ``(n_torsions,)`` in the order of the torsion rows (rows with ``l >= 0``
+        that are not Cartesian).
     """
     z = np.asarray(zmatrix, dtype=np.int64)
+    if cartesian is not None:
+        z = z[~np.asarray(cartesian, dtype=bool)]
     bonds = {frozenset((int(r[0]), int(r[1]))) for r in z if r[1] >= 0}
     rows = [r for r in z if r[3] >= 0]
     return torch.tensor([frozenset((int(r[3]), int(r[1]))) in bonds for r in rows])
@@ -243,7 +247,7 @@ def _positions_tensor(positions: Any, n_atoms: int) -> Tensor:
 
 
 class ICTransform(Sequential):
-    """``Sequential(Standardize, CircularShift, [DomainMap,] InternalCoordinates)``.
+    """``Sequential([Whiten,] Standardize, CircularShift, [DomainMap,] InternalCoordinates)``.
 
     ``forward(z)`` maps normalised ICs ``(batch, 3N-6)`` -> Cartesian ``(batch, 3N)``
     nm; ``inverse(x)`` maps back.  Latent layout equals the IC layout of
@@ -252,6 +256,8 @@ class ICTransform(Sequential):
     those latent angles: the torsions that ``standardize`` leaves alone. With a
     :class:`~bgflow_mini.coordinates.domain.DomainMap` the standardised quantities are
     ``log r`` and ``logit(theta / pi)``, so no latent value maps outside the domain.
+    Ring atoms placed as Cartesian rows are standardised and then decorrelated per ring
+    system by a :class:`~bgflow_mini.coordinates.whitening.Whiten` layer (``whiten``).
     """
 
     def __init__(
@@ -260,12 +266,16 @@ class ICTransform(Sequential):
         shift: CircularShift,
         internal: InternalCoordinates,
         domain: Flow | None = None,
+        whiten: Flow | None = None,
     ) -> None:
         if not (standardize.dim == shift.dim == internal.dim):
             raise ValueError("standardize, shift and internal must have the same dim")
         if not (standardize.mask | internal.circular).all():
             raise ValueError("every bond and angle must be standardised")
-        layers = (standardize, shift) + ((domain,) if domain is not None else ()) + (internal,)
+        if bool(internal.cartesian.any()) != (whiten is not None):
+            raise ValueError("a Whiten layer is needed exactly when there are Cartesian rows")
+        layers = ((whiten,) if whiten is not None else ()) + (standardize, shift)
+        layers += ((domain,) if domain is not None else ()) + (internal,)
         super().__init__(*layers)
         self.dim = internal.dim
         self.register_buffer("circular", internal.circular & ~standardize.mask)
@@ -279,6 +289,7 @@ def ic_transform(
     zmatrix: Any,
     train_positions: Any,
     *,
+    cartesian: Any = None,
     circular: str | Any = "auto",
     max_gap: float = math.pi,
     n_bins: int = 36,
@@ -289,6 +300,9 @@ def ic_transform(
 
     Arguments:
         zmatrix: ``(N, 4)`` Z-matrix (see :func:`build_zmatrix`).
+        cartesian: optional bool ``(N,)`` by row: Cartesian rows (ring atoms, see
+            :func:`~bgflow_mini.coordinates.rings.ring_zmatrix`), standardised and then
+            whitened per ring system.
         train_positions: ``(n_frames, 3N)`` or ``(n_frames, N, 3)`` nm (tensor, array
             or mdtraj.Trajectory).
         circular: which torsions stay latent angles: ``"auto"`` (all but the sibling
@@ -308,7 +322,7 @@ def ic_transform(
         dtype; inputs of other dtypes work too) and its bool mask ``(3N-6,)`` of
         latent angle features.
     """
-    internal = InternalCoordinates(zmatrix)
+    internal = InternalCoordinates(zmatrix, cartesian)
     x = _positions_tensor(train_positions, internal.n_atoms)
     ics, _ = internal.inverse(x)
     torsions = internal.circular
@@ -318,7 +332,8 @@ def ic_transform(
         elif circular == "auto":
             latent = torsions.clone()
             narrow = narrow_torsions(ics[:, torsions], max_gap).cpu()
-            latent[torsions] = ~(narrow & sibling_torsions(internal.zmatrix))
+            siblings = sibling_torsions(internal.zmatrix, internal.cartesian_rows.cpu())
+            latent[torsions] = ~(narrow & siblings)
         else:
             raise ValueError(f"circular must be 'auto', 'all' or a bool mask, got {circular!r}")
     else:
@@ -339,7 +354,12 @@ def ic_transform(
     shift = CircularShift.from_data(ics, torsions, n_bins=n_bins)
     shifted, _ = shift.inverse(ics)
     standardize = Standardize.from_data(shifted, ~latent.to(ics.device), min_std=min_std)
-    flow = ICTransform(standardize, shift, internal, domain)
+    whiten = None
+    if internal.cartesian.any():
+        from .whitening import Whiten, cartesian_blocks
+
+        whiten = Whiten.from_data(standardize.inverse(shifted)[0], cartesian_blocks(internal))
+    flow = ICTransform(standardize, shift, internal, domain, whiten)
     return flow, flow.circular
 
 
@@ -347,11 +367,11 @@ def bond_mask(internal: InternalCoordinates) -> Tensor:
     """Bool ``(3N-6,)``: the bond features of ``internal``."""
     m = torch.zeros(internal.dim, dtype=torch.bool)
     m[internal.bond_idx.cpu()] = True
-    return m
+    return m & ~internal.cartesian.cpu()
 
 
 def angle_mask(internal: InternalCoordinates) -> Tensor:
     """Bool ``(3N-6,)``: the angle features of ``internal``."""
     m = torch.zeros(internal.dim, dtype=torch.bool)
     m[internal.angle_idx.cpu()] = True
-    return m
+    return m & ~internal.cartesian.cpu()

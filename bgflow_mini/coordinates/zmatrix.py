@@ -18,6 +18,7 @@ atom), :func:`validate_zmatrix` checks a given one.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -165,24 +166,30 @@ def _placement_order(
         if p is not None:
             parent[u] = p
 
-    add(prefix[0], None)
+    def key(u: int) -> tuple:
+        placed = [v for v in adj[u] if v in rank]
+        p = min(placed, key=lambda v: (bool(is_h[v]), rank[v]))
+        return (bool(is_h[u]), rank[p], -_branch(adj, is_h, u, p, cache), u), p
+
+    heap: list = []
+
+    def add_and_push(u: int, p: int | None) -> None:
+        add(u, p)
+        for v in adj[u]:
+            if v not in rank:
+                heapq.heappush(heap, key(v))
+
+    add_and_push(prefix[0], None)
     for u in prefix[1:]:
-        add(u, min((v for v in adj[u] if v in rank), key=lambda v: rank[v]))
+        add_and_push(u, min((v for v in adj[u] if v in rank), key=lambda v: rank[v]))
     while len(order) < n:
-        best = None
-        for u in range(n):
-            if u in rank:
-                continue
-            placed = [v for v in adj[u] if v in rank]
-            if not placed:
-                continue
-            p = min(placed, key=lambda v: (bool(is_h[v]), rank[v]))
-            key = (bool(is_h[u]), rank[p], -_branch(adj, is_h, u, p, cache), u)
-            if best is None or key < best[0]:
-                best = (key, u, p)
-        if best is None:
+        if not heap:
             raise ValueError("the bond graph is not connected")
-        add(best[1], best[2])
+        k, p = heapq.heappop(heap)
+        u = k[-1]
+        if u in rank or key(u) != (k, p):  # placed already, or a stale entry
+            continue
+        add_and_push(u, p)
     return order, parent
 
 
@@ -216,27 +223,47 @@ def _rows(
     if _collinear(pos, order[2], b, c, tol):
         raise _CollinearError(f"first three atoms {(order[2], b, c)} are collinear")
     rows = [(order[0], -1, -1, -1), (order[1], order[0], -1, -1), (order[2], b, c, -1)]
+    placed = set(order[:3])
+
+    def far(b: int, exclude: set[int]) -> list[int]:
+        """Other placed atoms, nearest to ``b`` in the graph first (rarely needed)."""
+        dist = _reachable(adj, b)
+        key = lambda v: (dist.get(v, n), bool(is_h[v]), rank[v])  # noqa: E731
+        return sorted(placed - exclude, key=key)
+
     for k in range(3, n):
         a = order[k]
         b = parent[a]
-        placed = set(order[:k])
         chosen = None
-        dist = _reachable(adj, b)
-        for c in by_pref(adj[b] & placed) + by_pref(placed - adj[b] - {b}):
+        near = by_pref(adj[b] & placed)
+        cands = near + [None]  # None: fall back to any other placed atom
+        i = 0
+        while chosen is None and i < len(cands):
+            c = cands[i]
+            i += 1
+            if c is None:
+                cands += by_pref(placed - set(near) - {b})
+                continue
             if _collinear(pos, a, b, c, tol):
                 continue
             siblings = by_pref((adj[b] & placed) - {c})
             proper = by_pref((adj[c] & placed) - {b})
-            rest = sorted(
-                placed - {b, c} - set(siblings) - set(proper),
-                key=lambda v: (dist.get(v, n), bool(is_h[v]), rank[v]),
-            )
-            for d in siblings + proper + rest:
+            for d in siblings + proper + [None]:
+                if d is None:
+                    d = next(
+                        (
+                            v
+                            for v in far(b, {b, c} | set(siblings) | set(proper))
+                            if not _collinear(pos, b, c, v, tol)
+                        ),
+                        None,
+                    )
+                    if d is None:
+                        break
                 if not _collinear(pos, b, c, d, tol):
                     chosen = (c, d)
                     break
-            if chosen is not None:
-                break
+        placed.add(a)
         if chosen is None:
             raise _CollinearError(f"no non-collinear angle/torsion references for atom {a}")
         rows.append((a, b, chosen[0], chosen[1]))
@@ -327,6 +354,7 @@ def validate_zmatrix(
     topology_or_bonds: Any = None,
     *,
     min_angle_deg: float = 5.0,
+    cartesian: Any = None,
 ) -> np.ndarray:
     """Check a Z-matrix and return it as an ``(n_atoms, 4)`` int64 array.
 
@@ -336,6 +364,9 @@ def validate_zmatrix(
     topology / bond list, or a tuple ``(n_atoms, bonds)``, is given) and that no angle
     triple ``(atom, bond_ref, angle_ref)`` or ``(bond_ref, angle_ref, torsion_ref)`` is
     within ``min_angle_deg`` of collinear in ``positions`` (nm, ``(n_atoms, 3)``).
+    Rows marked in ``cartesian`` (bool ``(n_atoms,)`` by row, rows >= 3 only; see
+    :func:`~bgflow_mini.coordinates.rings.ring_zmatrix`) place their atom in the frame
+    of their three references: only the references are checked.
 
     Raises:
         ValueError: naming the offending row.
@@ -371,6 +402,11 @@ def validate_zmatrix(
         edges = {(int(i), int(j)) for i, j in bonds} | {(int(j), int(i)) for i, j in bonds}
     pos = _as_positions(positions, n)
     tol = np.deg2rad(min_angle_deg)
+    cart = np.zeros(n, dtype=bool) if cartesian is None else np.asarray(cartesian, dtype=bool)
+    if cart.shape != (n,):
+        raise ValueError(f"cartesian must be a bool array of shape ({n},), got {cart.shape}")
+    if cart[:3].any():
+        raise ValueError("the first three rows of a Z-matrix cannot be Cartesian rows")
     placed: set[int] = set()
     for i, row in enumerate(z):
         a, refs = int(row[0]), [int(r) for r in row[1:]]
@@ -388,12 +424,13 @@ def validate_zmatrix(
                 )
         if len(set(used + [a])) != n_refs + 1:
             raise ValueError(f"zmatrix row {i} (atom {a}): references {used} are not distinct")
-        if edges is not None and n_refs >= 1 and (a, used[0]) not in edges:
+        if edges is not None and n_refs >= 1 and not cart[i] and (a, used[0]) not in edges:
             raise ValueError(
                 f"zmatrix row {i}: atom {a} is not bonded to its bond reference {used[0]}"
             )
         if pos is not None and n_refs >= 2:
-            triples = [(a, used[0], used[1])] + ([tuple(used)] if n_refs == 3 else [])
+            triples = [] if cart[i] else [(a, used[0], used[1])]
+            triples += [tuple(used)] if n_refs == 3 else []
             for t in triples:
                 if _collinear(pos, *t, tol):
                     raise ValueError(
