@@ -8,6 +8,10 @@ target (e.g. the 2-D toy energies) and need no atoms. Inputs are torch tensors
 (differentiable, results follow their device/dtype) or numpy arrays (computed in
 float64; numpy in, numpy out). Only torsions are periodic (period 2 pi).
 
+Peptides name their backbone torsions ``phi``/``psi`` (one residue, e.g. a capped
+dipeptide) or ``phi_k``/``psi_k`` (residue ``k``); :func:`ramachandran_pairs` finds every
+such pair among a system's CVs.
+
 CV specs (e.g. a system's ``cvs`` entries)::
 
     {"type": "torsion", "atoms": [i, j, k, l]}    # radians, [-pi, pi), periodic
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -40,6 +45,10 @@ __all__ = [
     "is_periodic",
     "in_range",
     "in_state",
+    "state_cvs",
+    "ranges_overlap",
+    "states_disjoint",
+    "ramachandran_pairs",
     "CV_TYPES",
     "FEATURE_CV_TYPES",
     "ALL_CV_TYPES",
@@ -263,3 +272,83 @@ def in_state(cv_values: Mapping, state: Mapping, cvs: Mapping[str, Mapping] | No
     if mask is None:
         raise ValueError("a state needs at least one CV range")
     return mask
+
+
+def state_cvs(states: Mapping[str, Mapping], cvs: Mapping[str, Mapping] | None = None) -> list:
+    """Names of the CVs that ``states`` (``{state: {cv: [lo, hi]}}``) use, in first-use order.
+
+    With ``cvs`` (the CV specs) a CV that is not defined raises ``KeyError`` naming the
+    state, so a caller can refuse before any expensive work.
+    """
+    names: dict[str, None] = {}
+    for state, ranges in states.items():
+        for name in ranges:
+            if cvs is not None and name not in cvs:
+                raise KeyError(
+                    f"state {state!r} uses unknown CV {name!r}; this system defines {sorted(cvs)}"
+                )
+            names[str(name)] = None
+    return list(names)
+
+
+def _arcs(lo: float, hi: float, periodic: bool) -> list[tuple[float, float]]:
+    """``[lo, hi)`` as half-open intervals, split at the ±pi cut for periodic CVs."""
+    if not periodic:
+        return [(lo, hi)]
+    if hi - lo >= 2 * math.pi:
+        return [(-math.pi, math.pi)]
+    lo_w, hi_w = wrap_angle(lo), wrap_angle(hi)
+    return [(lo_w, hi_w)] if lo_w <= hi_w else [(lo_w, math.pi), (-math.pi, hi_w)]
+
+
+def ranges_overlap(a: Sequence[float], b: Sequence[float], periodic: bool = False) -> bool:
+    """True if the ranges ``a = [lo, hi]`` and ``b`` share a value, read as in
+    :func:`in_range` (``lo <= v < hi``; periodic ranges wrapped, possibly across the cut)."""
+    arcs_a = _arcs(float(a[0]), float(a[1]), periodic)
+    arcs_b = _arcs(float(b[0]), float(b[1]), periodic)
+    return any(max(p[0], q[0]) < min(p[1], q[1]) for p in arcs_a for q in arcs_b)
+
+
+def states_disjoint(a: Mapping, b: Mapping, cvs: Mapping[str, Mapping] | None = None) -> bool:
+    """True if no configuration can lie in both states: they share a CV on which their
+    ranges do not overlap (``cvs`` marks the periodic CVs, as in :func:`in_state`).
+
+    False means the states *can* overlap (whether samples fall in both depends on them).
+    """
+    for name in set(a) & set(b):
+        periodic = cvs is not None and is_periodic(cvs.get(name))
+        if not ranges_overlap(a[name], b[name], periodic):
+            return True
+    return False
+
+
+_PHI = re.compile(r"phi(?P<suffix>_[A-Za-z0-9]+)?")
+
+
+def _natural(text: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+
+
+def ramachandran_pairs(cvs: Mapping[str, Mapping]) -> list[tuple[str, str, str]]:
+    """Every backbone pair of torsion CVs ``phi<suffix>`` / ``psi<suffix>`` (suffix ``""`` or
+    ``"_k"``) as ``(residue, phi_name, psi_name)``.
+
+    ``residue`` is ``""`` for the plain pair ``phi``/``psi`` and ``"k"`` for
+    ``phi_k``/``psi_k``. Both CVs must be torsions. Ordered plain pair first, then by
+    residue in natural order (``"2"`` before ``"10"``).
+
+    Example::
+
+        ramachandran_pairs({"phi_1": T, "psi_1": T, "chi1_1": T, "phi_2": T, "psi_2": T})
+        # [("1", "phi_1", "psi_1"), ("2", "phi_2", "psi_2")]
+    """
+    out = []
+    for name in cvs:
+        m = _PHI.fullmatch(str(name))
+        if m is None:
+            continue
+        suffix = m.group("suffix") or ""
+        psi = "psi" + suffix
+        if psi in cvs and is_periodic(cvs[name]) and is_periodic(cvs[psi]):
+            out.append((suffix[1:], str(name), psi))
+    return sorted(out, key=lambda p: (p[0] != "", _natural(p[0])))

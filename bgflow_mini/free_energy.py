@@ -36,6 +36,7 @@ __all__ = [
     "chunked_cvs",
     "merge_states",
     "check_state_names",
+    "sign_state_pairs",
     "cv_edges",
     "pmf_1d",
     "pmf_2d",
@@ -106,6 +107,22 @@ def check_state_names(names: Sequence[str], states: Mapping) -> None:
                 f"unknown state {name!r}; defined states: {sorted(states)} (add one with "
                 "+states.NAME={CV: [lo, hi]})"
             )
+
+
+def sign_state_pairs(states: Mapping[str, Mapping]) -> dict[str, tuple[str, str]]:
+    """``{cv: (f"{cv}_negative", f"{cv}_positive")}`` for every such pair of state names
+    (e.g. ``phi`` of ALDP, ``phi_1``, ``phi_2``, ... of a peptide), in the states' order.
+
+    The ΔF of a pair is F(positive) - F(negative), e.g. that of a residue's phi > 0 state.
+    """
+    out = {}
+    for name in states:
+        name = str(name)
+        if name.endswith("_negative"):
+            stem = name[: -len("_negative")]
+            if stem and f"{stem}_positive" in states:
+                out[stem] = (name, f"{stem}_positive")
+    return out
 
 
 def cv_edges(spec: Mapping, values: Sequence[np.ndarray], bins: int) -> np.ndarray:

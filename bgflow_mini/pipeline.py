@@ -238,29 +238,51 @@ def evaluate(
         state_a, state_b: ΔF = F_b - F_a in kT (default: the target's default states).
         cap: count sample energies above this (kT), e.g. the regularisation threshold.
 
-    Returns ``(metrics, samples)``; ``samples`` holds numpy ``x``, ``log_q``, ``u`` (kT)
-    and ``log_w``. Generator errors are i.i.d. bootstrap errors of the weights.
+    Metrics besides ESS, NLL and the main ΔF (all free energies in kT):
+
+    * ``state_populations``: raw and reweighted fraction of samples in every state;
+    * ``state_delta_f``: for every pair of states ``<cv>_negative`` / ``<cv>_positive``
+      (e.g. each residue's phi > 0 state), ``{cv: {"state_a", "state_b",
+      "dF_reweighted", "stderr", "dF_reference", "reference_stderr", "reference_kind",
+      "error"}}`` computed like the main ΔF;
+    * Ramachandran KL (:func:`~bgflow_mini.evaluation.ramachandran_kl`, MD test frames
+      vs samples) for every pair from :func:`bgflow_mini.cv.ramachandran_pairs`:
+      ``ramachandran_kl_<k>``, ``ramachandran_kl_unweighted_<k>`` and the MD-train
+      floor ``ramachandran_kl_md_train_<k>`` for residue ``k``; the unsuffixed keys
+      hold the plain ``phi``/``psi`` pair when there is one, else the mean over the
+      residues (``ramachandran_kl_kind`` says which);
+    * ``chirality_kept_fraction`` (molecules with chiral alpha carbons): fraction of
+      samples in which every alpha carbon keeps the hand of the target's reference
+      structure (:mod:`bgflow_mini.chirality`), with ``..._per_centre`` and the share
+      of the importance weight on such samples (``..._reweighted``).
+
+    States are checked against the CVs before sampling: a state on an undefined CV
+    raises ``KeyError``. Returns ``(metrics, samples)``; ``samples`` holds numpy ``x``,
+    ``log_q``, ``u`` (kT) and ``log_w``. Generator errors are i.i.d. bootstrap errors of
+    the weights.
     """
     generator.eval()
     energy = generator.energy if energy is None else energy
+    cvs, states = target.cvs, target.states
     default_a, default_b = target.default_states
     state_a, state_b = state_a or default_a, state_b or default_b
+    fe.check_state_names([state_a, state_b], states)
+    needed = _needed_cvs(cvs, states)  # KeyError now, not after sampling
     ic_domain_stats(generator, reset=True)
     x, log_q, u, log_w = generator_samples(generator, n_samples, batch_size, progress, energy)
     domain = ic_domain_stats(generator)
     finite = np.isfinite(u)
-    cvs, states = target.cvs, target.states
-    values = cvmod.compute_cvs(x, cvs)
+    values = cvmod.compute_cvs(x, cvs, needed)
+    ref_values = None
+    pairs = [(state_a, state_b), *fe.sign_state_pairs(states).values()]
+    if any(target.reference_delta_f(a, b) is None for a, b in pairs):
+        ref_values = cvmod.compute_cvs(data.reference.numpy(), cvs, needed)
     args = (states, cvs, state_a, state_b)
     rw = fe.state_delta_f(values, *args, log_w, n_bootstrap, seed)
     raw = fe.state_delta_f({k: v[finite] for k, v in values.items()}, *args, None, n_bootstrap)
-    exact = target.reference_delta_f(state_a, state_b)
-    if exact is not None:
-        ref, ref_err, ref_kind = exact, 0.0, "exact"
-    else:
-        ref_values = cvmod.compute_cvs(data.reference.numpy(), cvs)
-        md = fe.md_delta_f(ref_values, *args, n_blocks, n_bootstrap, seed)
-        ref, ref_err, ref_kind = md["dF"], md["stderr"], "md"
+    ref, ref_err, ref_kind = _reference_delta_f(
+        target, ref_values, states, cvs, state_a, state_b, n_blocks, n_bootstrap, seed
+    )
     metrics = {
         "n_samples": int(n_samples),
         "ess": effective_sample_size(log_w),
@@ -278,15 +300,67 @@ def evaluate(
         "dF_reference_kind": ref_kind,
         "dF_error": rw["dF"] - ref if math.isfinite(rw["dF"]) else math.inf,
         "state_populations": _populations(values, states, cvs, log_w, finite),
+        "state_delta_f": _state_delta_fs(
+            target, values, ref_values, log_w, n_blocks, n_bootstrap, seed
+        ),
     }
     if cap is not None:
         metrics["n_energies_above_cap"] = int((u[finite] > cap).sum())
         metrics["energy_cap"] = float(cap)
     if domain["evaluated"]:
         metrics["ic_out_of_domain_fraction"] = domain["out_of_domain"] / domain["evaluated"]
-    if "phi" in cvs and "psi" in cvs:
-        metrics.update(_ramachandran(values, log_w, finite, data, cvs, bins))
+    metrics.update(_ramachandran(values, log_w, finite, data, cvs, bins))
+    metrics.update(_chirality(target, x, log_w))
     return metrics, {"x": x, "log_q": log_q, "u": u, "log_w": log_w}
+
+
+def _needed_cvs(cvs: Mapping, states: Mapping) -> list[str]:
+    """Every CV that a state or a Ramachandran pair uses (``KeyError`` for an undefined one)."""
+    names = dict.fromkeys(cvmod.state_cvs(states, cvs))
+    for _, phi, psi in cvmod.ramachandran_pairs(cvs):
+        names.update(dict.fromkeys((phi, psi)))
+    return list(names)
+
+
+def _reference_delta_f(
+    target, ref_values, states, cvs, state_a, state_b, n_blocks, n_bootstrap, seed
+) -> tuple[float, float, str]:
+    """``(dF, stderr, kind)``: the target's exact ΔF, else that of the MD frames."""
+    exact = target.reference_delta_f(state_a, state_b)
+    if exact is not None:
+        return float(exact), 0.0, "exact"
+    md = fe.md_delta_f(ref_values, states, cvs, state_a, state_b, n_blocks, n_bootstrap, seed)
+    return md["dF"], md["stderr"], "md"
+
+
+def _state_delta_fs(target, values, ref_values, log_w, n_blocks, n_bootstrap, seed) -> dict:
+    """Reweighted and reference ΔF of every ``<cv>_negative`` / ``<cv>_positive`` pair.
+
+    A pair whose states overlap (ΔF undefined) gets ``{"state_a", "state_b", "skipped"}``
+    instead of failing the whole evaluation.
+    """
+    cvs, states = target.cvs, target.states
+    out = {}
+    for name, (a, b) in fe.sign_state_pairs(states).items():
+        try:
+            rw = fe.state_delta_f(values, states, cvs, a, b, log_w, n_bootstrap, seed)
+            ref, ref_err, kind = _reference_delta_f(
+                target, ref_values, states, cvs, a, b, n_blocks, n_bootstrap, seed
+            )
+        except ValueError as err:
+            out[name] = {"state_a": a, "state_b": b, "skipped": str(err)}
+            continue
+        out[name] = {
+            "state_a": a,
+            "state_b": b,
+            "dF_reweighted": rw["dF"],
+            "stderr": rw["stderr"],
+            "dF_reference": ref,
+            "reference_stderr": ref_err,
+            "reference_kind": kind,
+            "error": rw["dF"] - ref if math.isfinite(rw["dF"]) else math.inf,
+        }
+    return out
 
 
 def _populations(values, states, cvs, log_w, finite) -> dict[str, dict[str, float]]:
@@ -301,17 +375,63 @@ def _populations(values, states, cvs, log_w, finite) -> dict[str, dict[str, floa
     return out
 
 
-def _ramachandran(values, log_w, finite, data: DataSplit, cvs, bins: int) -> dict[str, float]:
-    """Forward KL of the MD test (phi, psi) histogram vs the samples, and its floor."""
-    test = cvmod.compute_cvs(data.test.numpy(), cvs, ["phi", "psi"])
-    train = cvmod.compute_cvs(data.train.numpy(), cvs, ["phi", "psi"])
-    ref = (test["phi"], test["psi"])
+def _ramachandran(values, log_w, finite, data: DataSplit, cvs, bins: int) -> dict:
+    """Forward KL of the MD test (phi, psi) histogram vs the samples, and its floor, for
+    every Ramachandran pair (keys in :func:`evaluate`); empty without a pair."""
+    pairs = cvmod.ramachandran_pairs(cvs)
+    if not pairs:
+        return {}
+    names = [n for _, phi, psi in pairs for n in (phi, psi)]
+    test = cvmod.compute_cvs(data.test.numpy(), cvs, names)
+    train = cvmod.compute_cvs(data.train.numpy(), cvs, names)
+    kinds = ("", "_unweighted", "_md_train")
+    per: dict[str, dict[str, float]] = {}
+    for res, phi, psi in pairs:
+        ref = (test[phi], test[psi])
+        per[res] = {
+            "": ramachandran_kl(*ref, values[phi], values[psi], log_w, bins),
+            "_unweighted": ramachandran_kl(
+                *ref, values[phi][finite], values[psi][finite], bins=bins
+            ),
+            # the same estimator between MD test and MD training frames: its finite-sample
+            # floor (sparse bins), to read the generator's value against
+            "_md_train": ramachandran_kl(*ref, train[phi], train[psi], bins=bins),
+        }
+    out: dict = {"ramachandran_residues": [r for r in per if r]}
+    for res, kl in per.items():
+        if res:
+            out.update({f"ramachandran_kl{k}_{res}": kl[k] for k in kinds})
+    if "" in per:
+        out.update({f"ramachandran_kl{k}": per[""][k] for k in kinds})
+        out["ramachandran_kl_kind"] = "phi, psi"
+    else:
+        for k in kinds:
+            out[f"ramachandran_kl{k}"] = float(np.mean([p[k] for p in per.values()]))
+        out["ramachandran_kl_kind"] = "mean over residues " + ", ".join(per)
+    return out
+
+
+def _chirality(target, x: np.ndarray, log_w: np.ndarray) -> dict:
+    """Chirality metrics of molecular targets (see :func:`evaluate`); empty for others."""
+    system = getattr(target, "system", None)
+    topology = getattr(target, "topology", None)
+    if topology is None or getattr(system, "positions", None) is None:
+        return {}
+    from . import chirality
+
+    centres = chirality.chiral_centres(topology)
+    if not centres:
+        return {"chirality_n_centres": 0}
+    ref = chirality.reference_signs(system.positions, centres)
+    same = chirality.kept_mask(x, centres, ref)
+    kept = same.all(axis=1)
+    lw = np.where(np.isfinite(log_w), log_w, -np.inf)
+    w = np.exp(lw - lw.max()) if np.isfinite(lw).any() else np.zeros_like(lw)
     return {
-        "ramachandran_kl": ramachandran_kl(*ref, values["phi"], values["psi"], log_w, bins),
-        "ramachandran_kl_unweighted": ramachandran_kl(
-            *ref, values["phi"][finite], values["psi"][finite], bins=bins
-        ),
-        # the same estimator between MD test and MD training frames: its finite-sample
-        # floor (sparse bins), to read the generator's value against
-        "ramachandran_kl_md_train": ramachandran_kl(*ref, train["phi"], train["psi"], bins=bins),
+        "chirality_n_centres": len(centres),
+        "chirality_kept_fraction": float(kept.mean()),
+        "chirality_kept_fraction_reweighted": float(w[kept].sum() / w.sum()) if w.sum() else 0.0,
+        "chirality_kept_fraction_per_centre": {
+            c.residue: float(f) for c, f in zip(centres, same.mean(axis=0))
+        },
     }

@@ -17,6 +17,8 @@ _ROWS = (
     ("dF error (kT)", "dF_error", "{:+.3f}"),
     ("Ramachandran KL", "ramachandran_kl", "{:.4f}"),
     ("Ramachandran KL, MD train (floor)", "ramachandran_kl_md_train", "{:.4f}"),
+    ("chirality kept, all alpha carbons", "chirality_kept_fraction", "{:.4f}"),
+    ("chirality kept, weight share", "chirality_kept_fraction_reweighted", "{:.4f}"),
     ("finite energies (evaluation)", "finite_energy_fraction", "{:.4f}"),
     ("energies above the cap (evaluation)", "n_energies_above_cap", "{:d}"),
     ("non-finite energies (training)", "training_nonfinite_energies", "{:d}"),
@@ -36,7 +38,32 @@ def summary_table(metrics: Mapping) -> str:
             text = fmt.format(metrics[key]) + (f" ± {err:.3f}" if err else "")
             if key == "dF_reference":
                 text += f" ({metrics.get('dF_reference_kind', '')})"
+            kind = metrics.get("ramachandran_kl_kind", "phi, psi")
+            if key.startswith("ramachandran_kl") and kind != "phi, psi":
+                label += f" ({kind})"
             lines.append(f"| {label} | {text} |")
+    for res in metrics.get("ramachandran_residues") or []:
+        kl, floor = (metrics.get(f"ramachandran_kl{k}_{res}") for k in ("", "_md_train"))
+        if kl is not None:
+            text = f"{kl:.4f}" + (f" (floor {floor:.4f})" if floor is not None else "")
+            lines.append(f"| Ramachandran KL, residue {res} | {text} |")
+    main = (metrics.get("state_a"), metrics.get("state_b"))
+    for d in (metrics.get("state_delta_f") or {}).values():
+        if (d["state_a"], d["state_b"]) == main:
+            continue  # the headline dF rows above
+        label = f"dF {d['state_a']} -> {d['state_b']} (kT)"
+        if "skipped" in d:
+            lines.append(f"| {label} | skipped: {d['skipped']} |")
+            continue
+        lines.append(
+            f"| {label}: reweighted / reference ({d['reference_kind']}) | "
+            f"{_pm(d['dF_reweighted'], d['stderr'])} / "
+            f"{_pm(d['dF_reference'], d['reference_stderr'])} (error {d['error']:+.3f}) |"
+        )
+    per_centre = metrics.get("chirality_kept_fraction_per_centre") or {}
+    if len(per_centre) > 1:
+        text = ", ".join(f"{k} {v:.4f}" for k, v in per_centre.items())
+        lines.append(f"| chirality kept per alpha carbon | {text} |")
     pops = metrics.get("state_populations") or {}
     for name, p in pops.items():
         lines.append(
@@ -53,6 +80,10 @@ def summary_table(metrics: Mapping) -> str:
     for line in metrics.get("collapse_warnings") or []:
         lines.append(f"| MODE COLLAPSE | {line} |")
     return "\n".join(lines)
+
+
+def _pm(value: float, err: float | None) -> str:
+    return f"{value:.3f}" + (f" ± {err:.3f}" if err else "")
 
 
 def peak_memory_mb(device: torch.device) -> float:

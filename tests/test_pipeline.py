@@ -3,16 +3,26 @@ prior), trained by maximum likelihood on short MD: its samples are valid molecul
 
 from __future__ import annotations
 
+import copy
+import math
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from bgflow_mini import cv as cvmod
+from bgflow_mini import free_energy as fe
 from bgflow_mini import pipeline
 from bgflow_mini.coordinates import build_zmatrix
-from bgflow_mini.energies import OpenMMEnergy
+from bgflow_mini.energies import OpenMMEnergy, TorchForceField
 from bgflow_mini.flows import coupling_flow
 from bgflow_mini.md import simulate
+from bgflow_mini.report import summary_table
 from bgflow_mini.systems import load_system
+from bgflow_mini.targets import MolecularTarget
 from bgflow_mini.training import Trainer, cosine_schedule
 
 
@@ -68,3 +78,136 @@ def test_ml_trained_aldp_generator_gives_valid_molecules(aldp, md_frames):
     # the reference Z-matrix places every atom exactly once
     z = build_zmatrix(aldp.mdtraj_topology, positions=aldp.positions)
     assert sorted(z[:, 0].tolist()) == list(range(aldp.n_atoms))
+
+
+# ---- evaluation with many named CVs, several residues and chirality -----------------------
+
+
+def _peptide_like(folder: Path) -> Path:
+    """A copy of aldp_vacuum with more CVs: a second phi/psi pair on the same atoms (a fake
+    residue 2), chi1 (N-CA-CB-HB1), a distance and an angle, and states on them."""
+    shutil.copytree(Path(load_system("aldp_vacuum").path), folder)
+    cfg = yaml.safe_load((folder / "system.yaml").read_text())
+    cfg["cvs"].update(
+        phi_2=cfg["cvs"]["phi"],
+        psi_2=cfg["cvs"]["psi"],
+        chi1={"type": "torsion", "atoms": [6, 8, 10, 11]},
+        d_hb={"type": "distance", "atoms": [5, 17]},
+        theta={"type": "angle", "atoms": [6, 8, 14]},
+    )
+    cfg["states"].update(
+        phi_2_negative={"phi_2": [-math.pi, 0.0]},
+        phi_2_positive={"phi_2": [0.0, 2.0]},
+        # HB1 of the methyl rotor stays near 1 rad in a short MD run: split there
+        chi1_negative={"chi1": [-math.pi, 1.0]},
+        chi1_positive={"chi1": [1.0, math.pi]},
+        chi1_b={"chi1": [0.0, 1.2]},
+        c7eq={"phi": [-math.pi, 0.0], "psi": [0.5, 2.5], "d_hb": [0.0, 0.25]},
+        wide={"theta": [1.7, 2.1]},
+    )
+    (folder / "system.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def peptide(tmp_path_factory):
+    system = load_system(_peptide_like(tmp_path_factory.mktemp("sys") / "pep"))
+    # a rotamer state across the ±pi cut (system.yaml cannot hold lo > hi yet)
+    system.states["chi1_wrap"] = {"chi1": [1.2, -2.5]}
+    res = simulate(system, n_frames=600, save_every=50, seed=1, equilibration_steps=1000,
+                   progress=False)  # fmt: skip
+    x = torch.as_tensor(res.trajectory.xyz.reshape(600, -1), dtype=torch.float64)
+    data = pipeline.DataSplit(x[:400], x[400:500], x[500:], x)
+    energy = TorchForceField.from_openmm(system)
+    factory = lambda dim, circular: coupling_flow(  # noqa: E731
+        dim, 1, hidden=(16,), kind="rnvp", circular=circular, seed=0
+    )
+    torch.manual_seed(0)
+    bg = pipeline.molecular_generator(system, data.train, factory, energy)
+    Trainer(bg, lr=3e-3, batch_size=128, progress=False).fit(30, data=data.train)
+    return MolecularTarget(system), data, bg, energy
+
+
+def test_evaluate_with_any_named_cvs_and_several_residues(peptide):
+    target, data, bg, energy = peptide
+    kw = dict(energy=energy, n_samples=2000, batch_size=1000, n_bootstrap=20, n_blocks=10)
+    m, s = pipeline.evaluate(bg, target, data, progress=False, **kw)
+    cvs, states = target.cvs, target.states
+    v = cvmod.compute_cvs(s["x"], cvs)
+    # populations of states over torsions (also across the cut), distances and angles,
+    # and of a state over three CVs (an AND of the ranges)
+    for name in ("chi1_b", "chi1_wrap", "c7eq", "wide"):
+        mask = np.asarray(cvmod.in_state(v, states[name], cvs))
+        assert m["state_populations"][name]["raw"] == pytest.approx(mask.mean())
+    c7 = (v["phi"] < 0) & (v["psi"] >= 0.5) & (v["psi"] < 2.5) & (v["d_hb"] < 0.25)
+    assert m["state_populations"]["c7eq"]["raw"] == pytest.approx(c7.mean())
+    assert 0 < c7.mean() < (v["phi"] < 0).mean()  # the AND is narrower than one range
+    wrap = (v["chi1"] >= 1.2) | (v["chi1"] < -2.5)
+    assert m["state_populations"]["chi1_wrap"]["raw"] == pytest.approx(wrap.mean())
+    assert 0 < wrap.mean() < 1
+
+    # ΔF of every <cv>_negative / <cv>_positive pair, like the main ΔF
+    sdf = m["state_delta_f"]
+    assert list(sdf) == ["phi", "phi_2", "chi1"]
+    assert sdf["phi"]["dF_reweighted"] == m["dF_reweighted"]
+    assert sdf["phi_2"]["dF_reweighted"] == sdf["phi"]["dF_reweighted"]  # same atoms
+    assert sdf["phi_2"]["stderr"] == sdf["phi"]["stderr"]
+    chi = sdf["chi1"]
+    ref = fe.md_delta_f(cvmod.compute_cvs(data.reference.numpy(), cvs), states, cvs,
+                        "chi1_negative", "chi1_positive", 10, 20, 0)  # fmt: skip
+    rw = fe.state_delta_f(v, states, cvs, "chi1_negative", "chi1_positive", s["log_w"], 20, 0)
+    assert chi["dF_reference"] == ref["dF"] and chi["reference_stderr"] == ref["stderr"]
+    assert chi["dF_reweighted"] == rw["dF"] and chi["stderr"] == rw["stderr"]
+    assert chi["error"] == pytest.approx(rw["dF"] - ref["dF"])
+    assert math.isfinite(chi["dF_reference"]) and chi["reference_kind"] == "md"
+
+    # per-residue Ramachandran KL; the plain pair keeps the old keys
+    assert m["ramachandran_residues"] == ["2"] and m["ramachandran_kl_kind"] == "phi, psi"
+    for k in ("", "_unweighted", "_md_train"):
+        assert m[f"ramachandran_kl{k}_2"] == m[f"ramachandran_kl{k}"] > 0
+    assert m["ramachandran_kl_md_train"] != m["ramachandran_kl"]
+
+    # chirality: L-alanine of the PDB kept by every sample of an ML-fitted flow
+    assert m["chirality_n_centres"] == 1
+    assert m["chirality_kept_fraction_per_centre"] == {"ALA2": m["chirality_kept_fraction"]}
+    assert m["chirality_kept_fraction"] > 0.99
+    table = summary_table(m)
+    assert "phi_2_negative -> phi_2_positive" in table and "chirality kept" in table
+    assert "chi1_negative -> chi1_positive" in table and "residue 2" in table
+
+    # the main ΔF between rotamer states, one of them across the cut
+    m2, _ = pipeline.evaluate(
+        bg, target, data, state_a="chi1_b", state_b="chi1_wrap", progress=False, **kw
+    )
+    assert math.isfinite(m2["dF_reweighted"]) and math.isfinite(m2["dF_reference"])
+
+
+def test_evaluate_refuses_an_undefined_cv_before_sampling(peptide):
+    target, data, bg, _ = peptide
+    bad = MolecularTarget(target.system)
+    bad.system = copy.copy(target.system)
+    bad.system.states = {**target.states, "rot": {"chi9": [0.0, 1.0]}}
+
+    def no_energy(x):
+        raise AssertionError("sampled before checking the states")
+
+    with pytest.raises(KeyError, match="state 'rot' uses unknown CV 'chi9'"):
+        pipeline.evaluate(bg, bad, data, energy=no_energy, n_samples=10, progress=False)
+
+
+def test_ramachandran_kl_of_several_residues_without_a_plain_pair(peptide):
+    target, data, _, _ = peptide
+    cvs = {k: v for k, v in target.cvs.items() if k not in ("phi", "psi")}
+    cvs["phi_1"], cvs["psi_1"] = cvs.pop("chi1"), target.cvs["psi"]  # residue 1: chi1/psi
+    x = data.test.numpy()
+    v = cvmod.compute_cvs(x, cvs)
+    finite = np.ones(len(x), dtype=bool)
+    m = pipeline._ramachandran(v, np.zeros(len(x)), finite, data, cvs, bins=32)
+    assert m["ramachandran_residues"] == ["1", "2"]
+    assert m["ramachandran_kl_kind"] == "mean over residues 1, 2"
+    for k in ("", "_unweighted", "_md_train"):
+        mean = 0.5 * (m[f"ramachandran_kl{k}_1"] + m[f"ramachandran_kl{k}_2"])
+        assert m[f"ramachandran_kl{k}"] == pytest.approx(mean)
+    # the test frames against themselves: KL 0 for both residues
+    assert m["ramachandran_kl_1"] == pytest.approx(0, abs=1e-6)
+    assert m["ramachandran_kl_md_train_1"] > 0.01
