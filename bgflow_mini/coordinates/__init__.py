@@ -1,4 +1,5 @@
-"""Internal coordinates: Z-matrices, the IC <-> Cartesian flow and IC normalisation."""
+"""Internal coordinates: Z-matrices, ring frames, the IC <-> Cartesian flow and IC
+normalisation."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from .normalization import (
     narrow_torsions,
     sibling_torsions,
 )
+from .rings import ring_systems, ring_zmatrix
+from .whitening import Whiten, cartesian_blocks
 from .zmatrix import bond_graph, build_zmatrix, validate_zmatrix
 
 __all__ = [
@@ -29,4 +32,8 @@ __all__ = [
     "build_zmatrix",
     "validate_zmatrix",
     "bond_graph",
+    "ring_systems",
+    "ring_zmatrix",
+    "Whiten",
+    "cartesian_blocks",
 ]
