@@ -220,3 +220,65 @@ def test_molecular_systems_reject_feature_cvs(tmp_path):
         _check_cvs(cfg, 22, tmp_path / "system.yaml")
     cfg = {"cvs": {"d": {"type": "distance", "atoms": [0, 3]}}, "states": {}}
     _check_cvs(cfg, 22, tmp_path / "system.yaml")  # molecular types still fine
+
+
+# ---- peptides: Ramachandran pairs, CVs of states, overlapping ranges --------------------------
+T = {"type": "torsion", "atoms": [0, 1, 2, 3]}
+D = {"type": "distance", "atoms": [0, 1]}
+
+
+def test_ramachandran_pairs_found_by_name():
+    cvs = {
+        "phi_10": T, "psi_10": T, "chi1_2": T, "phi_2": T, "psi_2": T, "phi_1": T,
+        "psi_1": T, "phi_3": T, "psi_3": D, "phi_4": T, "omega_1": T, "phi": T, "psi": T,
+    }  # fmt: skip
+    assert cv.ramachandran_pairs(cvs) == [
+        ("", "phi", "psi"),
+        ("1", "phi_1", "psi_1"),
+        ("2", "phi_2", "psi_2"),
+        ("10", "phi_10", "psi_10"),  # natural order; phi_3 (psi_3 a distance), phi_4 left out
+    ]
+    assert cv.ramachandran_pairs({"phi": T}) == []
+    assert cv.ramachandran_pairs({"phix": T, "psix": T, "phi_": T, "psi_": T}) == []
+
+
+def test_state_cvs_in_order_and_unknown_ones_named():
+    states = {"a": {"phi_1": [0, 1], "chi1_1": [2.5, -2.5]}, "b": {"d": [0, 1], "phi_1": [1, 2]}}
+    assert cv.state_cvs(states) == ["phi_1", "chi1_1", "d"]
+    with pytest.raises(KeyError, match="state 'b' uses unknown CV 'd'"):
+        cv.state_cvs(states, {"phi_1": T, "chi1_1": T})
+
+
+def test_in_state_is_an_and_over_several_cvs_with_a_range_across_the_cut():
+    specs = {"phi": T, "chi1": T, "d": D}
+    rng = np.random.default_rng(1)
+    n = 5000
+    vals = {
+        "phi": rng.uniform(-math.pi, math.pi, n),
+        "chi1": rng.uniform(-math.pi, math.pi, n),
+        "d": rng.uniform(0.0, 0.5, n),
+    }
+    state = {"phi": [-math.pi, 0.0], "chi1": [2.0, -2.0], "d": [0.1, 0.3]}
+    got = np.asarray(cv.in_state(vals, state, specs))
+    want = (vals["phi"] < 0) & (np.abs(vals["chi1"]) >= 2.0) & (vals["d"] >= 0.1)
+    want &= vals["d"] < 0.3
+    np.testing.assert_array_equal(got, want)
+    assert 0.03 < got.mean() < 0.08  # about 1/2 * 0.36 * 0.4
+    # the same range on a non-periodic CV selects nothing (lo > hi)
+    assert not np.asarray(cv.in_state(vals, {"d": [0.3, 0.1]}, specs)).any()
+
+
+def test_ranges_overlap_and_disjoint_states():
+    pi = math.pi
+    assert not cv.ranges_overlap([-pi, 0.0], [0.0, 2.0], periodic=True)
+    assert cv.ranges_overlap([-3.2, 0.0], [0.0, 3.2], periodic=True)  # both wrap past ±pi
+    assert not cv.ranges_overlap([-3.2, 0.0], [0.0, 3.2])  # not periodic: touching only
+    assert cv.ranges_overlap([2.5, -2.5], [-pi, -2.8], periodic=True)  # across the cut
+    assert not cv.ranges_overlap([2.5, -2.5], [-2.5, 2.5], periodic=True)  # complements
+    assert cv.ranges_overlap([0.0, 2 * pi], [1.0, 1.1], periodic=True)  # a full turn
+    specs = {"phi": T, "psi": T, "d": D}
+    a = {"phi": [-pi, 0.0], "psi": [0.5, 2.5]}
+    assert cv.states_disjoint(a, {"phi": [0.0, 2.0]}, specs)
+    assert cv.states_disjoint(a, {"phi": [-1.0, 1.0], "psi": [-2.0, 0.5]}, specs)
+    assert not cv.states_disjoint(a, {"psi": [1.0, 3.0]}, specs)  # phi < 0 in both possible
+    assert not cv.states_disjoint(a, {"d": [0.0, 0.2]}, specs)  # no shared CV

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,12 +18,14 @@ from bgflow_mini.apps.validation import (
     validate_sample_config,
     validate_train_config,
 )
+from bgflow_mini.systems import load_system
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TARGET = SimpleNamespace(
     name="fake",
     cvs={"phi": {"type": "torsion", "atoms": [0, 1, 2, 3]}, "psi": {"type": "torsion"}},
-    states={"phi_negative": {"phi": [-3.2, 0.0]}, "phi_positive": {"phi": [0.0, 3.2]}},
+    # (ranges [-3.2, 0] and [0, 3.2] would overlap near ±pi: torsion ranges wrap)
+    states={"phi_negative": {"phi": [-math.pi, 0.0]}, "phi_positive": {"phi": [0.0, 3.0]}},
     default_states=("phi_negative", "phi_positive"),
 )
 
@@ -82,7 +85,7 @@ def test_default_sample_free_energy_run_md_configs():
     validate_sample_config(load("sample", ["checkpoint=x", "energy=torchff", "dtype=float64"]))
     validate_free_energy_config(load("free_energy", ["samples=x"]))
     validate_free_energy_config(load("free_energy", ["checkpoint=x"]), target=TARGET)
-    extra = "+states.alpha={psi: [-1.5, 0.5]}"
+    extra = "+states.alpha={phi: [0.5, 1.8], psi: [-1.5, 0.5]}"
     validate_free_energy_config(
         load("free_energy", ["samples=x", extra, "state_b=alpha"]), target=TARGET
     )
@@ -308,7 +311,8 @@ def test_bad_run_md_config():
 
 
 def test_torsion_ranges_may_cross_the_cut_and_other_ranges_may_not():
-    cfg = load("free_energy", ["samples=x", "+states.wrap={psi: [2.5, -2.5]}", "state_b=wrap"])
+    wrap = "+states.wrap={phi: [0.0, 3.0], psi: [2.5, -2.5]}"
+    cfg = load("free_energy", ["samples=x", wrap, "state_b=wrap"])
     validate_free_energy_config(cfg, target=TARGET)  # psi is a torsion: across +-pi
     toy = SimpleNamespace(
         name="toy",
@@ -337,3 +341,69 @@ def test_molecule_needs_md_and_two_states():
     cfg["md"] = None
     raises(validate_train_config, cfg, "md=None", "a molecule needs MD settings", target=molecule)
     raises(validate_train_config, load("train"), "no default states", target=_OneState())
+
+
+# --- peptides: many named CVs, states on any of them, disjoint ΔF states -------------------
+
+_T = {"type": "torsion", "atoms": [0, 1, 2, 3]}
+PEPTIDE = SimpleNamespace(
+    name="pep",
+    kind="molecular",
+    cvs={
+        **{f"{k}_{i}": _T for i in (1, 2) for k in ("phi", "psi", "chi1")},
+        "d_hb": {"type": "distance", "atoms": [0, 3]},
+    },
+    states={
+        "phi_1_negative": {"phi_1": [-math.pi, 0.0]},
+        "phi_1_positive": {"phi_1": [0.0, 2.0]},
+        "phi_2_negative": {"phi_2": [-math.pi, 0.0]},
+        "phi_2_positive": {"phi_2": [0.0, 2.0]},
+        "chi1_1_trans": {"chi1_1": [2.1, -2.1]},  # across the ±pi cut
+        "chi1_1_gplus": {"chi1_1": [0.0, 2.1]},
+        "c7eq_2": {"phi_2": [-math.pi, 0.0], "psi_2": [0.5, 2.5], "d_hb": [0.0, 0.25]},
+    },
+    default_states=("phi_1_negative", "phi_1_positive"),
+)
+
+
+def test_peptide_states_on_any_named_cv_validate():
+    validate_train_config(load("train"), target=PEPTIDE)
+    cfg = load("train", ["evaluation.state_a=chi1_1_gplus", "evaluation.state_b=chi1_1_trans"])
+    validate_train_config(cfg, target=PEPTIDE)
+    fe_cfg = ["samples=x", "state_a=phi_2_positive", "state_b=c7eq_2", "cvs_2d=[[phi_2,psi_2]]"]
+    validate_free_energy_config(load("free_energy", fe_cfg), target=PEPTIDE)
+
+
+def test_a_state_on_an_undefined_cv_is_refused_before_training():
+    """The user's case: a state on chi1 of a system that defines only phi and psi (a
+    KeyError after training before): the train config is refused naming the CV."""
+    from bgflow_mini.targets import MolecularTarget
+
+    target = MolecularTarget(load_system("aldp_vacuum"))
+    target.system.states = {**target.system.states, "chi1_g": {"chi1": [0.0, 2.0]}}
+    raises(
+        validate_train_config,
+        load("train"),
+        "system.states.chi1_g.chi1",
+        "unknown CV 'chi1'",
+        "['phi', 'psi']",
+        target=target,
+    )
+    cfg = load("free_energy", ["samples=x"])
+    raises(validate_free_energy_config, cfg, "unknown CV 'chi1'", target=target)
+
+
+def test_delta_f_states_that_can_overlap_are_refused():
+    cfg = load("train", ["evaluation.state_a=phi_1_negative", "evaluation.state_b=c7eq_2"])
+    raises(
+        validate_train_config,
+        cfg,
+        "evaluation.state_a='phi_1_negative', evaluation.state_b='c7eq_2'",
+        "can overlap",
+        target=PEPTIDE,
+    )
+    # a rotamer state across the cut overlaps a range that reaches past -2.1
+    bad = ["samples=x", "+states.g={chi1_1: [-3.0, -1.0]}", "state_a=g", "state_b=chi1_1_trans"]
+    raises(validate_free_energy_config, load("free_energy", bad), "can overlap", target=PEPTIDE)
+    ok = ["samples=x", "+states.g={chi1_1: [-2.1, -1.0]}", "state_a=g", "state_b=chi1_1_trans"]
+    validate_free_energy_config(load("free_energy", ok), target=PEPTIDE)

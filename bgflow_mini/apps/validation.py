@@ -207,7 +207,8 @@ FREE_ENERGY: Rules = [
     *rows(optional(one_of(DTYPES)), "dtype"),
     *rows(STATE, "state_a", "state_b"),
     *rows(optional(list_of(TEXT)), "cvs"),  # null: every CV of the target
-    *rows(optional(list_of(list_of(TEXT, length=2))), "cvs_2d"),  # null: its first two CVs
+    # null: every phi<k>/psi<k> pair of the target, else its first two CVs
+    *rows(optional(list_of(list_of(TEXT, length=2))), "cvs_2d"),
     *rows(Rule("a mapping {state: {cv: [lo, hi]}}", lambda v: isinstance(v, dict)), "states"),
     *rows(BOOL, "md_energies", "plots"),
     *rows(POS, "pmf_max_f"),
@@ -345,12 +346,34 @@ def _state_choice(d: Mapping, keys: tuple[str, str], target: Any, extra: Mapping
     if states is None or cvs is None:
         return lines
     lines += _state_problems(states, cvs, "system.states")
-    known = sorted({**dict(states), **dict(extra)})
+    every = {**dict(states), **dict(extra)}
+    known = sorted(every)
     name = getattr(target, "name", "?")
     for key, v in zip(keys, (a, b), strict=True):
         if isinstance(v, str) and v not in known:
             lines.append(f"{key}={v!r}: unknown state of system {name!r}; known states: {known}")
+    if not lines and isinstance(a, str) and isinstance(b, str):
+        lines += _overlap(keys, a, b, every, cvs)
     return lines
+
+
+def _overlap(keys: tuple[str, str], a: str, b: str, states: Mapping, cvs: Mapping) -> list[str]:
+    """ΔF between two states needs them disjoint: refuse states that share no CV on which
+    their ranges are disjoint (they would fail the ΔF after training)."""
+    from bgflow_mini.cv import states_disjoint
+
+    sa, sb = states[a], states[b]
+    if not (isinstance(sa, Mapping) and isinstance(sb, Mapping)):
+        return []
+    try:
+        if states_disjoint(sa, sb, cvs):
+            return []
+    except (TypeError, ValueError, IndexError):  # malformed ranges: reported elsewhere
+        return []
+    return [
+        f"{keys[0]}={a!r}, {keys[1]}={b!r}: the states {dict(sa)} and {dict(sb)} can overlap "
+        "(no CV on which both have disjoint ranges); ΔF needs disjoint states"
+    ]
 
 
 def _as_list(v: Any) -> list:
