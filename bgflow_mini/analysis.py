@@ -6,6 +6,14 @@ configurations in time order (MD frames), when given. Generator errors are i.i.d
 bootstrap errors, reference errors block-bootstrap errors over ``n_blocks`` contiguous
 blocks, for ΔF and for the PMFs. Outputs: ``free_energy.json``, ``pmf_<cv>.csv``,
 ``pmf_<cv1>_<cv2>.csv``, plots, and a printable table.
+
+Besides ΔF between ``state_a`` and ``state_b``, the ΔF of every pair of states named
+``<cv>_negative`` / ``<cv>_positive`` (e.g. each residue's phi > 0 state of a peptide
+with ``phi_1_negative``, ``phi_1_positive``, ...) is computed for every source and
+written under ``state_delta_f`` in the JSON and as a second table. Every backbone pair
+``phi<suffix>`` / ``psi<suffix>`` (:func:`bgflow_mini.cv.ramachandran_pairs`) among the
+analysed CVs is drawn in ``ramachandran.png``: one row of panels (MD, generator,
+reweighted) per residue when there are several.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ UNITS = {"torsion": "rad", "angle": "rad", "distance": "nm"}
 @dataclass
 class AnalysisSettings:
     """What to compute. ``None`` for ``cvs`` / ``cvs_2d`` / states means the target's
-    defaults: every CV, the first two CVs as a pair, its default states."""
+    defaults: every CV; every backbone pair ``phi<suffix>`` / ``psi<suffix>`` (else the
+    first two CVs) as 2-D surfaces; its default states."""
 
     cvs: Sequence[str] | None = None
     cvs_2d: Sequence[Sequence[str]] | None = None
@@ -56,18 +65,24 @@ class _Resolved:
     states: dict[str, dict[str, list[float]]]
     state_a: str
     state_b: str
+    sign_pairs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    rama: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def needed(self) -> list[str]:
         names = set(self.cvs) | {n for p in self.pairs for n in p}
-        names |= {n for s in (self.state_a, self.state_b) for n in self.states[s]}
+        used = {self.state_a, self.state_b} | {s for p in self.sign_pairs.values() for s in p}
+        names |= {n for s in used for n in self.states[s]}
         return sorted(names)
 
 
 def resolve_analysis(settings: AnalysisSettings, target: Any) -> _Resolved:
     """CV, pair and state names checked against ``target`` (before any expensive work)."""
     cvs = fe.check_cv_names(list(target.cvs if settings.cvs is None else settings.cvs), target.cvs)
-    if settings.cvs_2d is None:
+    rama_all = cvmod.ramachandran_pairs(target.cvs)
+    if settings.cvs_2d is None and rama_all:
+        raw_pairs = [[phi, psi] for _, phi, psi in rama_all]
+    elif settings.cvs_2d is None:
         raw_pairs = [list(target.cvs)[:2]] if len(target.cvs) >= 2 else []
     else:
         raw_pairs = [list(p) for p in settings.cvs_2d]
@@ -83,7 +98,9 @@ def resolve_analysis(settings: AnalysisSettings, target: Any) -> _Resolved:
     fe.check_state_names([a, b], states)
     if a == b:
         raise ValueError(f"state_a and state_b are both {a!r}")
-    return _Resolved(cvs, pairs, states, a, b)
+    analysed = set(cvs) | {n for p in pairs for n in p}
+    rama = [p for p in rama_all if {p[1], p[2]} <= analysed]
+    return _Resolved(cvs, pairs, states, a, b, fe.sign_state_pairs(states), rama)
 
 
 def analyse(
@@ -124,14 +141,16 @@ def analyse(
         "reweighted": f"generator, reweighted (ESS {ess:.3g})",
     }
     nb, seed = int(st.n_bootstrap), int(st.seed)
-    state_args = (an.states, cvs, an.state_a, an.state_b)
-    dF = {}
-    for src, vals in sources.items():
-        if src == "md":
-            dF[src] = fe.md_delta_f(vals, *state_args, int(st.n_blocks), nb, seed)
-        else:
-            dF[src] = fe.state_delta_f(vals, *state_args, weights[src], nb, seed)
+    dF = _delta_f(sources, weights, an.states, cvs, an.state_a, an.state_b, st)
     exact = target.reference_delta_f(an.state_a, an.state_b)
+    pair_dF = {}
+    for name, (a, b) in an.sign_pairs.items():
+        try:
+            per_src = _delta_f(sources, weights, an.states, cvs, a, b, st)
+        except ValueError as err:  # overlapping states: no ΔF, the rest goes on
+            pair_dF[name] = {"state_a": a, "state_b": b, "skipped": str(err)}
+            continue
+        pair_dF[name] = _pair_entry(a, b, per_src, target.reference_delta_f(a, b))
 
     pmfs, files = {}, []
     for names in [(n,) for n in an.cvs] + list(an.pairs):
@@ -192,6 +211,7 @@ def analyse(
         "dF_error_reweighted_vs_exact": (
             dF["reweighted"]["dF"] - exact if exact is not None and "reweighted" in dF else None
         ),
+        "state_delta_f": pair_dF,
         "pmf_agreement_vs_md": agreement,
         "cvs": an.cvs,
         "cvs_2d": [list(p) for p in an.pairs],
@@ -205,6 +225,9 @@ def analyse(
     table = fe_io.format_table(rows, an.state_a, an.state_b)
     if exact is not None:
         table += f"\nexact ΔF (quadrature): {exact:.3f} kT"
+    if pair_dF:
+        labels_by_src = {s: labels[s] for s in SOURCES}
+        table += "\n\n" + fe_io.format_pairs_table(pair_dF, labels_by_src)
     for name, per_src in agreement.items():
         for src, a in per_src.items():
             table += (
@@ -219,6 +242,29 @@ def _num(v: Any) -> Any:
     return float(v) if isinstance(v, np.floating) else v
 
 
+def _delta_f(sources, weights, states, cvs, a: str, b: str, st) -> dict[str, dict]:
+    """ΔF = F_b - F_a per source: block bootstrap for MD, i.i.d. bootstrap otherwise."""
+    nb, seed, out = int(st.n_bootstrap), int(st.seed), {}
+    for src, vals in sources.items():
+        if src == "md":
+            out[src] = fe.md_delta_f(vals, states, cvs, a, b, int(st.n_blocks), nb, seed)
+        else:
+            out[src] = fe.state_delta_f(vals, states, cvs, a, b, weights[src], nb, seed)
+    return out
+
+
+def _pair_entry(a: str, b: str, per_src: Mapping, exact: float | None) -> dict:
+    """JSON entry of one ``<cv>_negative`` / ``<cv>_positive`` pair (see module docstring)."""
+    entry: dict[str, Any] = {"state_a": a, "state_b": b}
+    for src, d in per_src.items():
+        entry[src] = {k: _num(v) for k, v in d.items()}
+    rw, md = per_src.get("reweighted"), per_src.get("md")
+    entry["exact"] = exact
+    entry["error_reweighted_vs_md"] = rw["dF"] - md["dF"] if rw and md else None
+    entry["error_reweighted_vs_exact"] = rw["dF"] - exact if rw and exact is not None else None
+    return entry
+
+
 def _resolved(f: np.ndarray, err: np.ndarray, max_err: float | None):
     """F with bins of stderr above ``max_err`` (kT) set to NaN (not drawn)."""
     if max_err is None:
@@ -228,9 +274,10 @@ def _resolved(f: np.ndarray, err: np.ndarray, max_err: float | None):
 
 
 def _axis_label(name: str, spec: Mapping) -> str:
-    greek = {"phi": r"$\phi$", "psi": r"$\psi$", "omega": r"$\omega$"}
+    from .plotting import cv_label
+
     unit = UNITS.get(spec.get("type"), "")
-    return f"{greek.get(name, name)}" + (f" ({unit})" if unit else "")
+    return cv_label(name) + (f" ({unit})" if unit else "")
 
 
 def _plots(out, an, target, sources, weights, labels, pmfs, samples, md_u, st) -> list[str]:
@@ -242,16 +289,16 @@ def _plots(out, an, target, sources, weights, labels, pmfs, samples, md_u, st) -
     from . import plotting
 
     files = []
-    if ("phi", "psi") in an.pairs:
-        panels = {}
-        for src in SOURCES:
-            if src in sources:
-                v = sources[src]
-                w = weights.get(src) if src != "md" else None
-                panels[labels[src]] = (v["phi"], v["psi"]) + ((w,) if w is not None else ())
+    if an.rama:
+        columns = {
+            labels[src]: (sources[src], weights.get(src) if src != "md" else None)
+            for src in SOURCES
+            if src in sources
+        }
         ess = effective_sample_size(samples.log_w)
         title = f"Ramachandran plot, {target.name} (reweighted ESS {ess:.3g})"
-        files.append(plotting.plot_ramachandran(out / "ramachandran.png", panels, title=title))
+        path = out / "ramachandran.png"
+        files.append(plotting.plot_ramachandran_pairs(path, an.rama, columns, title=title))
     for name, (centres, profiles) in pmfs.items():
         curves = {
             labels[s]: (centres, *_resolved(*profiles[s], st.plot_max_stderr))

@@ -12,7 +12,7 @@ import numpy as np
 
 from .fileio import atomic_path
 
-__all__ = ["write_pmf_csv", "write_pmf_2d_csv", "format_table"]
+__all__ = ["write_pmf_csv", "write_pmf_2d_csv", "format_table", "format_pairs_table"]
 
 
 def write_pmf_csv(
@@ -94,4 +94,30 @@ def format_table(results: Mapping[str, Mapping], state_a: str, state_b: str) -> 
         + " | ".join(f"{r['n_a']} / {r['n_b']}" for r in results.values())
         + " |",
     ]
+    return "\n".join(lines)
+
+
+def format_pairs_table(pairs: Mapping[str, Mapping], labels: Mapping[str, str]) -> str:
+    """Markdown table of ΔF (kT) of several state pairs, one row per pair.
+
+    ``pairs`` maps a name (e.g. ``"phi_2"``) to ``{"state_a", "state_b", <source>: a
+    state_delta_f-like dict, ..., "error_reweighted_vs_md"}`` or, for a pair without ΔF,
+    ``{"state_a", "state_b", "skipped": reason}``; ``labels`` maps source names to column
+    titles, in column order (sources no pair has are left out).
+    """
+    cols = [s for s in labels if any(s in p for p in pairs.values())]
+    has_err = any(p.get("error_reweighted_vs_md") is not None for p in pairs.values())
+    head = ["ΔF = F(b) - F(a) (kT)", *(labels[s] for s in cols)]
+    head += ["reweighted - MD"] if has_err else []
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for p in pairs.values():
+        row = [f"F({p['state_b']}) - F({p['state_a']})"]
+        if "skipped" in p:
+            row += [f"skipped: {p['skipped']}"] + [""] * (len(head) - 2)
+        else:
+            row += [_fmt(p[s]["dF"], p[s]["stderr"]) if s in p else "n/a" for s in cols]
+            if has_err:
+                err = p.get("error_reweighted_vs_md")
+                row.append("n/a" if err is None else _fmt(err))
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Plots a chemist reads: Ramachandran maps, PMFs, energy and weight histograms, curves.
+"""Plots a chemist reads: Ramachandran maps (one residue, or a grid of residues), PMFs,
+energy and weight histograms, training curves.
 
 Every function writes one PNG (matplotlib, Agg backend) and returns its path.
 Angles are in radians, energies and free energies in kT.
@@ -7,6 +8,7 @@ Angles are in radians, energies and free energies in kT.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 __all__ = [
     "plot_ramachandran",
+    "plot_ramachandran_grid",
+    "plot_ramachandran_pairs",
+    "cv_label",
     "plot_pmfs",
     "plot_energy_histograms",
     "plot_log_weights",
@@ -48,24 +53,43 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _rama_hists(panels: Mapping[str, tuple], edges: np.ndarray) -> dict[str, np.ndarray]:
+    hists = {}
+    for label, data in panels.items():
+        phi, psi = np.asarray(data[0]), np.asarray(data[1])
+        w = _weights(data[2]) if len(data) > 2 and data[2] is not None else None
+        if phi.size == 0 or (w is not None and not w.sum() > 0):
+            hists[label] = np.zeros((len(edges) - 1,) * 2)
+            continue
+        h, _, _ = np.histogram2d(phi, psi, bins=[edges, edges], weights=w, density=True)
+        hists[label] = np.nan_to_num(h)
+    return hists
+
+
+def _log_range(hists) -> tuple[float, float]:
+    """A shared log colour range: the largest density down to 1e-4 of it."""
+    positive = [h[h > 0].min() for h in hists if (h > 0).any()]
+    vmax = max(h.max() for h in hists) or 1.0
+    vmin = max(min(positive), 1e-4 * vmax) if positive else 1e-6
+    return vmin, max(vmax, vmin * 10)
+
+
 def plot_ramachandran(
-    path, panels: Mapping[str, tuple], bins: int = 64, title: str = "Ramachandran plot"
+    path,
+    panels: Mapping[str, tuple],
+    bins: int = 64,
+    title: str = "Ramachandran plot",
+    labels: tuple[str, str] = (r"$\phi$ (rad)", r"$\psi$ (rad)"),
 ) -> Path:
     """Side-by-side (phi, psi) 2-D histograms with a log colour scale.
 
     ``panels`` maps a label to ``(phi, psi)`` or ``(phi, psi, log_w)`` (radians; log
     weights optional, for reweighted samples). Densities share one colour scale.
+    ``labels``: the x and y axis labels.
     """
     edges = np.linspace(-math.pi, math.pi, bins + 1)
-    hists = {}
-    for label, data in panels.items():
-        phi, psi = np.asarray(data[0]), np.asarray(data[1])
-        w = _weights(data[2]) if len(data) > 2 else None
-        h, _, _ = np.histogram2d(phi, psi, bins=[edges, edges], weights=w, density=True)
-        hists[label] = h
-    positive = [h[h > 0].min() for h in hists.values() if (h > 0).any()]
-    vmin = max(min(positive), 1e-4 * max(h.max() for h in hists.values())) if positive else 1e-6
-    vmax = max(h.max() for h in hists.values()) or 1.0
+    hists = _rama_hists(panels, edges)
+    vmin, vmax = _log_range(hists.values())
     fig, axes = plt.subplots(
         1, len(hists), figsize=(4.6 * len(hists), 4), squeeze=False, layout="constrained"
     )
@@ -74,12 +98,115 @@ def plot_ramachandran(
             edges, edges, np.ma.masked_less_equal(h.T, 0), norm=LogNorm(vmin, vmax), cmap="viridis"
         )
         ax.set_title(label)
-        ax.set_xlabel(r"$\phi$ (rad)")
-        ax.set_ylabel(r"$\psi$ (rad)")
+        ax.set_xlabel(labels[0])
+        ax.set_ylabel(labels[1])
         ax.set_aspect("equal")
     fig.colorbar(im, ax=axes[0].tolist(), label="probability density (rad$^{-2}$)")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_ramachandran_grid(
+    path,
+    rows: Mapping[str, Mapping[str, tuple]],
+    bins: int = 48,
+    title: str = "Ramachandran plots per residue",
+) -> Path:
+    """One row of (phi, psi) histograms per residue, one column per source.
+
+    ``rows`` maps a residue label (e.g. ``"residue 2"``) to panels as in
+    :func:`plot_ramachandran` (label -> ``(phi, psi[, log_w])``); every row must have the
+    same panel labels (the column titles). All panels share one log colour scale, so
+    residues can be compared; axes span [-pi, pi] with ticks at -pi/2, 0, pi/2 only, so
+    that five or more rows stay readable.
+    """
+    if not rows:
+        raise ValueError("plot_ramachandran_grid needs at least one row")
+    columns = list(next(iter(rows.values())))
+    for name, panels in rows.items():
+        if list(panels) != columns:
+            raise ValueError(f"row {name!r} has panels {list(panels)}, expected {columns}")
+    edges = np.linspace(-math.pi, math.pi, bins + 1)
+    hists = {name: _rama_hists(panels, edges) for name, panels in rows.items()}
+    vmin, vmax = _log_range([h for r in hists.values() for h in r.values()])
+    n_rows, n_cols = len(rows), len(columns)
+    fig, axes = plt.subplots(
+        n_rows,
+        n_cols,
+        figsize=(2.7 * n_cols + 1.2, 2.5 * n_rows + 0.8),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        layout="constrained",
+    )
+    ticks, names = [-math.pi / 2, 0.0, math.pi / 2], [r"$-\pi/2$", "0", r"$\pi/2$"]
+    im = None
+    for i, (name, row) in enumerate(hists.items()):
+        for j, (label, h) in enumerate(row.items()):
+            ax = axes[i, j]
+            im = ax.pcolormesh(
+                edges,
+                edges,
+                np.ma.masked_less_equal(h.T, 0),
+                norm=LogNorm(vmin, vmax),
+                cmap="viridis",
+            )
+            ax.set_aspect("equal")
+            ax.set_xticks(ticks, names)
+            ax.set_yticks(ticks, names)
+            if i == 0:
+                ax.set_title(label, fontsize="medium")
+            if j == 0:
+                ax.set_ylabel(f"{name}\n" + r"$\psi$ (rad)")
+            if i == n_rows - 1:
+                ax.set_xlabel(r"$\phi$ (rad)")
+    fig.colorbar(
+        im,
+        ax=axes.ravel().tolist(),
+        shrink=min(1.0, 3.0 / n_rows),
+        aspect=25,
+        label="probability density (rad$^{-2}$)",
+    )
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_ramachandran_pairs(
+    path,
+    pairs: Sequence[tuple[str, str, str]],
+    sources: Mapping[str, tuple],
+    bins: int = 64,
+    title: str = "Ramachandran plot",
+) -> Path | None:
+    """Ramachandran plots of every backbone pair: one figure for one pair, else a grid.
+
+    ``pairs``: ``(residue, phi_name, psi_name)`` as from
+    :func:`bgflow_mini.cv.ramachandran_pairs`; ``sources`` maps a column label to
+    ``(cv_values, log_w or None)`` with ``cv_values`` a ``{name: (n,)}`` dict holding the
+    pairs' CVs. One pair gives :func:`plot_ramachandran` (axes named after the CVs), more
+    give :func:`plot_ramachandran_grid` (rows ``residue <k>``). ``None`` without pairs.
+    """
+
+    def panels(phi: str, psi: str) -> dict[str, tuple]:
+        return {label: (v[phi], v[psi], w) for label, (v, w) in sources.items()}
+
+    if not pairs:
+        return None
+    if len(pairs) == 1:
+        res, phi, psi = pairs[0]
+        labels = tuple(cv_label(n) + " (rad)" for n in (phi, psi))
+        return plot_ramachandran(path, panels(phi, psi), bins, title, labels)
+    rows = {(f"residue {r}" if r else phi): panels(phi, psi) for r, phi, psi in pairs}
+    return plot_ramachandran_grid(path, rows, min(bins, 48), title)
+
+
+def cv_label(name: str) -> str:
+    r"""``phi`` -> $\phi$, ``psi_2`` -> $\psi_{2}$, ``chi1_3`` -> $\chi_{1,3}$; others as is."""
+    m = re.fullmatch(r"(phi|psi|omega|chi)(\d*)(?:_([A-Za-z0-9]+))?", name)
+    if m is None:
+        return name
+    sub = ",".join(p for p in (m.group(2), m.group(3)) if p)
+    return rf"$\{m.group(1)}" + (f"_{{{sub}}}$" if sub else "$")
 
 
 def plot_pmfs(

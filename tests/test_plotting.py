@@ -131,3 +131,61 @@ def test_moving_average_values() -> None:
 def test_moving_average_bad_window(window) -> None:
     with pytest.raises(ValueError, match="window"):
         moving_average([1.0, 2.0], window)
+
+
+# ---- Ramachandran plots of several residues ------------------------------------------------
+
+
+def _panels(rng, shift: float) -> dict[str, tuple]:
+    phi = rng.normal(-1.4 + shift, 0.3, 2000)
+    psi = rng.normal(1.2, 0.4, 2000)
+    return {
+        "MD": (phi, psi),
+        "generator": (phi + 0.1, psi),
+        "generator, reweighted": (phi, psi, rng.normal(0, 1, 2000)),
+    }
+
+
+def test_ramachandran_grid_of_five_residues_is_readable(tmp_path, monkeypatch) -> None:
+    rng = np.random.default_rng(0)
+    rows = {f"residue {k}": _panels(rng, 0.1 * k) for k in range(1, 6)}
+    figs = []
+    save = plotting._save
+    monkeypatch.setattr(plotting, "_save", lambda fig, path: (figs.append(fig), save(fig, path))[1])
+    path = plotting.plot_ramachandran_grid(tmp_path / "grid.png", rows, title="pep5")
+    _assert_png(path)
+    fig = figs[0]
+    maps = [ax for ax in fig.axes if ax.collections and ax.get_aspect() == 1.0]
+    assert len(maps) == 15  # 5 residues x 3 sources, square (+ one colour bar)
+    width = min(ax.get_position().width * fig.get_figwidth() for ax in maps)
+    assert width > 1.8  # inches per panel: readable at 5 rows
+    assert fig.get_figheight() < 16 and fig.get_figwidth() < 12
+    titles = [ax.get_title() for ax in maps[:3]]
+    assert titles == ["MD", "generator", "generator, reweighted"]  # columns, top row only
+    assert [maps[3 * i].get_ylabel().split("\n")[0] for i in range(5)] == list(rows)
+    assert not any(ax.get_title() for ax in maps[3:])
+    assert [ax.get_xlabel() for ax in maps[12:]] == [r"$\phi$ (rad)"] * 3  # bottom row only
+    assert not any(ax.get_xlabel() for ax in maps[:12])
+    rows["residue 5"] = {"MD": rows["residue 5"]["MD"]}
+    with pytest.raises(ValueError, match="row 'residue 5' has panels"):
+        plotting.plot_ramachandran_grid(tmp_path / "bad.png", rows)
+
+
+def test_ramachandran_pairs_picks_figure_and_labels(tmp_path, monkeypatch) -> None:
+    rng = np.random.default_rng(1)
+    v = {"phi_1": rng.uniform(-3, 3, 500), "psi_1": rng.uniform(-3, 3, 500)}
+    v.update(phi_2=v["phi_1"], psi_2=v["psi_1"])
+    sources = {"MD": (v, None), "reweighted": (v, np.zeros(500))}
+    called = []
+    monkeypatch.setattr(plotting, "plot_ramachandran_grid", lambda p, rows, *a: called.append(rows))
+    assert plotting.plot_ramachandran_pairs(tmp_path / "none.png", [], sources) is None
+    one = plotting.plot_ramachandran_pairs(tmp_path / "one.png", [("1", "phi_1", "psi_1")], sources)
+    _assert_png(one)
+    assert called == []
+    pairs = [("1", "phi_1", "psi_1"), ("2", "phi_2", "psi_2")]
+    plotting.plot_ramachandran_pairs(tmp_path / "two.png", pairs, sources)
+    assert list(called[0]) == ["residue 1", "residue 2"]
+    assert list(called[0]["residue 2"]) == ["MD", "reweighted"]
+    assert called[0]["residue 2"]["reweighted"][2] is sources["reweighted"][1]
+    assert plotting.cv_label("phi") == r"$\phi$" and plotting.cv_label("psi_2") == r"$\psi_{2}$"
+    assert plotting.cv_label("chi1_3") == r"$\chi_{1,3}$" and plotting.cv_label("d_hb") == "d_hb"

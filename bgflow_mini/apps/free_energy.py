@@ -6,7 +6,10 @@
         '+states.alpha_l={phi: [0.0, 2.0], psi: [-1.0, 1.5]}' 'cvs=[phi]' cvs_2d=[]
     bgflow-free-energy samples=S md_reference=data/aldp_vacuum/KEY/traj.h5
 
-See :mod:`bgflow_mini.analysis` for what is computed and written.
+See :mod:`bgflow_mini.analysis` for what is computed and written: besides ΔF between
+``state_a`` and ``state_b``, the ΔF of every ``<cv>_negative`` / ``<cv>_positive`` state
+pair (each residue's phi > 0 state of a peptide), a PMF along every CV, a 2-D surface per
+backbone pair ``phi_k`` / ``psi_k`` and a per-residue Ramachandran grid.
 """
 
 from __future__ import annotations
