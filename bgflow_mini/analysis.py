@@ -225,9 +225,10 @@ def analyse(
     table = fe_io.format_table(rows, an.state_a, an.state_b)
     if exact is not None:
         table += f"\nexact ΔF (quadrature): {exact:.3f} kT"
-    if pair_dF:
-        labels_by_src = {s: labels[s] for s in SOURCES}
-        table += "\n\n" + fe_io.format_pairs_table(pair_dF, labels_by_src)
+    main = (an.state_a, an.state_b)
+    others = {k: p for k, p in pair_dF.items() if (p["state_a"], p["state_b"]) != main}
+    if others:  # the main pair is the table above
+        table += "\n\n" + fe_io.format_pairs_table(others, {s: labels[s] for s in SOURCES})
     for name, per_src in agreement.items():
         for src, a in per_src.items():
             table += (

@@ -113,7 +113,8 @@ def format_pairs_table(pairs: Mapping[str, Mapping], labels: Mapping[str, str]) 
     for p in pairs.values():
         row = [f"F({p['state_b']}) - F({p['state_a']})"]
         if "skipped" in p:
-            row += [f"skipped: {p['skipped']}"] + [""] * (len(head) - 2)
+            reason = "states overlap" if "overlap" in p["skipped"] else "see the JSON"
+            row += [f"skipped ({reason})"] + [""] * (len(head) - 2)
         else:
             row += [_fmt(p[s]["dF"], p[s]["stderr"]) if s in p else "n/a" for s in cols]
             if has_err:

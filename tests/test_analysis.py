@@ -114,7 +114,7 @@ def test_analysis_of_several_residues(setup, tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "free_energy.json").read_text())
     chi = pairs["chi1_1"]["md"]["dF"]
     assert saved["state_delta_f"]["chi1_1"]["md"]["dF"] == pytest.approx(chi)
-    assert "skipped: " in table
+    assert "| F(psi_1_positive) - F(psi_1_negative) | skipped (states overlap) |" in table
 
 
 def test_main_delta_f_between_states_over_several_cvs(setup, tmp_path):
