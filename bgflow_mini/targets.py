@@ -205,6 +205,19 @@ class MolecularTarget(Target):
                 f"constraints {cfg['constraints']!r} (the internal-coordinate flow treats "
                 "constrained bonds as free; use constraints: null)"
             )
+        molecules = self.topology.find_molecules()
+        if len(molecules) > 1:
+            parts = []
+            for mol in molecules:
+                names = sorted({a.residue.name for a in mol})
+                parts.append(f"{len(mol)} atoms ({'/'.join(names)[:40]})")
+            problems.append(
+                f"{len(molecules)} separate molecules: {', '.join(parts[:6])}"
+                + (", ..." if len(parts) > 6 else "")
+                + " (waters, ions, ligands and several chains are not supported yet: the "
+                "internal coordinates need one bonded molecule, e.g. one peptide chain in "
+                "vacuum or implicit solvent)"
+            )
         if self.system.system.usesPeriodicBoundaryConditions():
             problems.append(
                 f"a periodic nonbonded method ({cfg.get('nonbonded_method')}); use NoCutoff "

@@ -83,3 +83,28 @@ def test_as_target_errors() -> None:
         as_target(3.0)
     with pytest.raises(TypeError, match="ToyEnergy"):
         ToyTarget(torch.nn.Identity())  # type: ignore[arg-type]
+
+
+def test_several_molecules_are_refused(tmp_path: Path) -> None:
+    from openmm import Vec3, app, unit
+    from openmm.app import element
+
+    folder = tmp_path / "wet"
+    shutil.copytree(ROOT / "systems" / "aldp_vacuum", folder)
+    pdb = app.PDBFile(str(folder / "aldp.pdb"))
+    water = app.Topology()
+    res = water.addResidue("HOH", water.addChain())
+    o = water.addAtom("O", element.oxygen, res)
+    for name in ("H1", "H2"):
+        water.addBond(o, water.addAtom(name, element.hydrogen, res))
+    xyz = [Vec3(1.0, 1.0, 1.0), Vec3(1.0957, 1.0, 1.0), Vec3(0.976, 1.0927, 1.0)]
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    modeller.add(water, [v * unit.nanometer for v in xyz])
+    with open(folder / "aldp.pdb", "w") as fh:
+        app.PDBFile.writeFile(modeller.topology, modeller.positions, fh)
+    text = (folder / "system.yaml").read_text()
+    text = text.replace("[amber99sbildn.xml]", "[amber99sbildn.xml, tip3p.xml]")
+    (folder / "system.yaml").write_text(text)
+    target = as_target(folder)
+    with pytest.raises(UnsupportedSystemError, match=r"2 separate molecules.*3 atoms \(HOH\)"):
+        target.check_supported()
