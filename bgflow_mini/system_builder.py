@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from .peptide_geometry import (
     DEFAULT_PHI,
     DEFAULT_PSI,
     ONE_TO_THREE,
+    PROLINE_PHI,
     VARIANTS,
     build_peptide,
     peptide_cvs,
@@ -231,7 +233,7 @@ def _minimize(
 
 
 def _yaml_text(header: list[str], cfg: dict[str, Any]) -> str:
-    lines = [f"# {h}".rstrip() for h in header]
+    lines = [f"# {t}" for h in header for t in textwrap.wrap(h, 96, subsequent_indent="  ")]
     lines += [f"name: {cfg['name']}", f"pdb: {cfg['pdb']}",
               f"forcefield: [{', '.join(cfg['forcefield'])}]", "nonbonded_method: NoCutoff",
               "constraints: null", "rigid_water: false",
@@ -307,7 +309,8 @@ def build_system(
     if residues is not None:
         topology, positions = build_peptide(residues, termini)
         positions = positions * unit.nanometer
-        source = f"{termini} {'-'.join(residues)} (PeptideBuilder, phi/psi {_PHI_PSI} deg)"
+        pro = f", PRO phi {PROLINE_PHI:g}" if "PRO" in residues else ""
+        source = f"{termini} {'-'.join(residues)} (PeptideBuilder, phi/psi {_PHI_PSI}{pro} deg)"
     else:
         topology, positions, source = _pdbfixer_heavy_atoms(Path(pdb))
         source = f"{Path(pdb).name}: {source}"
