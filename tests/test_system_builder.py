@@ -283,3 +283,43 @@ def test_command_line(tmp_path) -> None:
     bad = subprocess.run([sys.executable, script, "sequence=AXZ", "out=bad"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "error: sequence='AXZ'" in bad.stderr
+
+
+def _topology(*residues: tuple[str, str, list[str]]) -> app.Topology:
+    """An OpenMM topology from (chain id, residue name, atom names) rows."""
+    top, chains = app.Topology(), {}
+    for chain_id, name, atoms in residues:
+        if chain_id not in chains:
+            chains[chain_id] = top.addChain(chain_id)
+        res = top.addResidue(name, chains[chain_id])
+        for atom in atoms:
+            top.addAtom(atom, app.Element.getBySymbol(atom[0]), res)
+    return top
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (("A", "NA", ["NA"]), r"ions \(NA x1\)"),
+        (("A", "LIG", ["C1", "O1"]), r"ligands, unknown or non-standard residues \(LIG x1\)"),
+        (("A", "MSE", ["N", "CA", "C", "O"]), r"non-standard residues \(MSE x1\)"),
+        (("B", "ALA", ["N", "CA", "C", "O", "CB"]), r"2 chains \(A, B\)"),
+    ],
+)
+def test_check_supported_topology_names_the_problem(extra, match) -> None:
+    ala = ("A", "ALA", ["N", "CA", "C", "O", "CB"])
+    check_supported_topology(_topology(ala))
+    with pytest.raises(SystemBuildError, match=match + r".*Supported: one chain"):
+        check_supported_topology(_topology(ala, extra))
+    with pytest.raises(SystemBuildError, match="no amino acid"):
+        check_supported_topology(_topology(("A", "ACE", ["C", "O", "CH3"])))
+
+
+def test_chain_break_is_refused(tmp_path) -> None:
+    pdb = app.PDBFile(str(load_system("ala4_implicit").path / "ala4_implicit.pdb"))
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    modeller.delete([r for r in modeller.topology.residues() if r.id == "3"])  # middle ALA
+    with open(tmp_path / "gap.pdb", "w") as fh:
+        app.PDBFile.writeFile(modeller.topology, modeller.positions, fh, keepIds=True)
+    with pytest.raises(SystemBuildError, match=r"chain break between ALA2 and ALA4"):
+        build_system(tmp_path / "out", pdb=tmp_path / "gap.pdb")
