@@ -254,7 +254,11 @@ def evaluate(
     * ``chirality_kept_fraction`` (molecules with chiral alpha carbons): fraction of
       samples in which every alpha carbon keeps the hand of the target's reference
       structure (:mod:`bgflow_mini.chirality`), with ``..._per_centre`` and the share
-      of the importance weight on such samples (``..._reweighted``).
+      of the importance weight on such samples (``..._reweighted``);
+    * ``ring_bonds`` (molecules with rings): every ring bond's length distribution in
+      the finite-energy samples against the MD test frames
+      (:func:`~bgflow_mini.ring_geometry.ring_bond_stats`: ``max_std_ratio``,
+      ``max_mean_rel_error``, per bond mean/std/fraction more than 5 % off).
 
     States are checked against the CVs before sampling: a state on an undefined CV
     raises ``KeyError``. Returns ``(metrics, samples)``; ``samples`` holds numpy ``x``,
@@ -311,6 +315,13 @@ def evaluate(
         metrics["ic_out_of_domain_fraction"] = domain["out_of_domain"] / domain["evaluated"]
     metrics.update(_ramachandran(values, log_w, finite, data, cvs, bins))
     metrics.update(_chirality(target, x, log_w))
+    topology = getattr(target, "topology", None)
+    if topology is not None:
+        from .ring_geometry import ring_bond_stats
+
+        rings = ring_bond_stats(x, data.test.numpy(), topology, finite)
+        if rings:
+            metrics["ring_bonds"] = rings
     return metrics, {"x": x, "log_q": log_q, "u": u, "log_w": log_w}
 
 

@@ -64,6 +64,13 @@ def summary_table(metrics: Mapping) -> str:
     if len(per_centre) > 1:
         text = ", ".join(f"{k} {v:.4f}" for k, v in per_centre.items())
         lines.append(f"| chirality kept per alpha carbon | {text} |")
+    rings = metrics.get("ring_bonds")
+    if rings:
+        lines.append(
+            f"| ring bonds ({rings['n_ring_bonds']}): std / MD std, max mean error | "
+            f"{rings['min_std_ratio']:.2f}..{rings['max_std_ratio']:.2f}, "
+            f"{100 * rings['max_mean_rel_error']:.2f} % |"
+        )
     pops = metrics.get("state_populations") or {}
     for name, p in pops.items():
         lines.append(

@@ -260,10 +260,11 @@ def _check_cvs(cfg: dict[str, Any], n_atoms: int, where: Path) -> None:
                 )
             valid = isinstance(rng, list) and len(rng) == 2
             valid = valid and all(isinstance(v, (int, float)) and math.isfinite(v) for v in rng)
-            if not valid or not rng[0] < rng[1]:
+            periodic = cfg["cvs"][cv_name].get("type") == "torsion"
+            if not valid or rng[0] == rng[1] or (rng[0] > rng[1] and not periodic):
                 raise SystemConfigError(
                     f"state {state!r} in {where}: range for {cv_name!r} must be [low, high] "
-                    f"with low < high, got {rng!r}"
+                    f"with low < high (torsions may wrap across +-pi: low > high), got {rng!r}"
                 )
             ranges[cv_name] = [float(rng[0]), float(rng[1])]
 

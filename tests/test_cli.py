@@ -21,6 +21,7 @@ COMMANDS = {
     "bgflow-sample": "bgflow_mini.apps.sample:main",
     "bgflow-free-energy": "bgflow_mini.apps.free_energy:main",
     "bgflow-md": "bgflow_mini.apps.run_md:main",
+    "bgflow-system": "bgflow_mini.apps.build_system:main",
 }
 
 

@@ -211,3 +211,33 @@ def test_ramachandran_kl_of_several_residues_without_a_plain_pair(peptide):
     # the test frames against themselves: KL 0 for both residues
     assert m["ramachandran_kl_1"] == pytest.approx(0, abs=1e-6)
     assert m["ramachandran_kl_md_train_1"] > 0.01
+
+
+def test_evaluate_reports_ring_bonds_of_a_proline_dipeptide():
+    from bgflow_mini.ring_geometry import ring_bond_stats
+
+    system = load_system("pro_dipeptide_vacuum")
+    res = simulate(system, n_frames=400, save_every=50, seed=2, equilibration_steps=1000,
+                   progress=False)  # fmt: skip
+    x = torch.as_tensor(res.trajectory.xyz.reshape(400, -1), dtype=torch.float64)
+    data = pipeline.DataSplit(x[:300], x[300:350], x[350:], x)
+    energy = TorchForceField.from_openmm(system)
+    factory = lambda dim, circular: coupling_flow(  # noqa: E731
+        dim, 1, hidden=(16,), kind="rnvp", circular=circular, seed=0
+    )
+    torch.manual_seed(0)
+    bg = pipeline.molecular_generator(system, data.train, factory, energy)
+    assert sum(bg.spec["cartesian"]) == 2  # CD, CG in the frame of CA, N, CB (rows 0-2)
+    Trainer(bg, lr=3e-3, batch_size=128, progress=False).fit(30, data=data.train)
+    target = MolecularTarget(system)
+    m, s = pipeline.evaluate(
+        bg, target, data, energy=energy, n_samples=1000, batch_size=500, n_bootstrap=10,
+        n_blocks=5, progress=False,
+    )  # fmt: skip
+    rings = m["ring_bonds"]
+    finite = np.isfinite(s["u"])
+    assert rings == ring_bond_stats(s["x"], data.test.numpy(), target.topology, finite)
+    assert rings["n_ring_bonds"] == 5 and len(rings["bonds"]) == 5
+    assert rings["max_mean_rel_error"] < 0.05  # closed rings, even after 30 steps
+    assert m["chirality_n_centres"] == 1 and m["chirality_kept_fraction"] > 0.99
+    assert "ring bonds (5)" in summary_table(m)

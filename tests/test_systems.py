@@ -206,7 +206,14 @@ def test_bad_yaml_key(tmp_path):
         ({"temperature": -5}, "temperature"),
         ({"forcefield": ["no_such_ff.xml"]}, "cannot load force field"),
         ({"states": {"s": {"chi": [0.0, 1.0]}}}, "unknown CV 'chi'"),
-        ({"states": {"s": {"phi": [1.0, 0.0]}}}, "low < high"),
+        ({"states": {"s": {"phi": [1.0, 1.0]}}}, "low < high"),
+        (
+            {
+                "cvs": {"d": {"type": "distance", "atoms": [5, 17]}},
+                "states": {"s": {"d": [0.3, 0.2]}},
+            },
+            "low < high",
+        ),
     ],
 )
 def test_bad_values(tmp_path, changes, match):
@@ -214,6 +221,15 @@ def test_bad_values(tmp_path, changes, match):
     _edit_yaml(folder, **changes)
     with pytest.raises(SystemConfigError, match=match):
         load_system(folder)
+
+
+def test_torsion_state_may_wrap_across_pi(tmp_path):
+    folder = _copy(tmp_path)
+    _edit_yaml(folder, states={"a": {"phi": [-1.0, 0.0]}, "alpha_l_wrap": {"phi": [2.5, -2.5]}})
+    system = load_system(folder)
+    assert system.states["alpha_l_wrap"] == {"phi": [2.5, -2.5]}
+    x = np.asarray(system.positions).reshape(1, -1)
+    assert system.in_state("alpha_l_wrap", x).shape == (1,)
 
 
 @pytest.mark.parametrize(

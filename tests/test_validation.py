@@ -160,6 +160,7 @@ TRAIN_BAD = [
     (["flow.hidden=[]"], ["flow.hidden=[]", "non-empty list, each an integer >= 1"]),
     (["flow.hidden=[64,0]"], ["flow.hidden=[64, 0]", "integer >= 1"]),
     (["flow.kind=maf"], ["flow.kind='maf'", "['nice', 'rnvp']"]),
+    (["ring_coordinates=mixed"], ["ring_coordinates='mixed'", "['cartesian', 'internal']"]),
     (["flow.n_bins=1"], ["flow.n_bins=1", "integer >= 2"]),
     (["flow.activation=swish"], ["flow.activation='swish'", "'leaky_relu'", "'silu'"]),
     (

@@ -232,17 +232,20 @@ def write_outputs(out: Path, target, samples: dict, metrics: dict, trainer, data
     plots = out / "plots"
     plotting.plot_training_curves(plots / "training.png", trainer.history)
     plotting.plot_log_weights(plots / "log_weights.png", samples["log_w"])
-    if {"phi", "psi"} <= set(target.cvs):
-        from bgflow_mini import cv as cvmod
+    from bgflow_mini import cv as cvmod
 
-        md_cv = cvmod.compute_cvs(data.test.numpy(), target.cvs, ["phi", "psi"])
-        g_cv = cvmod.compute_cvs(samples["x"], target.cvs, ["phi", "psi"])
-        plotting.plot_ramachandran(
+    pairs = cvmod.ramachandran_pairs(target.cvs)
+    if pairs:
+        names = [n for _, phi, psi in pairs for n in (phi, psi)]
+        md_cv = cvmod.compute_cvs(data.test.numpy(), target.cvs, names)
+        g_cv = cvmod.compute_cvs(samples["x"], target.cvs, names)
+        plotting.plot_ramachandran_pairs(
             plots / "ramachandran.png",
+            pairs,
             {
-                "MD (test)": (md_cv["phi"], md_cv["psi"]),
-                "generator": (g_cv["phi"], g_cv["psi"]),
-                "generator, reweighted": (g_cv["phi"], g_cv["psi"], samples["log_w"]),
+                "MD (test)": (md_cv, None),
+                "generator": (g_cv, None),
+                "generator, reweighted": (g_cv, samples["log_w"]),
             },
         )
 
