@@ -34,7 +34,8 @@ from bgflow_mini.samples import save_sample_set
 from bgflow_mini.targets import as_target
 from bgflow_mini.training import Phase, Trainer
 
-from ._common import CONFIG_PATH, plain, run_app, set_threads
+from ._common import CONFIG_PATH, plain, run_app
+from .resources import job_resources
 from .validation import ConfigError, validate_train_config
 
 __all__ = ["main", "train", "RESUME_SAFE"]
@@ -101,7 +102,7 @@ def train(cfg: DictConfig) -> dict:
     device, dtype = resolve_device(str(cfg.device)), resolve_dtype(str(cfg.dtype))
     out.mkdir(parents=True, exist_ok=True)
     save_text(OmegaConf.to_yaml(cfg, resolve=ckpt is None), out / "config.yaml")
-    set_threads(cfg.num_threads)
+    resources = job_resources(cfg)  # torch threads and workers sized to this job's cores
     torch.manual_seed(int(cfg.seed))
     data_dir = to_absolute_path(str(cfg.data_dir))
     data = target.data(
@@ -110,12 +111,12 @@ def train(cfg: DictConfig) -> dict:
         data_dir=data_dir,
         fractions=list(cfg.data.fractions),
         stride=cfg.data.stride,
-        n_workers=cfg.data.n_workers,
+        n_workers=resources.md_workers,
         seed=int(cfg.seed),
         progress=bool(cfg.progress),
     )
     tc = cfg.training
-    energy = target.energy(instantiate(cfg.energy))
+    energy = target.energy(instantiate(cfg.energy, **resources.energy_kwargs()))
     train_energy = instantiate(tc.regularization)(energy) if tc.regularization else energy
     generator = target.generator(
         data.train,
@@ -215,6 +216,7 @@ def train(cfg: DictConfig) -> dict:
         wall_time_s=time.time() - t0,
         data_info=data.info,
         peak_memory_mb=peak_memory_mb(device),
+        resources=resources.as_dict(),
     )
     write_outputs(out, target, samples, metrics, trainer, data, cfg)
     print(f"\n[train] {target.name}: results in {out}\n" + summary_table(metrics))
