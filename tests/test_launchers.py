@@ -160,7 +160,7 @@ def test_slurm_preset_reaches_sbatch(tmp_path, monkeypatch) -> None:
     params = got["executor"].parameters
     assert got["n_jobs"] == 2
     assert params["partition"] == "gpu" and params["gpus_per_node"] == 1
-    assert params["cpus_per_task"] == 4 and params["time"] == 240 and params["mem"] == "16GB"
+    assert params["cpus_per_task"] == 4 and params["time"] == 240 and params["mem"] == "8GB"
     assert params["array_parallelism"] == 16
     sbatch = got["executor"]._make_submission_file_text("python -m x", "uid")
     for line in ("--partition=gpu", "--cpus-per-task=4", "--gpus-per-node=1", "--time=240"):
