@@ -126,7 +126,7 @@ def build_generator(spec: Mapping[str, Any]) -> BoltzmannGenerator:
             from .coordinates.whitening import Whiten, cartesian_blocks
 
             idx = [i for b in cartesian_blocks(internal) for i in b]
-            whiten = Whiten(dim, idx, torch.eye(len(idx), dtype=torch.float64))
+            whiten = Whiten(dim, idx, torch.eye(len(idx), dtype=torch.float64))  # from state
         standardize = Standardize(zeros, torch.ones_like(zeros), ~circular)
         shift = CircularShift(zeros, internal.circular)
         domain = None

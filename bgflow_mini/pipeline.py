@@ -154,8 +154,11 @@ def molecular_generator(
         raise ValueError(
             f"ring_coordinates must be 'cartesian' or 'internal', got {ring_coordinates!r}"
         )
+    from .coordinates.zmatrix import bond_graph
+
+    bonds = bond_graph(top)[1]
     ic, circular = ic_transform(
-        zmatrix, train_x, cartesian=cartesian, circular=circular, bounded=bounded_ics
+        zmatrix, train_x, cartesian=cartesian, bonds=bonds, circular=circular, bounded=bounded_ics
     )
     coupling = flow_factory(dim=ic.dim, circular=circular)
     prior = NormalUniform(ic.dim, circular)

@@ -152,3 +152,19 @@ def test_ring_generator_round_trip_is_exact(tmp_path: Path) -> None:
     assert sum(internal.spec["cartesian"]) == 0
     with pytest.raises(ValueError, match="ring_coordinates"):
         target.generator(data, FLOW, ring_coordinates="mixed")
+
+
+def test_internal_coordinates_save_the_same_keys_as_before_ring_support() -> None:
+    """Checkpoints written before ring support (without the Cartesian-row buffers) load:
+    those buffers are derived from the spec and not saved."""
+    import mdtraj as md
+
+    from bgflow_mini.coordinates import InternalCoordinates
+
+    traj = md.load(str(Path(__file__).resolve().parent / "data" / "ace_phe_pro_nme.pdb"))
+    ic = InternalCoordinates.from_topology(traj.topology, traj.xyz[0])
+    assert ic.cartesian_rows.any()
+    assert set(ic.state_dict()) == {
+        "zmatrix", "bond_idx", "angle_idx", "torsion_idx", "circular",
+        "_b_atoms", "_a_atoms", "_t_atoms", "_gen_cols", "_gen_refs", "_atom_slot",
+    }  # fmt: skip

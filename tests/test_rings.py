@@ -53,6 +53,51 @@ def test_ring_systems_of_phe_and_pro() -> None:
     assert len(ring_systems(np.array(bonds))) == 100
 
 
+def test_macrocycles_are_not_rings() -> None:
+    # a 20-membered loop (e.g. closed by a disulfide) with a 5-ring fused onto it
+    loop = [[i, (i + 1) % 20] for i in range(20)]
+    five = [[3, 20], [20, 21], [21, 22], [22, 4]]
+    assert ring_systems(np.array(loop)) == []
+    assert ring_systems(np.array(loop + five)) == [[3, 4, 20, 21, 22]]
+    assert ring_systems(np.array(loop), max_ring_size=20) == [list(range(20))]
+
+
+def test_sibling_torsions_see_bonds_to_cartesian_ring_atoms(traj: md.Trajectory) -> None:
+    """Rows kept as internal coordinates keep their sibling flags (e.g. the Pro C-alpha
+    improper) when the molecule's bonds are given, and gain those whose sibling bond is
+    a ring-closing bond (not a Z-matrix pair before either)."""
+    from bgflow_mini.coordinates import sibling_torsions
+    from bgflow_mini.coordinates.zmatrix import bond_graph
+
+    top = traj.topology
+    z0 = build_zmatrix(top, positions=traj.xyz[0])
+    z, cart = ring_zmatrix(z0, top, traj.xyz[0])
+    bonds = bond_graph(top)[1]
+    old = sibling_torsions(z0)[~cart[3:]]
+    new = sibling_torsions(z, cart, bonds=bonds)
+    assert new.dtype == torch.bool and not (old & ~new).any()
+    real = {frozenset(map(int, b)) for b in bonds}
+    rows = z[~cart][3:]
+    for k in torch.nonzero(new & ~old).flatten().tolist():
+        assert frozenset((int(rows[k, 3]), int(rows[k, 1]))) in real
+    assert (old & ~sibling_torsions(z, cart)).any()  # Z-matrix pairs alone miss some
+
+
+def test_all_ring_molecule_with_auto_torsions() -> None:
+    """A bare 6-ring: every row after the third is Cartesian, no torsion is left."""
+    ring = np.array([[i, (i + 1) % 6] for i in range(6)])
+    ang = np.arange(6) * np.pi / 3
+    pos = 0.14 * np.stack([np.cos(ang), np.sin(ang), np.zeros(6)], 1)
+    rng = np.random.default_rng(0)
+    x = pos.reshape(1, -1) + 0.003 * rng.normal(size=(64, 18))
+    z, cart = ring_zmatrix(build_zmatrix(ring, positions=pos), ring, pos)
+    assert cart.sum() == 3
+    flow, circular = ic_transform(z, torch.as_tensor(x), cartesian=cart, bonds=ring)
+    assert not circular.any()
+    lat, _ = flow.inverse(torch.as_tensor(x))
+    assert torch.isfinite(lat).all()
+
+
 def test_ring_zmatrix_marks_ring_atoms(traj: md.Trajectory) -> None:
     top = traj.topology
     z0 = build_zmatrix(top, positions=traj.xyz[0])
@@ -142,8 +187,18 @@ def test_whiten_layer() -> None:
     torch.testing.assert_close(ld, -ld_inv)
     jac = torch.autograd.functional.jacobian(lambda v: layer(v[None])[0][0], z[0])
     torch.testing.assert_close(ld[0], torch.linalg.slogdet(jac)[1])
-    with pytest.raises(ValueError, match="lower-triangular"):
-        Whiten(3, [0, 1], torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    # a bimodal collective motion (like a ring pucker flip) lands on one latent axis
+    flip = torch.randint(0, 2, (4000,), generator=torch.Generator().manual_seed(2)) * 2.0 - 1
+    u = torch.tensor([0.5, -0.7, 0.3, 0.4], dtype=DT)
+    block = flip[:, None].to(DT) * u + 0.2 * torch.randn(4000, 4, dtype=DT)
+    block = (block - block.mean(0)) / block.std(0)
+    zb, _ = Whiten.from_data(block, [[0, 1, 2, 3]]).inverse(block)
+    corr = torch.stack(
+        [torch.corrcoef(torch.stack([zb[:, j], flip.to(DT)]))[0, 1] for j in range(4)]
+    )
+    assert corr.abs().max() > 0.95 and torch.sort(corr.abs()).values[-2] < 0.1
+    with pytest.raises(ValueError, match="invertible"):
+        Whiten(3, [0, 1], torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
     with pytest.raises(ValueError, match="shape"):
         Whiten(3, [0, 1], torch.eye(3))
 

@@ -123,7 +123,8 @@ def train(cfg: DictConfig) -> dict:
         instantiate(cfg.flow),
         train_energy,
         bounded_ics=bool(cfg.get("bounded_ics", False)),
-        ring_coordinates=str(cfg.get("ring_coordinates", "cartesian")),
+        # runs from before ring support have no key: they used internal coordinates
+        ring_coordinates=str(cfg.get("ring_coordinates", "internal")),
     )
     generator = generator.to(device=device, dtype=dtype)
     phases = [Phase(**p) for p in plain(tc.phases)]

@@ -5,7 +5,9 @@ flow on standardised bonds and angles can leave them (a negative bond, an angle 
 which maximum likelihood on MD data rarely does but reverse KL from the energy alone does
 (see BENCHMARKS.md). :class:`DomainMap` makes leaving impossible: the flow works on
 ``b = log r`` and ``a = logit(theta / pi)``, and this layer maps back, with its exact
-log-det. Torsions pass through.
+log-det. Torsions pass through. Ring atoms placed by Cartesian coordinates
+(:mod:`~bgflow_mini.coordinates.rings`) have no domain and stay unbounded: extreme
+latents can still squeeze two ring atoms together (the energy rejects such samples).
 """
 
 from __future__ import annotations

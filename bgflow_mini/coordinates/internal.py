@@ -151,18 +151,22 @@ class InternalCoordinates(Flow):
         cartesian_features[torch.as_tensor(cart_cols.reshape(-1), dtype=torch.long)] = True
         circular = torch.zeros(self.dim, dtype=torch.bool)
         circular[2 * n - 3 :] = True
-        self.register_buffer("cartesian_rows", torch.as_tensor(cart_rows))
-        self.register_buffer("cartesian", cartesian_features)
+        # buffers derived from the Z-matrix and the Cartesian rows are not saved (a
+        # checkpoint's spec holds both), so checkpoints from before ring support load
+        keep = {"persistent": False}
+        self.register_buffer("cartesian_rows", torch.as_tensor(cart_rows), **keep)
+        self.register_buffer("cartesian", cartesian_features, **keep)
         self.register_buffer("circular", circular & ~cartesian_features)
         ic_rows = ~cart_rows
-        self.register_buffer("_r_idx", torch.as_tensor(np.flatnonzero(ic_rows[1:])))
-        self.register_buffer("_theta_idx", torch.as_tensor(n - 1 + np.flatnonzero(ic_rows[2:])))
-        self.register_buffer("_cart_cols", torch.as_tensor(cart_cols.T.copy(), dtype=torch.long))
+        self.register_buffer("_r_idx", torch.as_tensor(np.flatnonzero(ic_rows[1:])), **keep)
+        theta_idx = torch.as_tensor(n - 1 + np.flatnonzero(ic_rows[2:]))
+        self.register_buffer("_theta_idx", theta_idx, **keep)
+        cols_t = torch.as_tensor(cart_cols.T.copy(), dtype=torch.long)
+        self.register_buffer("_cart_cols", cols_t, **keep)
         cart_atoms = z[cart_rows][:, :3].T.copy()  # (3, k): atom, origin r0, axis r1
-        self.register_buffer("_cart_atoms", torch.as_tensor(cart_atoms, dtype=torch.long))
-        self.register_buffer(
-            "_cart_plane", torch.as_tensor(z[cart_rows][:, 3].copy(), dtype=torch.long)
-        )
+        self.register_buffer("_cart_atoms", torch.as_tensor(cart_atoms, dtype=torch.long), **keep)
+        plane = torch.as_tensor(z[cart_rows][:, 3].copy(), dtype=torch.long)
+        self.register_buffer("_cart_plane", plane, **keep)
         for name, arr in (
             ("_b_atoms", self.bond_atoms),
             ("_a_atoms", self.angle_atoms),
@@ -185,7 +189,7 @@ class InternalCoordinates(Flow):
         cols = np.stack([later - 1, n - 1 + later - 2, 2 * n - 3 + later - 3], axis=0)
         self.register_buffer("_gen_cols", torch.as_tensor(cols, dtype=torch.long))
         self.register_buffer("_gen_refs", torch.as_tensor(ref_slots.T.copy(), dtype=torch.long))
-        self.register_buffer("_gen_cart", torch.as_tensor(cart_rows[later]))
+        self.register_buffer("_gen_cart", torch.as_tensor(cart_rows[later]), persistent=False)
         self._has_cartesian = bool(cart_rows.any())
         atom_slot = np.empty(n, dtype=np.int64)
         atom_slot[z[:, 0]] = slot

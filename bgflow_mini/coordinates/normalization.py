@@ -96,7 +96,7 @@ def narrow_torsions(angles: Tensor, max_gap: float = math.pi) -> Tensor:
     return (gaps.max(dim=0).values > max_gap).to(angles.device)
 
 
-def sibling_torsions(zmatrix: Any, cartesian: Any = None) -> Tensor:
+def sibling_torsions(zmatrix: Any, cartesian: Any = None, bonds: Any = None) -> Tensor:
     """Which torsion rows of a Z-matrix place an atom relative to a sibling.
 
     Row ``(i, j, k, l)`` is a sibling torsion when ``l`` is bonded to ``j`` (like ``i``),
@@ -104,8 +104,10 @@ def sibling_torsions(zmatrix: Any, cartesian: Any = None) -> Tensor:
     oxygen relative to the next nitrogen. Local geometry fixes such a torsion near one
     value, whereas a proper torsion (``l`` bonded to ``k``) rotates about the ``j-k``
     bond (backbone phi/psi, methyl rotors). Bonds are those of the Z-matrix (its
-    ``(i, j)`` pairs). Cartesian rows (bool ``cartesian`` ``(N,)`` by row) have no
-    torsion: they are left out, of the bonds and of the result.
+    ``(i, j)`` pairs) unless ``bonds`` (``(n_bonds, 2)``, the molecule's) are given.
+    Cartesian rows (bool ``cartesian`` ``(N,)`` by row) have no torsion and are left out
+    of the result; their ``(i, j)`` pairs are not bonds, so give ``bonds`` to see the
+    bonds to ring atoms placed that way.
 
     Returns:
         bool ``(n_torsions,)`` in the order of the torsion rows (rows with ``l >= 0``
@@ -114,9 +116,14 @@ def sibling_torsions(zmatrix: Any, cartesian: Any = None) -> Tensor:
     z = np.asarray(zmatrix, dtype=np.int64)
     if cartesian is not None:
         z = z[~np.asarray(cartesian, dtype=bool)]
-    bonds = {frozenset((int(r[0]), int(r[1]))) for r in z if r[1] >= 0}
+    if bonds is None:
+        pairs = {frozenset((int(r[0]), int(r[1]))) for r in z if r[1] >= 0}
+    else:
+        pairs = {frozenset((int(i), int(j))) for i, j in np.asarray(bonds).reshape(-1, 2)}
     rows = [r for r in z if r[3] >= 0]
-    return torch.tensor([frozenset((int(r[3]), int(r[1]))) in bonds for r in rows])
+    return torch.tensor(
+        [frozenset((int(r[3]), int(r[1]))) in pairs for r in rows], dtype=torch.bool
+    )
 
 
 def _full(values: Any, mask: Tensor, fill: float, name: str) -> Tensor:
@@ -290,6 +297,7 @@ def ic_transform(
     train_positions: Any,
     *,
     cartesian: Any = None,
+    bonds: Any = None,
     circular: str | Any = "auto",
     max_gap: float = math.pi,
     n_bins: int = 36,
@@ -303,6 +311,9 @@ def ic_transform(
         cartesian: optional bool ``(N,)`` by row: Cartesian rows (ring atoms, see
             :func:`~bgflow_mini.coordinates.rings.ring_zmatrix`), standardised and then
             whitened per ring system.
+        bonds: optional ``(n_bonds, 2)`` bonds of the molecule, for
+            :func:`sibling_torsions` (needed with Cartesian rows, whose Z-matrix pairs
+            are not bonds).
         train_positions: ``(n_frames, 3N)`` or ``(n_frames, N, 3)`` nm (tensor, array
             or mdtraj.Trajectory).
         circular: which torsions stay latent angles: ``"auto"`` (all but the sibling
@@ -332,7 +343,9 @@ def ic_transform(
         elif circular == "auto":
             latent = torsions.clone()
             narrow = narrow_torsions(ics[:, torsions], max_gap).cpu()
-            siblings = sibling_torsions(internal.zmatrix, internal.cartesian_rows.cpu())
+            siblings = sibling_torsions(
+                internal.zmatrix, internal.cartesian_rows.cpu(), bonds=bonds
+            )
             latent[torsions] = ~(narrow & siblings)
         else:
             raise ValueError(f"circular must be 'auto', 'all' or a bool mask, got {circular!r}")

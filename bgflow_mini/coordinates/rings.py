@@ -61,13 +61,42 @@ def _bridges(n: int, adj: list[list[int]]) -> set[frozenset]:
     return out
 
 
-def ring_systems(topology_or_bonds: Any, n_atoms: int | None = None) -> list[list[int]]:
-    """Atoms of each ring system (rings sharing atoms merged), sorted, in order of the
-    smallest atom index.
+def _shortest_cycle(adj: list[list[int]], i: int, j: int, limit: int) -> list[int] | None:
+    """Atoms of the shortest cycle through bond ``i-j`` with at most ``limit`` atoms."""
+    parent = {i: -1}
+    frontier = [i]
+    for _ in range(limit - 1):
+        nxt = []
+        for u in frontier:
+            for v in adj[u]:
+                if v in parent or (u == i and v == j):
+                    continue
+                parent[v] = u
+                if v == j:
+                    path = [j]
+                    while path[-1] != i:
+                        path.append(parent[path[-1]])
+                    return path
+                nxt.append(v)
+        frontier = nxt
+    return None
+
+
+def ring_systems(
+    topology_or_bonds: Any, n_atoms: int | None = None, max_ring_size: int = 8
+) -> list[list[int]]:
+    """Atoms of each system of small rings (rings sharing atoms merged), sorted, in order
+    of the smallest atom index.
+
+    A bond is in a small ring when the shortest cycle through it has at most
+    ``max_ring_size`` atoms (3- to 8-membered by default: every ring of the amino acids);
+    macrocycles, e.g. a loop closed by a disulfide bond, are no rings here: their atoms
+    keep internal coordinates.
 
     Arguments:
         topology_or_bonds: mdtraj/OpenMM topology or integer bonds ``(n_bonds, 2)``.
         n_atoms: number of atoms for a bond list.
+        max_ring_size: largest ring (atoms) that counts.
 
     Returns:
         a list of sorted atom-index lists, each of at least 3 atoms; empty without rings.
@@ -78,8 +107,7 @@ def ring_systems(topology_or_bonds: Any, n_atoms: int | None = None) -> list[lis
         adj[int(i)].append(int(j))
         adj[int(j)].append(int(i))
     bridges = _bridges(n, adj)
-    # union-find over bonds that lie on a cycle
-    root = list(range(n))
+    root = list(range(n))  # union-find over the atoms of small rings
 
     def find(a: int) -> int:
         while root[a] != a:
@@ -92,8 +120,12 @@ def ring_systems(topology_or_bonds: Any, n_atoms: int | None = None) -> list[lis
         i, j = int(i), int(j)
         if frozenset((i, j)) in bridges:
             continue
-        in_ring[i] = in_ring[j] = True
-        root[find(i)] = find(j)
+        cycle = _shortest_cycle(adj, i, j, max_ring_size)
+        if cycle is None:
+            continue
+        in_ring[cycle] = True
+        for a in cycle[1:]:
+            root[find(a)] = find(cycle[0])
     groups: dict[int, list[int]] = {}
     for a in np.flatnonzero(in_ring):
         groups.setdefault(find(int(a)), []).append(int(a))
@@ -106,12 +138,14 @@ def ring_zmatrix(
     positions: Any = None,
     *,
     min_angle_deg: float = 5.0,
+    max_ring_size: int = 8,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Turn the ring atoms of a Z-matrix into Cartesian rows in a per-ring-system frame.
 
-    For each ring system, in placement order: ``r0, r1`` are its first two placed atoms,
-    ``q`` the earliest placed atom other than those bonded to ``r0`` or ``r1`` (ring
-    atoms first) and placed before the system's third atom. Every later atom of the
+    For each ring system (:func:`ring_systems`, small rings only), in placement order:
+    ``r0, r1`` are its first two placed atoms, ``q`` the earliest placed atom among those
+    bonded to ``r0`` or ``r1`` (heavy atoms first) and placed before the system's third
+    atom. Every later atom of the
     system (at row 3 or later) gets the row ``(atom, r0, r1, q)`` and is marked
     Cartesian. If no such ``q`` exists (the ring starts the Z-matrix), the third ring atom
     stays an internal-coordinate row and serves as ``q``. The placement order is kept,
@@ -122,6 +156,7 @@ def ring_zmatrix(
         topology_or_bonds: the molecule's bonds (topology or ``(n_bonds, 2)``).
         positions: optional reference structure ``(N, 3)`` nm; frames within
             ``min_angle_deg`` of collinear are avoided.
+        max_ring_size: see :func:`ring_systems`.
 
     Returns:
         ``(zmatrix, cartesian)``: the new Z-matrix and a bool array ``(N,)`` by row.
@@ -139,10 +174,9 @@ def ring_zmatrix(
     rank = np.empty(n, dtype=np.int64)
     rank[z[:, 0]] = np.arange(n)
     cartesian = np.zeros(n, dtype=bool)
-    for system in ring_systems(bonds, n):
+    for system in ring_systems(bonds, n, max_ring_size):
         members = sorted(system, key=lambda a: rank[a])
         r0, r1 = members[0], members[1]
-        ring = set(system)
 
         def ok(c: int, r0: int = r0, r1: int = r1) -> bool:
             if pos is None:
@@ -152,17 +186,15 @@ def ring_zmatrix(
 
         limit = rank[members[2]]
         cands = [c for c in (adj[r0] | adj[r1]) - {r0, r1} if rank[c] < limit and ok(c)]
-        cands.sort(key=lambda c: (c not in ring, bool(is_h[c]), rank[c]))
+        cands.sort(key=lambda c: (bool(is_h[c]), rank[c]))
         if cands:
             q, rest = cands[0], members[2:]
         elif len(members) > 3 and ok(members[2]):
             q, rest = members[2], members[3:]
         else:
             continue  # no frame: the system keeps its internal coordinates
-        for a in rest:
+        for a in rest:  # placed after r0, r1 and q, so at row 3 or later
             row = rank[a]
-            if row < 3:
-                continue
             z[row, 1:] = (r0, r1, q)
             cartesian[row] = True
     return z, cartesian

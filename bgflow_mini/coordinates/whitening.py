@@ -1,12 +1,14 @@
-"""Decorrelation of feature blocks: ``x = L z`` on selected features.
+"""Decorrelation of feature blocks: ``x = A z`` on selected features.
 
 Ring atoms placed as Cartesian coordinates in a common frame
 (:func:`~bgflow_mini.coordinates.rings.ring_zmatrix`) are strongly correlated: a
 stiff ring bond is a difference of two atoms' coordinates. After per-feature
 standardisation, :class:`Whiten` maps independent unit latents onto the data's
-correlation structure with the Cholesky factor ``L`` of each block's correlation
-matrix, so a flow that starts near the identity already reproduces the ring's
-covariance, and every ring bond's spread is right from the first step.
+correlation structure by its principal axes, ``A = V diag(sqrt(lambda))`` for the
+eigen-decomposition ``C = V diag(lambda) V^T`` of each block's correlation matrix. A
+flow that starts near the identity then already reproduces the ring's covariance, and
+a soft collective motion (a proline ring's pucker flip) lies along one latent
+coordinate instead of being spread over all of them.
 """
 
 from __future__ import annotations
@@ -22,42 +24,45 @@ __all__ = ["Whiten", "cartesian_blocks"]
 
 
 class Whiten(Flow):
-    """``forward(z)``: ``x[:, idx] = z[:, idx] @ L.T`` (other features pass through).
+    """``forward(z)``: ``x[:, idx] = z[:, idx] @ A.T`` (other features pass through).
 
     Arguments:
         dim: number of features.
         idx: long ``(k,)``, the whitened features.
-        chol: ``(k, k)`` lower-triangular with a positive diagonal (block-diagonal in
-            practice: one block per ring system).
+        matrix: invertible ``(k, k)`` matrix ``A`` (block-diagonal in practice: one block
+            per ring system); its inverse is computed once, in float64.
 
-    ``logdet = sum log diag(L)`` (forward), its negative for ``inverse``.
+    ``logdet = log|det A|`` (forward), its negative for ``inverse``.
     """
 
-    def __init__(self, dim: int, idx: Sequence[int] | Tensor, chol: Tensor) -> None:
+    def __init__(self, dim: int, idx: Sequence[int] | Tensor, matrix: Tensor) -> None:
         super().__init__()
         self.dim = int(dim)
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-        chol = torch.as_tensor(chol)
+        a = torch.as_tensor(matrix)
         k = idx.numel()
-        if chol.shape != (k, k):
-            raise ValueError(f"chol must have shape ({k}, {k}), got {tuple(chol.shape)}")
+        if a.shape != (k, k):
+            raise ValueError(f"matrix must have shape ({k}, {k}), got {tuple(a.shape)}")
         if k and (idx.min() < 0 or idx.max() >= self.dim or idx.unique().numel() != k):
             raise ValueError(f"idx must hold distinct feature indices in [0, {self.dim})")
-        if not torch.equal(chol, torch.tril(chol)) or not (torch.diagonal(chol) > 0).all():
-            raise ValueError("chol must be lower-triangular with a positive diagonal")
+        sign, logabs = torch.linalg.slogdet(a.double())
+        if k and (sign == 0 or not torch.isfinite(logabs)):
+            raise ValueError("matrix must be invertible")
         self.register_buffer("idx", idx)
-        self.register_buffer("chol", chol.clone())
+        self.register_buffer("matrix", a.clone())
+        self.register_buffer("inverse_matrix", torch.linalg.inv(a.double()).to(a.dtype))
+        self.register_buffer("log_abs_det", logabs.to(a.dtype) if k else a.new_zeros(()))
 
     @classmethod
     def from_data(
         cls, data: Tensor, blocks: Sequence[Sequence[int]], jitter: float = 1e-6
     ) -> Whiten:
-        """Cholesky factors of each block's correlation matrix in ``data`` ``(n, dim)``
-        (standardised features), with ``jitter`` added to the diagonal."""
+        """Principal axes of each block's correlation matrix in ``data`` ``(n, dim)``
+        (standardised features); eigenvalues below ``jitter`` are raised to it."""
         check_batch(data, None, "data")
         d = data.detach()
         idx = [int(i) for b in blocks for i in b]
-        chol = torch.zeros(len(idx), len(idx), dtype=d.dtype, device=d.device)
+        a = torch.zeros(len(idx), len(idx), dtype=d.dtype, device=d.device)
         start = 0
         for b in blocks:
             cols = torch.as_tensor(list(b), dtype=torch.long, device=d.device)
@@ -65,28 +70,26 @@ class Whiten(Flow):
             cov = v.T @ v / max(len(d) - 1, 1)
             sd = cov.diagonal().clamp_min(1e-12).sqrt()
             corr = cov / sd[:, None] / sd[None, :]
-            eye = torch.eye(len(cols), dtype=d.dtype, device=d.device)
+            corr.fill_diagonal_(1.0)  # a constant feature: unit variance, uncorrelated
+            lam, vec = torch.linalg.eigh(corr)
             stop = start + len(cols)
-            chol[start:stop, start:stop] = torch.linalg.cholesky(
-                (corr + jitter * eye) / (1 + jitter)
-            )
+            a[start:stop, start:stop] = vec * lam.clamp_min(jitter).sqrt()
             start = stop
-        return cls(data.shape[1], idx, chol)
+        return cls(data.shape[1], idx, a)
 
     def _logdet(self, x: Tensor) -> Tensor:
-        return torch.log(torch.diagonal(self.chol)).sum().to(x).expand(x.shape[0])
+        return self.log_abs_det.to(x).expand(x.shape[0])
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         check_batch(z, self.dim, "latent")
         x = z.clone()
-        x[:, self.idx] = z[:, self.idx] @ self.chol.to(z).T
+        x[:, self.idx] = z[:, self.idx] @ self.matrix.to(z).T
         return x, self._logdet(z)
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_batch(x, self.dim, "data")
         z = x.clone()
-        sol = torch.linalg.solve_triangular(self.chol.to(x), x[:, self.idx].T, upper=False)
-        z[:, self.idx] = sol.T
+        z[:, self.idx] = x[:, self.idx] @ self.inverse_matrix.to(x).T
         return z, -self._logdet(x)
 
 
