@@ -109,22 +109,29 @@ def _peptide_like(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def peptide(tmp_path_factory):
-    system = load_system(_peptide_like(tmp_path_factory.mktemp("sys") / "pep"))
-    # a rotamer state across the ±pi cut (system.yaml cannot hold lo > hi yet)
-    system.states["chi1_wrap"] = {"chi1": [1.2, -2.5]}
-    res = simulate(system, n_frames=600, save_every=50, seed=1, equilibration_steps=1000,
-                   progress=False)  # fmt: skip
-    x = torch.as_tensor(res.trajectory.xyz.reshape(600, -1), dtype=torch.float64)
-    data = pipeline.DataSplit(x[:400], x[400:500], x[500:], x)
+def _short_md_generator(system, n_frames: int, seed: int, steps: int = 30):
+    """Short MD split 4:1:1 in time, a tiny RNVP generator and 30 ML steps."""
+    res = simulate(system, n_frames=n_frames, save_every=50, seed=seed,
+                   equilibration_steps=1000, progress=False)  # fmt: skip
+    x = torch.as_tensor(res.trajectory.xyz.reshape(n_frames, -1), dtype=torch.float64)
+    a, b = 4 * n_frames // 6, 5 * n_frames // 6
+    data = pipeline.DataSplit(x[:a], x[a:b], x[b:], x)
     energy = TorchForceField.from_openmm(system)
     factory = lambda dim, circular: coupling_flow(  # noqa: E731
         dim, 1, hidden=(16,), kind="rnvp", circular=circular, seed=0
     )
     torch.manual_seed(0)
     bg = pipeline.molecular_generator(system, data.train, factory, energy)
-    Trainer(bg, lr=3e-3, batch_size=128, progress=False).fit(30, data=data.train)
+    Trainer(bg, lr=3e-3, batch_size=128, progress=False).fit(steps, data=data.train)
+    return data, bg, energy
+
+
+@pytest.fixture(scope="module")
+def peptide(tmp_path_factory):
+    system = load_system(_peptide_like(tmp_path_factory.mktemp("sys") / "pep"))
+    # a rotamer state across the ±pi cut (system.yaml cannot hold lo > hi yet)
+    system.states["chi1_wrap"] = {"chi1": [1.2, -2.5]}
+    data, bg, energy = _short_md_generator(system, 600, seed=1)
     return MolecularTarget(system), data, bg, energy
 
 
@@ -217,18 +224,8 @@ def test_evaluate_reports_ring_bonds_of_a_proline_dipeptide():
     from bgflow_mini.ring_geometry import ring_bond_stats
 
     system = load_system("pro_dipeptide_vacuum")
-    res = simulate(system, n_frames=400, save_every=50, seed=2, equilibration_steps=1000,
-                   progress=False)  # fmt: skip
-    x = torch.as_tensor(res.trajectory.xyz.reshape(400, -1), dtype=torch.float64)
-    data = pipeline.DataSplit(x[:300], x[300:350], x[350:], x)
-    energy = TorchForceField.from_openmm(system)
-    factory = lambda dim, circular: coupling_flow(  # noqa: E731
-        dim, 1, hidden=(16,), kind="rnvp", circular=circular, seed=0
-    )
-    torch.manual_seed(0)
-    bg = pipeline.molecular_generator(system, data.train, factory, energy)
+    data, bg, energy = _short_md_generator(system, 480, seed=2)
     assert sum(bg.spec["cartesian"]) == 2  # CD, CG in the frame of CA, N, CB (rows 0-2)
-    Trainer(bg, lr=3e-3, batch_size=128, progress=False).fit(30, data=data.train)
     target = MolecularTarget(system)
     m, s = pipeline.evaluate(
         bg, target, data, energy=energy, n_samples=1000, batch_size=500, n_bootstrap=10,
