@@ -5,6 +5,18 @@ in kT per sample. A step whose loss or gradient is not finite is skipped (the
 parameters are not touched) and counted. Checkpoints hold the model, optimizer,
 scheduler, step, history and every random state the loop uses, so a run resumed
 from a checkpoint produces the same losses as an uninterrupted one (on CPU).
+
+Data parallel (``torchrun``, see :mod:`bgflow_mini.distributed`): every global batch
+(``batch_size``, ``kl_batch_size``, the ESS estimate, the importance buffer) is split into
+``shards`` equal parts, each drawn from its own random stream derived from ``(seed, shard,
+step)``; each of the ``N`` ranks computes ``shards / N`` of them with its own energy
+backend, and one process given ``shards=N`` draws exactly their union. Gradients are
+averaged across ranks after every backward pass with an explicit ``all_reduce``, not with
+``DistributedDataParallel``: the losses call the generator's ``sample`` and ``log_prob``,
+never its ``forward``, so DDP's per-iteration bookkeeping would not run, and a step must
+be skipped on every rank at once when the *global* loss or gradient is not finite, which
+the explicit reduction decides in one place. Losses, counts and ESS in the records are
+global; rank 0 alone writes checkpoints, and every rank holds the same parameters.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .annealing import ImportanceBuffer
 from .checkpoint import _alternative, full_spec
 from .fileio import load_torch, save_torch
@@ -26,7 +39,38 @@ from .losses import nll, reverse_kl
 from .reweighting import effective_sample_size
 from .schedules import Phase, cosine_schedule
 
-__all__ = ["Trainer", "Phase", "cosine_schedule"]  # Phase, cosine_schedule: see .schedules
+__all__ = ["Trainer", "Phase", "cosine_schedule", "check_global_batches"]
+# Phase, cosine_schedule: see .schedules
+
+# what a shard's random stream at one step is for (part of its seed, see stream_seed)
+_DATA, _KL, _IW_DRAW, _IW_REFILL, _ESS = range(5)
+
+
+def _check_divisible(name: str, n: int, shards: int) -> None:
+    if n % shards:
+        raise ValueError(
+            f"{name}={n} is the global batch and must be divisible by the {shards} shards "
+            f"(processes) it is split into; choose a multiple of {shards}"
+        )
+
+
+def check_global_batches(
+    phases: Sequence[Phase], batch_size: int, kl_batch_size: int | None, shards: int
+) -> None:
+    """Raise ``ValueError`` unless every batch the phases draw splits evenly into ``shards``.
+
+    ``batch_size`` / ``kl_batch_size`` are the trainer's defaults (a phase may override
+    them); only the batches a phase uses are checked (ML or importance-weighted ML:
+    ``batch_size``; reverse KL: ``kl_batch_size``).
+    """
+    for i, ph in enumerate(phases):
+        bs = int(ph.batch_size or batch_size)
+        kl_bs = int(ph.kl_batch_size or kl_batch_size or batch_size)
+        where = f"phase {i} ({ph.name or 'unnamed'}): " if len(phases) > 1 else ""
+        if ph.w_ml > 0 or ph.w_iw > 0:
+            _check_divisible(f"{where}batch_size", bs, shards)
+        if ph.w_kl > 0:
+            _check_divisible(f"{where}kl_batch_size", kl_bs, shards)
 
 
 class Trainer:
@@ -56,9 +100,15 @@ class Trainer:
         checkpoint_path, checkpoint_every: save a checkpoint every ``checkpoint_every``
             steps (atomically) and at the end of :meth:`fit`.
         seed: seed of the generator that draws data batches (model sampling uses the
-            global torch RNG, whose state is checkpointed too).
+            global torch RNG, whose state is checkpointed too). With ``shards > 1`` the
+            seed of every shard's streams instead (the global RNG is not used).
         progress: show a tqdm progress bar.
         callbacks: functions ``callback(trainer, record)`` called after every step.
+        shards: split every global batch into this many parts, each with its own random
+            stream (see the module docstring); ``None``: the number of processes in the
+            ``torch.distributed`` process group (1 without one: the plain single-process
+            behaviour). Must be a multiple of the number of processes; a single process
+            with ``shards=N`` reproduces an N-process run to float tolerance.
     """
 
     def __init__(
@@ -85,11 +135,27 @@ class Trainer:
         ema_decay: float | None = None,
         buffer_size: int = 8192,
         resample_every: int = 50,
+        shards: int | None = None,
     ) -> None:
         if lr <= 0 or batch_size < 1:
             raise ValueError(f"need lr > 0 and batch_size >= 1, got lr={lr}, {batch_size=}")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm}")
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.shards = self.world_size if shards is None else int(shards)
+        if self.shards < 1 or self.shards % self.world_size:
+            raise ValueError(
+                f"shards must be a positive multiple of the {self.world_size} processes, "
+                f"got {shards}"
+            )
+        k = self.shards // self.world_size  # shards per rank, consecutive
+        self._local_shards = range(self.rank * k, (self.rank + 1) * k)
+        if self.shards > 1 and min(int(ess_samples), int(buffer_size)) < self.shards:
+            raise ValueError(
+                f"ess_samples ({ess_samples}) and buffer_size ({buffer_size}) must be at "
+                f"least the number of shards ({self.shards})"
+            )
+        dist.broadcast_module(generator)  # every rank starts from rank 0's weights
         self.generator = generator
         self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr, weight_decay=weight_decay)
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
@@ -103,7 +169,7 @@ class Trainer:
         self.eval_every = int(eval_every)
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.checkpoint_every = int(checkpoint_every)
-        self.progress = progress
+        self.progress = progress and self.rank == 0
         self.callbacks = list(callbacks)
         self.step = 0
         self.n_skipped = 0
@@ -111,6 +177,7 @@ class Trainer:
         self.n_capped_samples = 0
         self.n_energy_evaluations = 0  # target-energy calls (samples), reverse KL and ESS
         self.history: list[dict] = []
+        self.seed = int(seed)
         self._batch_rng = torch.Generator().manual_seed(int(seed))
         if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
@@ -193,6 +260,10 @@ class Trainer:
             self._set_lr(lr)
         bs = int(batch_size or self.batch_size)
         kl_bs = int(kl_batch_size or self.kl_batch_size)
+        if w_ml > 0 or w_iw > 0:
+            _check_divisible("batch_size", bs, self.shards)
+        if w_kl > 0:
+            _check_divisible("kl_batch_size", kl_bs, self.shards)
         start = len(self.history)
         bar = tqdm(range(int(steps)), disable=not self.progress, desc=name or "train")
         for _ in bar:
@@ -219,8 +290,10 @@ class Trainer:
         """Run a schedule of :class:`Phase` objects, continuing from ``self.step``.
 
         Steps already done (e.g. after :meth:`load_checkpoint`) are not repeated, so
-        calling this again with the same phases resumes an interrupted schedule.
+        calling this again with the same phases resumes an interrupted schedule. Every
+        phase's batches are checked against the shards before the first step.
         """
+        check_global_batches(phases, self.batch_size, self.kl_batch_size, self.shards)
         done, records = 0, []
         for phase in phases:
             end = done + int(phase.steps)
@@ -243,8 +316,89 @@ class Trainer:
             done = end
         return records
 
-    def _train_step(self, data, w_ml: float, w_kl: float, bs: int, kl_bs: int, anneal) -> dict:
+    # ------------------------------------------------------------ sharded drawing
+    def _parts(self, n: int) -> list[tuple[int, int]]:
+        """``(shard, count)`` of this rank's shards when ``n`` is split over all shards
+        (the first ``n % shards`` shards take one more)."""
+        q, r = divmod(int(n), self.shards)
+        return [(s, q + (s < r)) for s in self._local_shards]
+
+    def _stream(self, shard: int, purpose: int):
+        seed = dist.stream_seed(self.seed, shard, self.step, purpose)
+        return dist.rng_stream(seed, self._param.device)
+
+    def _sample(self, n: int, purpose: int) -> tuple[Tensor, Tensor]:
+        """This rank's share of ``n`` fresh samples and their ``log q`` (sharded mode)."""
+        xs, lqs = [], []
+        for shard, m in self._parts(n):
+            with self._stream(shard, purpose):
+                x, log_q = self.generator.sample(m, with_log_prob=True)
+            xs.append(x)
+            lqs.append(log_q)
+        return torch.cat(xs), torch.cat(lqs)
+
+    def _data_batch(self, data: Tensor, bs: int) -> Tensor:
+        if self.shards == 1:
+            idx = torch.randint(data.shape[0], (bs,), generator=self._batch_rng)
+        else:
+            idx = torch.cat(
+                [
+                    torch.randint(data.shape[0], (m,), generator=self._shard_rng(s, _DATA))
+                    for s, m in self._parts(bs)
+                ]
+            )
+        p = self._param
+        return data[idx].to(device=p.device, dtype=p.dtype)
+
+    def _shard_rng(self, shard: int, purpose: int) -> torch.Generator:
+        return dist.batch_generator(self.seed, shard, self.step, purpose)
+
+    def _buffer_batch(self, bs: int) -> Tensor:
+        if self.shards == 1:
+            return self.buffer.draw(bs, self._batch_rng)
+        parts = [self.buffer.draw(m, self._shard_rng(s, _IW_DRAW)) for s, m in self._parts(bs)]
+        return torch.cat(parts)
+
+    def _refill(self, temperature: float) -> int:
+        """Refill the importance buffer; returns the (global) number of energy calls.
+
+        Sharded: every shard weights its part with its own stream and energy backend, and
+        every rank then holds the whole buffer (gathered in shard order)."""
         gen = self.generator
+        if self.shards == 1:
+            return self.buffer.refill(gen, temperature)
+        xs, lws = [], []
+        for shard, m in self._parts(self.buffer.size):
+            part = ImportanceBuffer(m)
+            with self._stream(shard, _IW_REFILL):
+                part.refill(gen, temperature)
+            xs.append(part.x)
+            lws.append(part.log_w)
+        x, log_w = dist.all_gather_cat(torch.cat(xs)), dist.all_gather_cat(torch.cat(lws))
+        state = {"x": x, "log_w": log_w, "temperature": float(temperature)}
+        self.buffer.load_state_dict({**state, "ess": effective_sample_size(log_w)})
+        return self.buffer.size
+
+    def _kl_values(self, kl_bs: int, temperature: float) -> Tensor:
+        """This rank's per-sample reverse-KL values ``u / τ + log q`` (its share)."""
+        gen = self.generator
+        if self.shards == 1:
+            return reverse_kl(gen, kl_bs, reduction="none", target_temperature=temperature)
+        x, log_q = self._sample(kl_bs, _KL)
+        return gen.reduced_energy(x) / float(temperature) + log_q
+
+    # ------------------------------------------------------------------ one step
+    def _train_step(self, data, w_ml: float, w_kl: float, bs: int, kl_bs: int, anneal) -> dict:
+        """One optimisation step.
+
+        With several ranks every loss term below is this rank's *contribution*: the mean
+        of the contributions over the ranks is the global term, so averaging gradients
+        gives the gradient of the global loss. ML terms are means over equal shares; the
+        reverse-KL term, which may drop non-finite samples, is this rank's sum over its
+        finite samples times ``world / (finite samples of all ranks)``.
+        """
+        gen = self.generator
+        world = self.world_size
         w_iw, temperature, resample_every = anneal
         p = self._param
         record: dict = {"step": self.step + 1, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -254,24 +408,22 @@ class Trainer:
             buf = self.buffer
             if buf.temperature != temperature or self.step % resample_every == 0:
                 gen.eval()
-                self.n_energy_evaluations += buf.refill(gen, temperature)
+                self.n_energy_evaluations += self._refill(temperature)
             record["ess_buffer"] = buf.ess
         gen.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = p.new_zeros(())
+        terms: dict[str, Tensor] = {}
         if w_iw > 0:
-            l_iw = nll(gen, self.buffer.draw(bs, self._batch_rng).detach())
+            l_iw = nll(gen, self._buffer_batch(bs).detach())
             loss = loss + w_iw * l_iw
-            record["nll_iw"] = float(l_iw.detach())
+            terms["nll_iw"] = l_iw
         if w_ml > 0:
-            idx = torch.randint(data.shape[0], (bs,), generator=self._batch_rng)
-            xb = data[idx].to(device=p.device, dtype=p.dtype)
-            l_ml = nll(gen, xb)
+            l_ml = nll(gen, self._data_batch(data, bs))
             loss = loss + w_ml * l_ml
-            record["nll"] = float(l_ml.detach())
+            terms["nll"] = l_ml
         if w_kl > 0:
-            vals = reverse_kl(gen, kl_bs, reduction="none", target_temperature=temperature)
-            self.n_energy_evaluations += int(vals.numel())
+            vals = self._kl_values(kl_bs, temperature)
             finite = torch.isfinite(vals)
             n_bad = int((~finite).sum())
             n_capped = 0
@@ -281,20 +433,40 @@ class Trainer:
             if isinstance(last, dict):
                 n_bad = max(n_bad, int(last.get("nonfinite", 0)))
                 n_capped = int(last.get("capped", 0))
+            if world > 1:  # global counts and ESS; the drop decision is global too
+                counts = dist.all_reduce_sum(torch.tensor([n_bad, n_capped]))
+                n_bad, n_capped = int(counts[0]), int(counts[1])
+                every = dist.all_gather_cat(vals.detach())
+                n_fin = int(torch.isfinite(every).sum())
+                if self.drop_nonfinite and 0 < n_fin < every.numel():
+                    l_kl = vals[finite].sum() * (world / n_fin)
+                else:
+                    l_kl = vals.mean()
+            else:
+                every = vals
+                if self.drop_nonfinite and 0 < n_bad < vals.numel():
+                    vals = vals[finite]
+                l_kl = vals.mean()
+            self.n_energy_evaluations += int(every.numel())
             self.n_nonfinite_samples += n_bad
             self.n_capped_samples += n_capped
             record["n_nonfinite"] = n_bad
             record["n_capped"] = n_capped
-            record["ess"] = effective_sample_size(-vals)
-            if self.drop_nonfinite and 0 < n_bad < vals.numel():
-                vals = vals[finite]
-            l_kl = vals.mean()
+            record["ess"] = effective_sample_size(-every)
             loss = loss + w_kl * l_kl
-            record["kl"] = float(l_kl.detach())
-        record["loss"] = float(loss.detach())
-        skipped = not math.isfinite(record["loss"])
+            terms["kl"] = l_kl
+        if world > 1:  # global means of the loss and its terms (one collective)
+            local = torch.stack([loss.detach(), *(t.detach() for t in terms.values())])
+            glob = (dist.all_reduce_sum(local.double()) / world).tolist()
+            record["loss"] = glob[0]
+            record.update(zip(terms, glob[1:], strict=True))
+        else:
+            record.update({k: float(t.detach()) for k, t in terms.items()})
+            record["loss"] = float(loss.detach())
+        skipped = not math.isfinite(record["loss"])  # the same decision on every rank
         if not skipped:
             loss.backward()
+            dist.all_reduce_grads(gen.parameters())
             max_norm = self.clip_grad_norm or math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(gen.parameters(), max_norm)
             record["grad_norm"] = float(grad_norm)
@@ -360,9 +532,15 @@ class Trainer:
         if self.ess_every and self.step % self.ess_every == 0:
             gen.eval()
             with self.averaged_weights():
-                x, log_q = gen.sample(self.ess_samples, with_log_prob=True)
+                if self.shards == 1:
+                    x, log_q = gen.sample(self.ess_samples, with_log_prob=True)
+                    log_w = gen.log_weights(x, log_q)
+                else:  # each shard its part, then every rank holds all of them
+                    x, log_q = self._sample(self.ess_samples, _ESS)
+                    log_w = dist.all_gather_cat(gen.log_weights(x, log_q))
+                    x = dist.all_gather_cat(x)
                 self.n_energy_evaluations += int(x.shape[0])
-                ess = effective_sample_size(gen.log_weights(x, log_q))
+                ess = effective_sample_size(log_w)
                 self.last_eval_samples = x  # for callbacks, e.g. the collapse guard
                 if ess > self.best["ess"]:
                     params = [p.detach().clone() for p in gen.parameters()]
@@ -371,10 +549,15 @@ class Trainer:
         if self.val_data is not None and self.eval_every and self.step % self.eval_every == 0:
             gen.eval()
             p = self._param
-            total = 0.0
-            for chunk in self.val_data.split(4096):
-                total += float(nll(gen, chunk.to(p.device, p.dtype), reduction="sum"))
-            record["val_nll"] = total / self.val_data.shape[0]
+            val = self.val_data  # with several ranks, each sums the NLL of its share
+            if self.world_size > 1:
+                val = val.tensor_split(self.world_size)[self.rank]
+            total = p.new_zeros((), dtype=torch.float64)
+            for chunk in val.split(4096):
+                total += nll(gen, chunk.to(p.device, p.dtype), reduction="sum").double()
+            if self.world_size > 1:
+                total = dist.all_reduce_sum(total)
+            record["val_nll"] = float(total) / self.val_data.shape[0]
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -395,6 +578,7 @@ class Trainer:
             "ema": self.ema,
             "best": self.best,
             "buffer": self.buffer.state_dict(),
+            "shards": self.shards,
         }
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
@@ -403,9 +587,14 @@ class Trainer:
     def save_checkpoint(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
         """Write a checkpoint atomically (temp file + rename) and return its path.
 
-        ``extra`` is stored under ``"extra"`` (e.g. the system name and config).
+        ``extra`` is stored under ``"extra"`` (e.g. the system name and config). With
+        several processes only rank 0 writes (every rank holds the same state; the
+        random streams of the other ranks' shards are derived from the step, so nothing
+        of theirs is missing); the other ranks return the path without writing.
         """
         path = Path(path)
+        if self.rank != 0:
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         state["extra"] = extra or {}
@@ -415,11 +604,21 @@ class Trainer:
         """Restore a checkpoint written by :meth:`save_checkpoint`; returns its ``extra``.
 
         Raises ``ValueError`` if the file is unreadable (truncated by a crash: the
-        message names it and offers ``best.pt`` beside it) or the stored model does not
-        match this generator (e.g. a checkpoint from a different system or flow).
+        message names it and offers ``best.pt`` beside it), the stored model does not
+        match this generator (e.g. a checkpoint from a different system or flow) or the
+        run split its batches into a different number of shards (processes). Every rank
+        reads the file itself.
         """
         path = Path(path)
         state = load_torch(path, alternative=_alternative(path))
+        shards = int(state.get("shards", 1))
+        if shards != self.shards:
+            raise ValueError(
+                f"checkpoint {path} was trained with its batches split into {shards} "
+                f"shard(s) (processes), this trainer uses {self.shards}: resume it with "
+                f"{shards} process(es) (torchrun --nproc_per_node={shards}, or plain python "
+                f"for 1) so that its random streams continue"
+            )
         try:
             self.generator.load_state_dict(state["model"])
         except RuntimeError as err:
