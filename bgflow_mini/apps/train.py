@@ -5,6 +5,7 @@
     bgflow-train system=double_well flow=nice      # toy systems
     bgflow-train -m flow=rnvp,nice                 # multirun, one folder each
     bgflow-train resume=outputs/DATE/TIME          # continue a killed run
+    torchrun --nproc_per_node=2 -m bgflow_mini.apps.train ...   # data parallel, 2 processes
 
 Outputs go to the Hydra run folder: ``config.yaml``, ``checkpoints/{latest,best}.pt``,
 ``model.pt`` (self-describing: :func:`bgflow_mini.load_generator`), ``metrics.csv``,
@@ -14,17 +15,24 @@ Outputs go to the Hydra run folder: ``config.yaml``, ``checkpoints/{latest,best}
 
 from __future__ import annotations
 
+import atexit
+import logging
 import math
+import os
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from bgflow_mini import pipeline, plotting
+from bgflow_mini import distributed, pipeline, plotting
 from bgflow_mini.checkpoint import resolve_device, resolve_dtype, save_generator
 from bgflow_mini.fileio import save_json, save_text
 from bgflow_mini.monitor import StateMonitor, state_populations
@@ -32,13 +40,15 @@ from bgflow_mini.report import peak_memory_mb, summary_table
 from bgflow_mini.run_logger import RunLogger
 from bgflow_mini.samples import save_sample_set
 from bgflow_mini.targets import as_target
-from bgflow_mini.training import Phase, Trainer
+from bgflow_mini.training import Phase, Trainer, check_global_batches
 
 from ._common import CONFIG_PATH, plain, run_app
-from .resources import job_resources
+from .resources import Budget, Resources, job_budget, job_resources, launcher_config, plan
 from .validation import ConfigError, validate_train_config
 
 __all__ = ["main", "train", "RESUME_SAFE"]
+
+log = logging.getLogger(__name__)
 
 # keys that may change when a run is resumed: they do not change what is trained
 RESUME_SAFE = (
@@ -93,18 +103,43 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, DictConfig, Path | None]:
 
 
 def train(cfg: DictConfig) -> dict:
-    """The whole job; returns the metrics dict."""
+    """The whole job; returns the metrics dict (empty on ranks other than 0).
+
+    Under ``torchrun`` every rank trains its share of each global batch
+    (:mod:`bgflow_mini.distributed`); rank 0 alone writes the run folder and evaluates
+    while the other ranks wait for it in a barrier, then leave.
+    """
     t0 = time.time()
     out, cfg, ckpt = resolve_run_dir(cfg)
     target = as_target(instantiate(cfg.system.load))
     validate_train_config(cfg, target)  # every config mistake, before any MD or training
     target.check_supported()
     device, dtype = resolve_device(str(cfg.device)), resolve_dtype(str(cfg.dtype))
-    out.mkdir(parents=True, exist_ok=True)
-    save_text(OmegaConf.to_yaml(cfg, resolve=ckpt is None), out / "config.yaml")
-    resources = job_resources(cfg)  # torch threads and workers sized to this job's cores
+    tc = cfg.training
+    phases = [Phase(**p) for p in plain(tc.phases)]
+    with distributed.init_from_env(device) as ctx:
+        if ctx.world_size > 1:
+            check_global_batches(phases, tc.batch_size, tc.kl_batch_size, ctx.world_size)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise ConfigError(
+                    "a multirun (-m) cannot run under torchrun: start one torchrun per job"
+                )
+        metrics = _train(cfg, out, ckpt, target, ctx, dtype, phases, t0)
+        ctx.barrier()  # the other ranks wait until rank 0 has evaluated and written
+    return metrics
+
+
+def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
+    device, main = ctx.device, ctx.is_main
+    out = distributed.broadcast_object(out)  # rank 0's Hydra folder (fresh runs)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_text(OmegaConf.to_yaml(cfg, resolve=ckpt is None), out / "config.yaml")
+    resources = rank_resources(cfg, ctx)  # torch threads and workers sized to this job's cores
     torch.manual_seed(int(cfg.seed))
     data_dir = to_absolute_path(str(cfg.data_dir))
+    if not main:
+        ctx.barrier()  # rank 0 generates (or finds) the MD data first; the others load it
     data = target.data(
         md=plain(cfg.get("md")),
         toy=plain(cfg.data.toy),
@@ -113,8 +148,10 @@ def train(cfg: DictConfig) -> dict:
         stride=cfg.data.stride,
         n_workers=resources.md_workers,
         seed=int(cfg.seed),
-        progress=bool(cfg.progress),
+        progress=bool(cfg.progress) and main,
     )
+    if main:
+        ctx.barrier()
     tc = cfg.training
     energy = target.energy(instantiate(cfg.energy, **resources.energy_kwargs()))
     train_energy = instantiate(tc.regularization)(energy) if tc.regularization else energy
@@ -127,7 +164,6 @@ def train(cfg: DictConfig) -> dict:
         ring_coordinates=str(cfg.get("ring_coordinates", "internal")),
     )
     generator = generator.to(device=device, dtype=dtype)
-    phases = [Phase(**p) for p in plain(tc.phases)]
     total = sum(p.steps for p in phases)
     sched = None
     if tc.scheduler is not None:
@@ -142,9 +178,11 @@ def train(cfg: DictConfig) -> dict:
     monitor = StateMonitor(
         target.cvs, target.states, state_populations(data.train, target.cvs, target.states)
     )
-    logger = RunLogger(
-        out, tc.metrics_every, tc.checkpoint_every, extra, t0, columns=monitor.columns
-    )
+    logger = None
+    if main:  # rank 0 alone writes metrics.csv and checkpoints
+        logger = RunLogger(
+            out, tc.metrics_every, tc.checkpoint_every, extra, t0, columns=monitor.columns
+        )
     trainer = Trainer(
         generator,
         lr=tc.lr,
@@ -159,27 +197,32 @@ def train(cfg: DictConfig) -> dict:
         eval_every=tc.eval_every,
         seed=int(cfg.seed),
         progress=bool(cfg.progress),
-        callbacks=[monitor, logger],  # the monitor adds pop_<state> before the row is written
+        # the monitor adds pop_<state> before the row is written
+        callbacks=[monitor, logger] if main else [],
         ema_decay=tc.get("ema_decay"),
         buffer_size=int(tc.get("buffer_size", 8192)),
         resample_every=int(tc.get("resample_every", 50)),
     )
     if ckpt is not None and ckpt.is_file():
-        got = trainer.load_checkpoint(ckpt)
+        got = trainer.load_checkpoint(ckpt)  # every rank reads it
         if got.get("system") != target.name:
             raise ValueError(f"checkpoint {ckpt} is for {got.get('system')!r}, not {target.name!r}")
-        print(f"[train] resumed from {ckpt} at step {trainer.step}/{total}")
-    elif ckpt is not None:
+        if main:
+            print(f"[train] resumed from {ckpt} at step {trainer.step}/{total}")
+    elif ckpt is not None and main:
         print(f"[train] no checkpoint {ckpt}; starting from step 0")
     latest = out / "checkpoints" / "latest.pt"
-    logger.restart(trainer)  # (re)writes metrics.csv from the restored history
-    monitor.replay(trainer.history)
+    if main:
+        logger.restart(trainer)  # (re)writes metrics.csv from the restored history
+        monitor.replay(trainer.history)
     t_train, steps_before = time.time(), trainer.step
     try:
         trainer.fit_phases(phases, data=data.train)
         train_time = time.time() - t_train
-        trainer.save_checkpoint(latest, extra)  # the last step's state, for resuming
+        trainer.save_checkpoint(latest, extra)  # the last step's state, for resuming (rank 0)
         selected = trainer.finalize(str(tc.get("select", "last")))  # the weights to evaluate
+        if not main:  # evaluation sampling runs on rank 0 alone (for now)
+            return {}
         save_generator(generator, out / "model.pt", {**extra, "selected": selected})
         ev = cfg.evaluation
         metrics, samples = pipeline.evaluate(
@@ -199,7 +242,8 @@ def train(cfg: DictConfig) -> dict:
         )
     finally:
         energy.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
     metrics.update(
         system=target.name,
         steps=trainer.step,
@@ -218,10 +262,50 @@ def train(cfg: DictConfig) -> dict:
         data_info=data.info,
         peak_memory_mb=peak_memory_mb(device),
         resources=resources.as_dict(),
+        world_size=ctx.world_size,
+        distributed=ctx.as_dict(),
+        global_batch_sizes=global_batch_sizes(phases, trainer),
     )
     write_outputs(out, target, samples, metrics, trainer, data, cfg)
     print(f"\n[train] {target.name}: results in {out}\n" + summary_table(metrics))
     return metrics
+
+
+def global_batch_sizes(phases: list[Phase], trainer: Trainer) -> dict:
+    """The global batch sizes (all ranks together) of the trainer and of every phase."""
+    return {
+        "batch_size": trainer.batch_size,
+        "kl_batch_size": trainer.kl_batch_size,
+        "phases": [
+            {
+                "name": p.name,
+                "batch_size": int(p.batch_size or trainer.batch_size),
+                "kl_batch_size": int(p.kl_batch_size or trainer.kl_batch_size),
+            }
+            for p in phases
+        ],
+    }
+
+
+def rank_resources(cfg: DictConfig, ctx: distributed.Context) -> Resources:
+    """:func:`~bgflow_mini.apps.resources.job_resources`, with the job's cores shared by
+    the ``LOCAL_WORLD_SIZE`` ranks that torchrun started on this node."""
+    if ctx.local_world_size == 1:
+        return job_resources(cfg)
+    job = job_budget(launcher_config())
+    n = max(1, job.cores // ctx.local_world_size)
+    why = f"{job.reason}; shared by {ctx.local_world_size} ranks on this node"
+    energy, data = cfg.get("energy"), cfg.get("data")
+    res = plan(
+        Budget(n, why, True),
+        cfg.get("num_threads"),
+        data.get("n_workers") if data is not None else None,
+        energy.get("n_workers") if energy is not None else None,
+    )
+    if res.threads:
+        torch.set_num_threads(res.threads)
+    log.info("resources (rank %d): %s", ctx.rank, res.summary())
+    return res
 
 
 def write_outputs(out: Path, target, samples: dict, metrics: dict, trainer, data, cfg) -> None:
@@ -254,9 +338,21 @@ def write_outputs(out: Path, target, samples: dict, metrics: dict, trainer, data
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float:
     metrics = run_app(lambda: train(cfg))
     return float(metrics.get("ess", math.nan))
+
+
+def main() -> float:
+    """``bgflow-train``. Under torchrun, ranks other than 0 point Hydra's own folder (its
+    log and ``.hydra/``) at a temporary folder, removed at exit: the run folder is rank
+    0's alone."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1 and rank != "0":
+        tmp = tempfile.mkdtemp(prefix=f"bgflow-train-rank{rank}-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        sys.argv += [f"hydra.run.dir={tmp}", "hydra.output_subdir=null"]
+    return _main()
 
 
 if __name__ == "__main__":
