@@ -236,10 +236,11 @@ def test_random_parameters_all_branches(gbsa):
         np.testing.assert_allclose(terms["GBSAOBCForce"].numpy(), e_gb, rtol=1e-9)
         # the configurations reach OpenMM's special GBSA branches
         term = ff.terms[-1]
-        r = torch.as_tensor(xs[:, term.groups[0]]).diff(dim=2).norm(dim=-1).squeeze(-1)
-        rr = torch.cat([r, r], dim=-1)
-        assert (term.offset_i < term.scaled_j - rr).any()  # I inside scaled J
-        assert (term.offset_i >= rr + term.scaled_j).any()  # inactive pair
+        i, j = term.atoms.numpy()
+        r = np.linalg.norm(xs[:, j] - xs[:, i], axis=-1)[:, None]  # (batch, 1, pairs)
+        offset_i, scaled_j = term.offset_i.numpy(), term.scaled_j.numpy()  # (2, pairs)
+        assert (offset_i < scaled_j - r).any()  # I inside scaled J
+        assert (offset_i >= r + scaled_j).any()  # inactive pair
 
 
 def test_coulomb_constant_is_openmms():
@@ -346,7 +347,9 @@ def test_is_an_energy_and_interchangeable():
     loss.backward()
     assert loss.dtype == torch.float32 and x32.grad.shape == x32.shape
     ff32 = ff.to(torch.float32)
-    assert all(b.dtype == torch.float32 for b in ff32.buffers())
+    floats = [b for b in ff32.buffers() if b.is_floating_point()]
+    assert floats and all(b.dtype == torch.float32 for b in floats)
+    assert all(b.dtype == torch.int64 for b in ff32.buffers() if not b.is_floating_point())
     assert torch.allclose(generic(ff32, x.float()), loss.detach())
 
 

@@ -11,7 +11,11 @@ OpenMM's Reference platform (``ReferenceObc.cpp``, ``ObcParameters.cpp``)::
     f_ij     = sqrt(r^2 + B_i B_j exp(-r^2 / (4 B_i B_j))),
     pre      = -ONE_4PI_EPS0 (1/eps_solute - 1/eps_solvent)
 
-See :mod:`._torchff_terms` for the term interface.
+Items are all atom pairs i < j. The graph-free evaluation (:meth:`GBSAOBCTerm.evaluate`)
+runs three passes over the pairs in chunks: the HCT sums (Born radii), then the pair
+energies with their direct forces and dE/dB per atom, then the forces through the
+Born radii; only per-atom sums (atoms x batch) live between passes. See
+:mod:`._torchff_terms` for the term interface.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._torchff_terms import ONE_4PI_EPS0, VectorTerm, buf, sq
+from ._torchff_terms import _ALL, ONE_4PI_EPS0, Term, buf, col, sq
 
 __all__ = [
     "OBC_ALPHA",
@@ -41,7 +45,7 @@ OBC_DIELECTRIC_OFFSET = 0.009
 OBC_PROBE_RADIUS = 0.14
 
 
-class GBSAOBCTerm(VectorTerm):
+class GBSAOBCTerm(Term):
     """GBSAOBCForce with NoCutoff (OBC II + ACE), all atom pairs.
 
     Arguments:
@@ -51,6 +55,7 @@ class GBSAOBCTerm(VectorTerm):
     """
 
     name = "GBSAOBCForce"
+    width = 2  # intermediates hold both orders of every pair
 
     def __init__(
         self,
@@ -65,44 +70,45 @@ class GBSAOBCTerm(VectorTerm):
         radius = np.asarray(radius, dtype=np.float64)
         scale = np.asarray(scale, dtype=np.float64)
         n = len(charge)
-        ii, jj = np.triu_indices(n, k=1)
-        super().__init__([list(zip(ii.tolist(), jj.tolist(), strict=True))])
-        n_pairs = len(ii)
+        super().__init__(np.stack(np.triu_indices(n, k=1), axis=1), 2)
         if solute_dielectric != 0.0 and solvent_dielectric != 0.0:
             pre = -ONE_4PI_EPS0 * (1.0 / solute_dielectric - 1.0 / solvent_dielectric)
         else:
             pre = 0.0
         offset = radius - OBC_DIELECTRIC_OFFSET
         scaled = offset * scale
-        # ordered pairs (I, J): first (i, j), then (j, i); HCT_IJ uses offset_I, scaled_J
-        first = np.concatenate([ii, jj])
-        second = np.concatenate([jj, ii])
-        gather = np.zeros((2 * n_pairs, n))
-        gather[np.arange(2 * n_pairs), first] = 1.0
-        pair_sum = np.zeros((n, n_pairs))
-        pair_sum[ii, np.arange(n_pairs)] = 1.0
-        pair_sum[jj, np.arange(n_pairs)] = 1.0
+        i, j = self.atoms.numpy()
+        # per ordered pair (I, J), (2, n_pairs): first (i, j), then (j, i); HCT_IJ uses
+        # offset_I and scaled_J
+        first, second = np.stack([i, j]), np.stack([j, i])
         self.register_buffer("offset_i", buf(offset[first]))
         self.register_buffer("inv_offset_i", buf(1.0 / offset[first]))
         self.register_buffer("scaled_j", buf(scaled[second]))
-        self.register_buffer("scaled_j2", buf(0.25 * scaled[second] ** 2))
-        self.register_buffer("gather", buf(gather))
-        self.register_buffer("pair_sum", buf(pair_sum))
+        self.register_buffer("quarter_scaled_j2", buf(0.25 * scaled[second] ** 2))
+        self.register_buffer("pre_qq", buf(pre * charge[i] * charge[j]))
+        # per atom
         self.register_buffer("half_offset", buf(0.5 * offset))
         self.register_buffer("inv_offset", buf(1.0 / offset))
         self.register_buffer("inv_radius", buf(1.0 / radius))
-        self.register_buffer("pre_qq", buf(pre * charge[ii] * charge[jj]))
         self.register_buffer("pre_self", buf(0.5 * pre * charge**2))
         ace = 4.0 * math.pi * surface_area_energy * (radius + OBC_PROBE_RADIUS) ** 2
         self.register_buffer("ace_r6", buf(ace * radius**6))
 
     @property
-    def width(self) -> int:
-        """Intermediates hold both orders of every pair."""
-        return 2 * len(self.groups[0])
+    def n_atoms(self) -> int:
+        return int(self.half_offset.shape[0])
 
-    def _hct(self, r: Tensor) -> Tensor:
-        """HCT integrals of the ordered pairs (batch, 2 n_pairs) from r (batch, n_pairs).
+    def _ordered(self, ref: Tensor, items: slice) -> tuple[Tensor, ...]:
+        """offset_I, 1/offset_I, scaled_J, scaled_J^2/4 of the ordered pairs of
+        ``items``, each (2, m, 1)."""
+        names = ("offset_i", "inv_offset_i", "scaled_j", "quarter_scaled_j2")
+        return tuple(
+            getattr(self, name)[:, items].to(device=ref.device, dtype=ref.dtype).unsqueeze(-1)
+            for name in names
+        )
+
+    def _hct(self, r: Tensor, items: slice) -> Tensor:
+        """HCT integrals of the ordered pairs (2, m, batch) from r (m, batch).
 
         OpenMM's branches are folded into clamps (no masks): with
         u = 1/max(r + s_j, offset_i) and l = 1/max(|r - s_j|, offset_i) an inactive
@@ -112,8 +118,8 @@ class GBSAOBCTerm(VectorTerm):
         0.25 (1 + s_j^2/r^2)(u^2 - l^2) - 0.5 log(u/l) / r^2 in every regime (the
         l- and u-dependences cancel), as in OpenMM's Reference code.
         """
-        rr = torch.cat([r, r], dim=-1)
-        s_j, off_i = self.p("scaled_j", r), self.p("offset_i", r)
+        off_i, inv_off_i, s_j, s_j2 = self._ordered(r, items)
+        rr = r.unsqueeze(0)
         diff = rr - s_j
         upper = torch.maximum(rr + s_j, off_i)
         lo = torch.maximum(diff.abs(), off_i)
@@ -122,20 +128,20 @@ class GBSAOBCTerm(VectorTerm):
         inv_r = rr.reciprocal()
         dul = u * u - l * l
         a = (0.25 * rr) * dul
-        b = (self.p("scaled_j2", r) * inv_r) * dul  # 0.25 s_j^2 / r (u^2 - l^2)
+        b = (s_j2 * inv_r) * dul  # 0.25 s_j^2 / r (u^2 - l^2)
         c = (0.5 * inv_r) * torch.log(lo / upper)
         l_inside = torch.maximum(-diff, off_i).reciprocal()
-        return l - u + a - b + c + 2.0 * (self.p("inv_offset_i", r) - l_inside)
+        return l - u + a - b + c + 2.0 * (inv_off_i - l_inside)
 
-    def _hct_inplace(self, r: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
+    def _hct_inplace(
+        self, r: Tensor, items: slice, with_grad: bool
+    ) -> tuple[Tensor, Tensor | None]:
         """:meth:`_hct` (optionally with d/dr), graph-free and mostly in place.
 
-        Returns the terms and d/dr (or None), both (batch, 2, n_pairs).
+        Returns the terms and d/dr (or None), both (2, m, batch).
         """
-        n_pairs = r.shape[-1]
-        r3 = r.unsqueeze(1)  # (batch, 1, n_pairs), broadcast over both orders
-        s_j = self.p("scaled_j", r).view(2, n_pairs)
-        off_i = self.p("offset_i", r).view(2, n_pairs)
+        off_i, inv_off_i, s_j, s_j2 = self._ordered(r, items)
+        r3 = r.unsqueeze(0)  # (1, m, batch), broadcast over both orders
         inv_r = r3.reciprocal()
         upper = torch.maximum(r3 + s_j, off_i)
         diff = r3 - s_j
@@ -146,9 +152,9 @@ class GBSAOBCTerm(VectorTerm):
         l = lo.reciprocal_()
         dul = torch.mul(u, u).addcmul_(l, l, value=-1.0)
         term = torch.sub(l, u).add_(c).add_(l_inside, alpha=-2.0)
-        term += 2.0 * self.p("inv_offset_i", r).view(2, n_pairs)
+        term += 2.0 * inv_off_i
         a = dul * (0.25 * r3)
-        b = dul.mul_(self.p("scaled_j2", r).view(2, n_pairs) * inv_r)
+        b = dul.mul_(s_j2 * inv_r)
         term += a
         term -= b
         if not with_grad:
@@ -156,56 +162,108 @@ class GBSAOBCTerm(VectorTerm):
         return term, a.add_(b).sub_(c).mul_(inv_r)
 
     def _born(self, s_sum: Tensor) -> tuple[Tensor, Tensor]:
-        """Born radii (batch, n) and dB/d(sum of HCT terms)."""
-        s = s_sum * self.p("half_offset", s_sum)
+        """Born radii (n, batch) and dB/d(sum of HCT terms)."""
+        half_offset = self.p("half_offset", s_sum)[:, None]
+        inv_radius = self.p("inv_radius", s_sum)[:, None]
+        s = s_sum * half_offset
         t = torch.tanh(s * (OBC_ALPHA + s * (-OBC_BETA + s * OBC_GAMMA)))
-        inv_radius = self.p("inv_radius", s_sum)
-        born = (self.p("inv_offset", s_sum) - t * inv_radius).reciprocal()
+        born = (self.p("inv_offset", s_sum)[:, None] - t * inv_radius).reciprocal()
         dpsi = OBC_ALPHA + s * (-2.0 * OBC_BETA + s * (3.0 * OBC_GAMMA))
-        dborn = born * born * inv_radius * (1.0 - t * t) * dpsi * self.p("half_offset", s_sum)
+        dborn = born * born * inv_radius * (1.0 - t * t) * dpsi * half_offset
         return born, dborn
 
-    def forward(self, v: Tensor) -> Tensor:
-        r2 = sq(v[0])
-        if torch.is_grad_enabled():
-            term = self._hct(r2.sqrt())
-        else:
-            term = self._hct_inplace(r2.sqrt(), with_grad=False)[0].flatten(1)
-        s = term @ self.p("gather", v) * self.p("half_offset", v)
-        t = torch.tanh(s * (OBC_ALPHA + s * (-OBC_BETA + s * OBC_GAMMA)))
-        born = (self.p("inv_offset", v) - t * self.p("inv_radius", v)).reciprocal()
-        bb = torch.exp(torch.log(born) @ self.p("pair_sum", v))  # B_i B_j per pair
-        f2 = r2 + bb * torch.exp(-0.25 * r2 / bb)
+    def _atom_energy(self, born: Tensor) -> tuple[Tensor, Tensor]:
+        """Self and ACE energies per atom (n, batch) from the Born radii."""
         inv_b = born.reciprocal()
         inv_b3 = inv_b * inv_b * inv_b
-        return (
-            f2.rsqrt() @ self.p("pre_qq", v)
-            + inv_b @ self.p("pre_self", v)
-            + (inv_b3 * inv_b3) @ self.p("ace_r6", v)
+        return self.p("pre_self", born)[:, None] * inv_b, self.p("ace_r6", born)[:, None] * (
+            inv_b3 * inv_b3
         )
 
-    def energy_grad(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        r2 = sq(v[0])
-        r = r2.sqrt()
-        term, dterm = self._hct_inplace(r, with_grad=True)
-        gather = self.p("gather", v)
-        born, dborn = self._born(term.flatten(1) @ gather)
-        pair_sum = self.p("pair_sum", v)
-        bb = torch.exp(torch.log(born) @ pair_sum)
-        quarter_r2 = 0.25 * r2
-        e = torch.exp(-quarter_r2 / bb)
-        f2 = r2 + bb * e
-        inv_f = f2.rsqrt()
-        g_pair = self.p("pre_qq", v) * inv_f
-        inv_b = born.reciprocal()
-        inv_b3 = inv_b * inv_b * inv_b
-        self_e = self.p("pre_self", v) * inv_b
-        ace_e = self.p("ace_r6", v) * inv_b3 * inv_b3
-        energy = g_pair.sum(-1) + (self_e + ace_e).sum(-1)
-        de_df2 = -0.5 * g_pair * inv_f * inv_f
-        de_dr2 = de_df2 * (1.0 - 0.25 * e)
-        de_dlogbb = de_df2 * e * (bb + quarter_r2)  # bb * dE/dbb
-        de_dborn = (de_dlogbb @ pair_sum.T - self_e - 6.0 * ace_e) * inv_b
-        de_dterm = (de_dborn * dborn) @ gather.T  # (batch, 2 n_pairs)
-        de_dr = dterm.mul_(de_dterm.view(dterm.shape)).sum(1)
-        return energy, v * (2.0 * de_dr2 + de_dr / r)
+    def energy(self, x: Tensor, items: slice = _ALL) -> Tensor:
+        """Energy of all pairs (the Born radii couple them: ``items`` must be all)."""
+        if items != _ALL:
+            raise ValueError("GBSAOBCTerm.energy evaluates all pairs at once")
+        xi, xj = self.rows(x)
+        r2 = sq(xj - xi)
+        term = self._hct(r2.sqrt(), _ALL)
+        i, j = self.index(0, x), self.index(1, x)
+        s_sum = x.new_zeros(self.n_atoms, x.shape[-1])
+        s_sum = s_sum.index_add(0, i, term[0]).index_add(0, j, term[1])
+        born = self._born(s_sum)[0]
+        bb = born.index_select(0, i) * born.index_select(0, j)  # B_i B_j per pair
+        f2 = r2 + bb * torch.exp(-0.25 * r2 / bb)
+        self_e, ace_e = self._atom_energy(born)
+        return (self.p("pre_qq", x)[:, None] * f2.rsqrt()).sum(0) + (self_e + ace_e).sum(0)
+
+    def evaluate(self, x: Tensor, grad: Tensor | None, chunk: int) -> Tensor:
+        """Graph-free energy (and dE/dx into ``grad``), ``chunk`` pairs at a time.
+
+        When all pairs fit in one chunk, the pair geometry, the HCT derivatives and the
+        direct pair forces are kept from pass to pass (one gather and one scatter);
+        otherwise each pass recomputes them chunk by chunk.
+        """
+        chunk = max(1, int(chunk))
+        slices = [slice(s, s + chunk) for s in range(0, self.n_items, chunk)]
+        keep = len(slices) == 1
+        with_grad = grad is not None
+        with torch.no_grad():
+            s_sum = x.new_zeros(self.n_atoms, x.shape[-1])
+            for items in slices:  # pass 1: HCT sums
+                v, r2 = self._vectors(x, items)
+                r = r2.sqrt()
+                term, dterm = self._hct_inplace(r, items, with_grad=keep and with_grad)
+                self._add_pairs(s_sum, items, term[0], term[1])
+            born, dborn = self._born(s_sum)
+            self_e, ace_e = self._atom_energy(born)
+            energy = (self_e + ace_e).sum(0)
+            de_dlogb = torch.zeros_like(born) if with_grad else None
+            for items in slices:  # pass 2: pair energies, direct forces, dE/dB
+                if not keep:
+                    v, r2 = self._vectors(x, items)
+                i, j = self.index(0, x, items), self.index(1, x, items)
+                bb = born.index_select(0, i).mul_(born.index_select(0, j))
+                quarter_r2 = r2 * 0.25
+                e = torch.div(quarter_r2, bb).neg_().exp_()
+                inv_f = (bb * e).add_(r2).rsqrt_()
+                g_pair = inv_f * self.p("pre_qq", x, items)[:, None]
+                energy += g_pair.sum(0)
+                if de_dlogb is None:
+                    continue
+                de_df2 = g_pair.mul_(inv_f).mul_(inv_f).mul_(-0.5)
+                de_dr2_x2 = torch.mul(e, -0.5).add_(2.0).mul_(de_df2)  # 2 (1 - e/4) dE/df2
+                de_dlogbb = de_df2.mul_(e).mul_(bb.add_(quarter_r2))  # bb dE/dbb
+                self._add_pairs(de_dlogb, items, de_dlogbb, de_dlogbb)
+                if not keep:
+                    self._add_pair_forces(grad, items, v, de_dr2_x2)
+            if grad is None:
+                return energy
+            # dE/d(HCT sum) per atom: dE/dB dB/dsum, dE/dB = (sum bb dE/dbb - E_self - 6 E_ace)/B
+            de_dsum = de_dlogb.sub_(self_e).sub_(ace_e, alpha=6.0).div_(born).mul_(dborn)
+            for items in slices:  # pass 3: forces through the Born radii
+                if not keep:
+                    v, r2 = self._vectors(x, items)
+                    r = r2.sqrt_()
+                    dterm = self._hct_inplace(r, items, with_grad=True)[1]
+                i, j = self.index(0, x, items), self.index(1, x, items)
+                de_dr = dterm[0].mul_(de_dsum.index_select(0, i))
+                de_dr.addcmul_(dterm[1], de_dsum.index_select(0, j)).div_(r)
+                self._add_pair_forces(grad, items, v, de_dr.add_(de_dr2_x2) if keep else de_dr)
+            return energy
+
+    def _vectors(self, x: Tensor, items: slice) -> tuple[Tensor, Tensor]:
+        """x_j - x_i (m, 3, batch) and its squared norm (m, batch) of the pairs."""
+        xi, xj = self.rows(x, items)
+        v = xj.sub_(xi)
+        return v, sq(v)
+
+    def _add_pair_forces(self, grad: Tensor, items: slice, v: Tensor, w: Tensor) -> None:
+        """Add dE/dx of pair terms with dE/dv = w v (w: (m, batch)) into ``grad``;
+        overwrites ``v``."""
+        gv = v.mul_(col(w))
+        self.add_rows(grad, items, [-gv, gv])
+
+    def _add_pairs(self, out: Tensor, items: slice, at_i: Tensor, at_j: Tensor) -> None:
+        """Add per-pair values (m, batch) into per-atom sums ``out`` (n, batch)."""
+        out.index_add_(0, self.index(0, out, items), at_i)
+        out.index_add_(0, self.index(1, out, items), at_j)

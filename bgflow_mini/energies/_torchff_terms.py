@@ -1,21 +1,24 @@
 """Bonded and Coulomb/Lennard-Jones terms of
 :class:`~bgflow_mini.energies.torchff.TorchForceField`.
 
-Every term declares the interatomic vectors it needs as ``k`` groups of ``m`` atom
-pairs ``(a, b)`` meaning ``x[a] - x[b]``. The force field obtains them with one
-product of the positions with the term's ``(k, n_atoms, m)`` incidence matrix and
-hands the term ``v`` of shape ``(k, 3, batch, m)`` (nm; the x, y, z components are
-contiguous ``(batch, m)`` blocks).
+A term is a sum over ``n_items`` items (bonds, angles, torsion quadruples, atom
+pairs); item ``c`` involves the atoms ``atoms[:, c]``. Positions arrive atom-major,
+``x`` of shape ``(n_atoms, 3, batch)`` nm, so the atoms of a set of items are one
+``index_select`` of rows and their forces one ``index_add_`` back into the rows:
+memory is O(batch x (atoms + items)), never atoms x items.
 
 Each term has two evaluations that must agree:
 
-* ``forward(v)``: energy ``(batch,)`` in kJ/mol, plain differentiable torch ops
-  (used for energies without gradients and for higher-order derivatives);
-* ``energy_grad(v)``: the energy and its analytic gradient ``dE/dv`` (same shape as
-  ``v``, kJ/mol/nm), evaluated without building an autograd graph (fast forces).
+* ``energy(x, items)``: energy ``(batch,)`` in kJ/mol of the items ``items`` (a
+  slice), plain differentiable torch ops (energies with an autograd graph, higher
+  derivatives);
+* ``energy_grad(x, grad, items)``: the same energy, and its analytic gradient dE/dx
+  (kJ/mol/nm) added into ``grad`` (shape of ``x``), without an autograd graph.
 
-Parameters are float64 buffers, cast to the input's dtype and device on use (a
-no-op after ``module.to(dtype)``).
+:meth:`Term.evaluate` runs either over all items in slices of ``chunk`` items, which
+bounds the intermediates to ``chunk x batch`` values. Parameters are float64 buffers
+(atom indices int64), cast to the input's dtype and device on use (a no-op after
+``module.to(dtype)``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ __all__ = [
     "cross",
     "dot",
     "sq",
-    "VectorTerm",
+    "Term",
     "HarmonicBondTerm",
     "HarmonicAngleTerm",
     "PeriodicTorsionTerm",
@@ -46,6 +49,8 @@ _AVOGADRO = 6.02214076e23
 _EPSILON0 = 1e-6 * 8.8541878128e-12 / (_E_CHARGE * _E_CHARGE * _AVOGADRO)
 ONE_4PI_EPS0 = 1.0 / (4.0 * math.pi * _EPSILON0)
 
+_ALL = slice(None)
+
 
 def buf(values: object) -> Tensor:
     """float64 tensor of ``values`` (for ``register_buffer``)."""
@@ -53,192 +58,220 @@ def buf(values: object) -> Tensor:
 
 
 def cross(a: Tensor, b: Tensor) -> Tensor:
-    """Cross product of ``(3, batch, m)`` vectors, shape ``(3, batch, m)``."""
-    a0, a1, a2 = a.unbind(0)
-    b0, b1, b2 = b.unbind(0)
-    return torch.stack([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0])
+    """Cross product of ``(m, 3, batch)`` vectors, shape ``(m, 3, batch)``."""
+    a0, a1, a2 = a.unbind(1)  # (several times faster than torch.linalg.cross here)
+    b0, b1, b2 = b.unbind(1)
+    return torch.stack([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0], dim=1)
 
 
 def sq(a: Tensor) -> Tensor:
-    """Squared norm of ``(3, batch, m)`` vectors, shape ``(batch, m)``."""
-    return (a * a).sum(0)
+    """Squared norm of ``(m, 3, batch)`` vectors, shape ``(m, batch)``."""
+    return (a * a).sum(1)
 
 
 def dot(a: Tensor, b: Tensor) -> Tensor:
-    """Dot product of ``(3, batch, m)`` vectors, shape ``(batch, m)``."""
-    return (a * b).sum(0)
+    """Dot product of ``(m, 3, batch)`` vectors, shape ``(m, batch)``."""
+    return (a * b).sum(1)
 
 
-class VectorTerm(nn.Module):
-    """Base of the terms: ``groups`` are k equally long lists of ``(a, b)`` pairs."""
+def col(a: Tensor) -> Tensor:
+    """``(m, batch)`` per-item factors as ``(m, 1, batch)``, to scale vectors."""
+    return a.unsqueeze(1)
+
+
+class Term(nn.Module):
+    """Base of the terms. ``atoms``: ``(n_items, k)`` atom indices of each item.
+
+    ``width`` is the number of ``(items, batch)`` vector columns an item needs (the
+    chunk size is chosen from it).
+    """
 
     name: str = "term"
+    width: int = 1
 
-    def __init__(self, groups: list[list[tuple[int, int]]]) -> None:
+    def __init__(self, atoms: np.ndarray, k: int) -> None:
         super().__init__()
-        self.groups = [[(int(a), int(b)) for a, b in g] for g in groups]
-        if len({len(g) for g in self.groups}) > 1:
-            raise ValueError("all vector groups of a term must have the same length")
+        atoms = np.asarray(atoms, dtype=np.int64).reshape(-1, k)
+        index = torch.from_numpy(np.ascontiguousarray(atoms.T))
+        self.register_buffer("atoms", index, persistent=False)
 
     @property
-    def width(self) -> int:
-        """Vector columns per configuration (k m): the size of the intermediates."""
-        return sum(len(g) for g in self.groups)
+    def n_items(self) -> int:
+        return int(self.atoms.shape[1])
 
-    def build_incidence(self, n_atoms: int) -> None:
-        """Register the ``(k, n_atoms, m)`` incidence matrices (+1 at a, -1 at b)."""
-        m = len(self.groups[0]) if self.groups else 0
-        incidence = np.zeros((len(self.groups), int(n_atoms), m))
-        for g, group in enumerate(self.groups):
-            for c, (a, b) in enumerate(group):
-                incidence[g, a, c] += 1.0
-                incidence[g, b, c] -= 1.0
-        self.register_buffer("incidence", buf(incidence))
+    def p(self, name: str, ref: Tensor, items: slice = _ALL) -> Tensor:
+        """Buffer ``name`` (rows ``items``) in the dtype and on the device of ``ref``."""
+        return getattr(self, name)[items].to(device=ref.device, dtype=ref.dtype)
 
-    def vectors(self, xt: Tensor) -> Tensor:
-        """``(k, 3, batch, m)`` vectors from positions ``xt`` of shape (3, batch, n)."""
-        inc = self.p("incidence", xt)
-        k, n, m = inc.shape
-        flat = xt.reshape(-1, n)
-        if k == 1:
-            return (flat @ inc[0]).reshape(1, 3, xt.shape[1], m)
-        return torch.matmul(flat, inc).reshape(k, 3, xt.shape[1], m)
+    def index(self, c: int, ref: Tensor, items: slice = _ALL) -> Tensor:
+        """Atom ``c`` of the items ``items`` (int64, on the device of ``ref``)."""
+        return self.atoms[c, items].to(ref.device)
 
-    def position_grad(self, gv: Tensor) -> Tensor:
-        """Pull ``dE/dv`` ``(k, 3, batch, m)`` back to ``dE/dxt`` ``(3, batch, n)``."""
-        inc = self.p("incidence", gv)
-        k, _, batch, m = gv.shape
-        g = torch.matmul(gv.reshape(k, 3 * batch, m), inc.transpose(1, 2))
-        return g.sum(0).reshape(3, batch, inc.shape[1])
+    def rows(self, x: Tensor, items: slice = _ALL) -> list[Tensor]:
+        """Positions of each item's atoms, ``k`` tensors ``(m, 3, batch)``."""
+        return [x.index_select(0, self.index(c, x, items)) for c in range(self.atoms.shape[0])]
+
+    def add_rows(self, grad: Tensor, items: slice, gs: list[Tensor]) -> None:
+        """Add ``gs[c]`` (``(m, 3, batch)``, dE/d position of atom c) into ``grad``."""
+        for c, g in enumerate(gs):
+            grad.index_add_(0, self.index(c, grad, items), g)
+
+    def evaluate(self, x: Tensor, grad: Tensor | None, chunk: int) -> Tensor:
+        """Graph-free energy (batch,) kJ/mol over all items, ``chunk`` items at a time;
+        with ``grad`` given, dE/dx is added into it."""
+        with torch.no_grad():
+            total = x.new_zeros(x.shape[-1])
+            for start in range(0, self.n_items, max(1, int(chunk))):
+                items = slice(start, start + chunk)
+                if grad is None:
+                    total += self.energy(x, items)
+                else:
+                    total += self.energy_grad(x, grad, items)
+            return total
 
     def extra_repr(self) -> str:
-        return f"groups={len(self.groups)}, vectors_per_group={len(self.groups[0])}"
+        return f"items={self.n_items}"
 
-    def p(self, name: str, ref: Tensor) -> Tensor:
-        """Buffer ``name`` in the dtype and on the device of ``ref``."""
-        return getattr(self, name).to(device=ref.device, dtype=ref.dtype)
+    def forward(self, x: Tensor) -> Tensor:
+        """Energy (batch,) kJ/mol of positions ``x`` ``(n_atoms, 3, batch)`` nm."""
+        return self.energy(x)
 
-    def forward(self, v: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Energy ``(batch,)`` kJ/mol from vectors ``v`` ``(k, 3, batch, m)`` nm."""
+    def energy(self, x: Tensor, items: slice = _ALL) -> Tensor:  # pragma: no cover
+        """Energy (batch,) kJ/mol of the items ``items``, differentiable."""
         raise NotImplementedError
 
-    def energy_grad(self, v: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
-        """Energy ``(batch,)`` kJ/mol and ``dE/dv`` (shape of ``v``) kJ/mol/nm."""
+    def energy_grad(self, x: Tensor, grad: Tensor, items: slice) -> Tensor:  # pragma: no cover
+        """Energy (batch,) kJ/mol of ``items``; adds dE/dx (kJ/mol/nm) into ``grad``."""
         raise NotImplementedError
 
 
-class HarmonicBondTerm(VectorTerm):
+class HarmonicBondTerm(Term):
     """``sum 0.5 k (r - r0)^2``; bonds ``(n_bonds, 2)``, r0 nm, k kJ/mol/nm^2."""
 
     name = "HarmonicBondForce"
 
     def __init__(self, bonds: np.ndarray, r0: np.ndarray, k: np.ndarray) -> None:
-        bonds = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
-        super().__init__([[(j, i) for i, j in bonds]])
+        super().__init__(bonds, 2)
         self.register_buffer("r0", buf(r0))
         self.register_buffer("half_k", 0.5 * buf(k))
 
-    def forward(self, v: Tensor) -> Tensor:
-        d = sq(v[0]).sqrt() - self.p("r0", v)
-        return (d * d) @ self.p("half_k", v)
+    def energy(self, x: Tensor, items: slice = _ALL) -> Tensor:
+        xi, xj = self.rows(x, items)
+        d = sq(xj - xi).sqrt() - self.p("r0", x, items)[:, None]
+        return self.p("half_k", x, items) @ (d * d)
 
-    def energy_grad(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        r = sq(v[0]).sqrt()
-        d = r - self.p("r0", v)
-        hk = self.p("half_k", v)
-        energy = (d * d) @ hk
-        return energy, v * (2.0 * hk * d / r)
+    def energy_grad(self, x: Tensor, grad: Tensor, items: slice) -> Tensor:
+        xi, xj = self.rows(x, items)
+        v = xj.sub_(xi)
+        r = sq(v).sqrt_()
+        hk = self.p("half_k", x, items)[:, None]
+        d = r - self.p("r0", x, items)[:, None]
+        energy = (hk * d * d).sum(0)
+        gv = v.mul_(col(d.mul_(hk).mul_(2.0).div_(r)))  # dE/dr v/r
+        self.add_rows(grad, items, [-gv, gv])
+        return energy
 
 
-class HarmonicAngleTerm(VectorTerm):
+class HarmonicAngleTerm(Term):
     """``sum 0.5 k (theta - theta0)^2``; angles ``(n, 3)`` with the apex in the middle,
     theta0 rad, k kJ/mol/rad^2. theta = atan2(|a x b|, a.b) (accurate at all angles;
     the gradient is singular at exactly 0 or 180 degrees, as in OpenMM)."""
 
     name = "HarmonicAngleForce"
+    width = 2
 
     def __init__(self, angles: np.ndarray, theta0: np.ndarray, k: np.ndarray) -> None:
-        angles = np.asarray(angles, dtype=np.int64).reshape(-1, 3)
-        super().__init__([[(i, j) for i, j, _ in angles], [(k_, j) for _, j, k_ in angles]])
+        super().__init__(angles, 3)
         self.register_buffer("theta0", buf(theta0))
         self.register_buffer("half_k", 0.5 * buf(k))
 
-    def forward(self, v: Tensor) -> Tensor:
-        a, b = v[0], v[1]
+    def energy(self, x: Tensor, items: slice = _ALL) -> Tensor:
+        xi, xj, xk = self.rows(x, items)
+        a, b = xi - xj, xk - xj
         sin = sq(cross(a, b)).clamp_min(1e-30).sqrt()  # |a||b| sin(theta)
-        d = torch.atan2(sin, dot(a, b)) - self.p("theta0", v)
-        return (d * d) @ self.p("half_k", v)
+        d = torch.atan2(sin, dot(a, b)) - self.p("theta0", x, items)[:, None]
+        return self.p("half_k", x, items) @ (d * d)
 
-    def energy_grad(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = v[0], v[1]
-        sin = sq(cross(a, b)).clamp_min(1e-30).sqrt()
+    def energy_grad(self, x: Tensor, grad: Tensor, items: slice) -> Tensor:
+        xi, xj, xk = self.rows(x, items)
+        a, b = xi.sub_(xj), xk.sub_(xj)
+        sin = sq(cross(a, b)).clamp_min_(1e-30).sqrt_()
         cos = dot(a, b)
-        d = torch.atan2(sin, cos) - self.p("theta0", v)
-        hk = self.p("half_k", v)
-        energy = (d * d) @ hk
-        w = 2.0 * hk * d / sin  # dE/dtheta / (|a||b| sin)
+        d = torch.atan2(sin, cos).sub_(self.p("theta0", x, items)[:, None])
+        hk = self.p("half_k", x, items)
+        energy = hk @ (d * d)
+        w = d.mul_(2.0 * hk[:, None]).div_(sin)  # dE/dtheta / (|a||b| sin)
         wc = w * cos
-        ga = a * (wc / sq(a)) - b * w  # dtheta/da = (cos a/|a|^2 - b) / (|a||b| sin)
-        gb = b * (wc / sq(b)) - a * w
-        return energy, torch.stack([ga, gb])
+        ga = a * col(wc / sq(a)) - b * col(w)  # dtheta/da = (cos a/|a|^2 - b) / (|a||b| sin)
+        gb = b.mul_(col(wc.div_(sq(b)))).sub_(a.mul_(col(w)))
+        self.add_rows(grad, items, [ga, -(ga + gb), gb])
+        return energy
 
 
-class PeriodicTorsionTerm(VectorTerm):
+class PeriodicTorsionTerm(Term):
     """``sum k (1 + cos(n phi - phi0))`` over torsion terms (several per quadruple);
-    phase rad, k kJ/mol. The dihedral of each unique quadruple is computed once and
-    expanded to its terms with a 0/1 matrix. OpenMM's (IUPAC) sign convention."""
+    phase rad, k kJ/mol. Items are the unique quadruples: the dihedral of each is
+    computed once and gathered for its terms (kept sorted by quadruple, with
+    ``first[q]:first[q + 1]`` the terms of quadruple q). OpenMM's (IUPAC) sign
+    convention."""
 
     name = "PeriodicTorsionForce"
+    width = 3
 
     def __init__(
         self, torsions: np.ndarray, periodicity: np.ndarray, phase: np.ndarray, k: np.ndarray
     ) -> None:
         torsions = np.asarray(torsions, dtype=np.int64).reshape(-1, 4)
-        quads, inverse = np.unique(torsions, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        super().__init__(
-            [
-                [(j, i) for i, j, _, _ in quads],
-                [(k_, j) for _, j, k_, _ in quads],
-                [(l_, k_) for _, _, k_, l_ in quads],
-            ]
-        )
-        expand = np.zeros((len(quads), len(torsions)))
-        expand[inverse, np.arange(len(torsions))] = 1.0
-        self.register_buffer("expand", buf(expand))
-        self.register_buffer("periodicity", buf(periodicity))
-        self.register_buffer("phase", buf(phase))
-        self.register_buffer("k", buf(k))
+        quads, quad_of = np.unique(torsions, axis=0, return_inverse=True)
+        quad_of = quad_of.reshape(-1)
+        order = np.argsort(quad_of, kind="stable")
+        super().__init__(quads, 4)
+        first = np.searchsorted(quad_of[order], np.arange(len(quads) + 1))
+        self.register_buffer("quad", torch.from_numpy(quad_of[order]), persistent=False)
+        self.first = first.tolist()
+        self.register_buffer("periodicity", buf(periodicity)[order])
+        self.register_buffer("phase", buf(phase)[order])
+        self.register_buffer("k", buf(k)[order])
 
-    def _phi(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        b1, b2, b3 = v[0], v[1], v[2]
-        n1 = cross(b1, b2)
-        n2 = cross(b2, b3)
+    def _terms(self, items: slice) -> tuple[slice, int]:
+        """The torsion terms of the quadruples ``items`` and the first quadruple."""
+        q0, q1, _ = items.indices(self.n_items)
+        return slice(self.first[q0], self.first[q1]), q0
+
+    def _phi(self, x: Tensor, items: slice) -> tuple[Tensor, ...]:
+        xi, xj, xk, xl = self.rows(x, items)
+        b1, b2, b3 = xj - xi, xk - xj, xl - xk
+        n1, n2 = cross(b1, b2), cross(b2, b3)
         b2_len = sq(b2).sqrt()
         phi = torch.atan2(b2_len * dot(b1, n2), dot(n1, n2))
-        return phi, n1, n2, b2_len
+        return phi, b1, b2, b3, n1, n2, b2_len
 
-    def forward(self, v: Tensor) -> Tensor:
-        phi = self._phi(v)[0] @ self.p("expand", v)
-        k = self.p("k", v)
-        return torch.cos(phi * self.p("periodicity", v) - self.p("phase", v)) @ k + k.sum()
+    def energy(self, x: Tensor, items: slice = _ALL) -> Tensor:
+        terms, q0 = self._terms(items)
+        phi = self._phi(x, items)[0].index_select(0, self.quad[terms].to(x.device) - q0)
+        n, phase, k = (self.p(name, x, terms) for name in ("periodicity", "phase", "k"))
+        return k @ torch.cos(phi * n[:, None] - phase[:, None]) + k.sum()
 
-    def energy_grad(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        phi_q, n1, n2, b2_len = self._phi(v)
-        expand = self.p("expand", v)
-        n, k = self.p("periodicity", v), self.p("k", v)
-        arg = (phi_q @ expand) * n - self.p("phase", v)
-        energy = torch.cos(arg) @ k + k.sum()
-        de_dphi = (torch.sin(arg) * (-k * n)) @ expand.T  # (batch, n_quads)
-        b1, b2, b3 = v[0], v[1], v[2]
-        g1 = n1 * (de_dphi * b2_len / sq(n1))
-        g3 = n2 * (de_dphi * b2_len / sq(n2))
-        inv_b2 = (b2_len * b2_len).reciprocal()
-        g2 = -(g1 * (dot(b1, b2) * inv_b2) + g3 * (dot(b3, b2) * inv_b2))
-        return energy, torch.stack([g1, g2, g3])
+    def energy_grad(self, x: Tensor, grad: Tensor, items: slice) -> Tensor:
+        terms, q0 = self._terms(items)
+        local = self.quad[terms].to(x.device) - q0
+        phi_q, b1, b2, b3, n1, n2, b2_len = self._phi(x, items)
+        n, phase, k = (self.p(name, x, terms) for name in ("periodicity", "phase", "k"))
+        arg = phi_q.index_select(0, local).mul_(n[:, None]).sub_(phase[:, None])
+        energy = k @ torch.cos(arg) + k.sum()
+        de_dphi_t = arg.sin_().mul_((-k * n)[:, None])
+        de_dphi = torch.zeros_like(phi_q).index_add_(0, local, de_dphi_t)
+        scale = de_dphi.mul_(b2_len)
+        g1 = n1.mul_(col(scale / sq(n1)))
+        g3 = n2.mul_(col(scale.div_(sq(n2))))
+        inv_b2 = b2_len.mul_(b2_len).reciprocal_()
+        g2 = g1 * col(dot(b1, b2).mul_(inv_b2)) + g3 * col(dot(b3, b2).mul_(inv_b2))
+        # b1 = xj - xi, b2 = xk - xj, b3 = xl - xk; g2 holds -dE/db2
+        self.add_rows(grad, items, [-g1, g1 + g2, -(g2 + g3), g3])
+        return energy
 
 
-class CoulombLJTerm(VectorTerm):
+class CoulombLJTerm(Term):
     """NonbondedForce with NoCutoff: ``sum kqq / r + A / r^12 - C / r^6`` over pairs.
 
     ``kqq = ONE_4PI_EPS0 * chargeProd``, ``A = 4 eps sigma^12``, ``C = 4 eps sigma^6``
@@ -250,32 +283,34 @@ class CoulombLJTerm(VectorTerm):
     def __init__(
         self, pairs: np.ndarray, charge_prod: np.ndarray, sigma: np.ndarray, epsilon: np.ndarray
     ) -> None:
-        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        super().__init__([[(i, j) for i, j in pairs]])
+        super().__init__(pairs, 2)
         sigma = np.asarray(sigma, dtype=np.float64)
         eps4 = 4.0 * np.asarray(epsilon, dtype=np.float64)
         self.register_buffer("kqq", buf(ONE_4PI_EPS0 * np.asarray(charge_prod, np.float64)))
         self.register_buffer("lj_a", buf(eps4 * sigma**12))
         self.register_buffer("lj_c", buf(eps4 * sigma**6))
 
-    def forward(self, v: Tensor) -> Tensor:
-        inv_r2 = sq(v[0]).reciprocal()
+    def energy(self, x: Tensor, items: slice = _ALL) -> Tensor:
+        xi, xj = self.rows(x, items)
+        inv_r2 = sq(xj - xi).reciprocal()
         inv_r6 = inv_r2 * inv_r2 * inv_r2
         return (
-            (inv_r6 * inv_r6) @ self.p("lj_a", v)
-            - inv_r6 @ self.p("lj_c", v)
-            + inv_r2.sqrt() @ self.p("kqq", v)
+            self.p("lj_a", x, items) @ (inv_r6 * inv_r6)
+            - self.p("lj_c", x, items) @ inv_r6
+            + self.p("kqq", x, items) @ inv_r2.sqrt()
         )
 
-    def energy_grad(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        inv_r2 = sq(v[0]).reciprocal()
+    def energy_grad(self, x: Tensor, grad: Tensor, items: slice) -> Tensor:
+        xi, xj = self.rows(x, items)
+        v = xj.sub_(xi)
+        inv_r2 = sq(v).reciprocal_()
         inv_r6 = inv_r2 * inv_r2 * inv_r2
-        inv_r = inv_r2.sqrt()
-        a, c, kqq = self.p("lj_a", v), self.p("lj_c", v), self.p("kqq", v)
-        a_r12 = a * inv_r6 * inv_r6
-        c_r6 = c * inv_r6
-        coul = kqq * inv_r
-        energy = (a_r12 - c_r6 + coul).sum(-1)
+        a_r12 = inv_r6 * inv_r6 * self.p("lj_a", x, items)[:, None]
+        c_r6 = inv_r6.mul_(self.p("lj_c", x, items)[:, None])
+        coul = inv_r2.sqrt().mul_(self.p("kqq", x, items)[:, None])
+        energy = (a_r12 - c_r6 + coul).sum(0)
         # dE/dv = 2 v dE/d(r^2), r^2 dE/d(r^2) = -6 A/r^12 + 3 C/r^6 - kqq/(2 r)
-        de_dr2_x2 = (-12.0 * a_r12 + 6.0 * c_r6 - coul) * inv_r2
-        return energy, v * de_dr2_x2
+        de_dr2_x2 = a_r12.mul_(-12.0).add_(c_r6, alpha=6.0).sub_(coul).mul_(inv_r2)
+        gv = v.mul_(col(de_dr2_x2))
+        self.add_rows(grad, items, [-gv, gv])
+        return energy

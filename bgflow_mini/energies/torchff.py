@@ -28,7 +28,7 @@ from ._torchff_terms import (
     HarmonicAngleTerm,
     HarmonicBondTerm,
     PeriodicTorsionTerm,
-    VectorTerm,
+    Term,
 )
 from .base import Energy
 
@@ -95,18 +95,18 @@ def _nonbonded(force: openmm.NonbondedForce) -> CoulombLJTerm:
     for i in range(n):
         qi, si, ei = force.getParticleParameters(i)
         q[i], sig[i], eps[i] = _v(qi, _E), _v(si, _NM), _v(ei, _KJ)
-    qq = np.outer(q, q)
-    sigma = 0.5 * (sig[:, None] + sig[None, :])
-    epsilon = np.sqrt(np.outer(eps, eps))
+    ii, jj = np.triu_indices(n, k=1)  # pair p = (ii[p], jj[p]), i < j, row by row
+    qq = q[ii] * q[jj]
+    sigma = 0.5 * (sig[ii] + sig[jj])
+    epsilon = np.sqrt(eps[ii] * eps[jj])
     for k in range(force.getNumExceptions()):
         i, j, qq_ij, s_ij, e_ij = force.getExceptionParameters(k)
-        for a, b in ((i, j), (j, i)):
-            qq[a, b], sigma[a, b], epsilon[a, b] = _v(qq_ij, _E**2), _v(s_ij, _NM), _v(e_ij, _KJ)
-    ii, jj = np.triu_indices(n, k=1)
-    keep = (qq[ii, jj] != 0.0) | (epsilon[ii, jj] != 0.0)
-    ii, jj = ii[keep], jj[keep]
-    pairs = np.stack([ii, jj], axis=1)
-    return CoulombLJTerm(pairs, qq[ii, jj], sigma[ii, jj], epsilon[ii, jj])
+        a, b = min(i, j), max(i, j)
+        p = a * n - a * (a + 1) // 2 + (b - a - 1)  # position of (a, b) in the triu order
+        qq[p], sigma[p], epsilon[p] = _v(qq_ij, _E**2), _v(s_ij, _NM), _v(e_ij, _KJ)
+    keep = (qq != 0.0) | (epsilon != 0.0)
+    pairs = np.stack([ii[keep], jj[keep]], axis=1)
+    return CoulombLJTerm(pairs, qq[keep], sigma[keep], epsilon[keep])
 
 
 def _gbsa(force: openmm.GBSAOBCForce) -> GBSAOBCTerm:
@@ -139,7 +139,7 @@ _BUILDERS = {
 _IGNORED = (openmm.CMMotionRemover,)
 
 
-def terms_from_system(system: openmm.System) -> list[VectorTerm]:
+def terms_from_system(system: openmm.System) -> list[Term]:
     """One term per supported force of ``system`` (in force order).
 
     Raises:
@@ -148,7 +148,7 @@ def terms_from_system(system: openmm.System) -> list[VectorTerm]:
     for i in range(system.getNumParticles()):
         if system.isVirtualSite(i):
             raise ValueError(f"particle {i} is a virtual site: unsupported")
-    terms: list[VectorTerm] = []
+    terms: list[Term] = []
     for force in system.getForces():
         if isinstance(force, _IGNORED):
             continue
@@ -182,7 +182,7 @@ class _AnalyticEnergy(torch.autograd.Function):
                 u = ctx.ff._energy_autograd(xt)
                 (g,) = torch.autograd.grad(u, xt, grad_u, create_graph=True)
             return g, None
-        return grad * grad_u[:, None], None
+        return grad * grad_u, None
 
 
 class TorchForceField(Energy):
@@ -195,23 +195,36 @@ class TorchForceField(Energy):
         analytic_grad: compute forces analytically in the forward pass (fast);
             ``False`` uses plain autograd through the energy (slower, same values).
         chunk_elements: on CPU, the graph-free evaluations (energies without
-            gradient, analytic forces) run each term over batch chunks of about
-            ``chunk_elements`` values per intermediate (rows x vector columns) so they
-            stay cache-sized; ``None`` or other devices: whole batch at once.
+            gradient, analytic forces) run each term over chunks of the batch and of
+            its items of about ``chunk_elements`` values per intermediate
+            (configurations x items x the term's vector columns per item), so they
+            stay cache-sized; ``None``: only ``max_chunk_elements`` applies.
+        max_chunk_elements: on every device, the most values per intermediate of a
+            graph-free evaluation (bounds peak memory at large batch x pairs);
+            ``None``: unbounded (whole batch and all items at once off the CPU).
 
     ``energy(x)`` takes ``x`` of shape ``(batch, 3 n_atoms)`` or ``(batch, n_atoms, 3)``
     in nm and returns u of shape ``(batch,)`` in the dtype of ``x``. Forces in
     kJ/mol/nm are ``-kT * grad u``. Parameters are float64 buffers; ``.to(dtype)``
-    sets the working precision (an input of another dtype casts them per call).
+    sets the working precision (an input of another dtype casts them per call), and
+    an input on another device than the buffers copies them there per call.
+
+    Memory: O(batch x atoms) plus O(items) for the parameters and index lists (all
+    atom pairs for NonbondedForce and GBSAOBCForce), and the chunk intermediates.
+    The autograd paths (``analytic_grad=False``, or a graph of the gradient with
+    ``create_graph=True``) keep the whole graph, O(batch x items).
     """
+
+    min_rows = 64  # batch rows per chunk before the items are split
 
     def __init__(
         self,
         n_atoms: int,
-        terms: list[VectorTerm],
+        terms: list[Term],
         temperature: float = 300.0,
         analytic_grad: bool = True,
         chunk_elements: int | None = 65536,
+        max_chunk_elements: int | None = 1 << 22,
     ) -> None:
         super().__init__(3 * int(n_atoms))
         self.n_atoms = int(n_atoms)
@@ -219,9 +232,8 @@ class TorchForceField(Energy):
         self.kT = kt_kjmol(temperature)
         self.analytic_grad = bool(analytic_grad)
         self.chunk_elements = None if chunk_elements is None else int(chunk_elements)
+        self.max_chunk_elements = None if max_chunk_elements is None else int(max_chunk_elements)
         self.terms = nn.ModuleList(terms)
-        for term in terms:
-            term.build_incidence(self.n_atoms)
 
     @classmethod
     def from_openmm(
@@ -246,45 +258,63 @@ class TorchForceField(Energy):
         return super().forward(x)
 
     def _components(self, x: Tensor) -> Tensor:
-        """Positions (batch, 3 n) as (3, batch, n): contiguous x, y, z blocks."""
-        return x.reshape(x.shape[0], self.n_atoms, 3).permute(2, 0, 1).contiguous()
+        """Positions (batch, 3 n) as (n, 3, batch): one contiguous row per atom."""
+        return x.reshape(x.shape[0], self.n_atoms, 3).permute(1, 2, 0).contiguous()
 
-    def _chunks(self, xt: Tensor, term: VectorTerm) -> tuple[Tensor, ...]:
-        """``xt`` (3, batch, n) split along the batch for ``term`` (see chunk_elements)."""
-        if self.chunk_elements is None or xt.device.type != "cpu":
-            return (xt,)
-        rows = max(1, self.chunk_elements // max(1, term.width))
-        return xt.split(rows, dim=1) if rows < xt.shape[1] else (xt,)
+    def chunking(self, term: Term, batch: int, device: torch.device) -> tuple[int, int]:
+        """(batch rows, items) per chunk of a graph-free evaluation of ``term``."""
+        limits = [self.max_chunk_elements]
+        if device.type == "cpu":
+            limits.append(self.chunk_elements)
+        limits = [v for v in limits if v is not None]
+        if not limits:
+            return max(1, batch), max(1, term.n_items)
+        target = max(1, min(limits))
+        width = max(1, term.n_items * term.width)
+        rows = max(1, min(batch, max(self.min_rows, target // width)))
+        return rows, max(1, target // (rows * term.width))
+
+    def _evaluate(self, xt: Tensor, grad: Tensor | None, term: Term) -> Tensor:
+        """Graph-free energy of ``term`` (batch,) kJ/mol, dE/dxt added into ``grad``."""
+        batch = xt.shape[-1]
+        rows, items = self.chunking(term, batch, xt.device)
+        if rows >= batch:
+            return term.evaluate(xt, grad, items)
+        energy = xt.new_empty(batch)
+        for start in range(0, batch, rows):
+            stop = min(start + rows, batch)
+            x_chunk = xt[..., start:stop].contiguous()
+            g_chunk = None if grad is None else torch.zeros_like(x_chunk)
+            energy[start:stop] = term.evaluate(x_chunk, g_chunk, items)
+            if grad is not None:
+                grad[..., start:stop] += g_chunk
+        return energy
 
     def energy_terms(self, x: Tensor) -> dict[str, Tensor]:
         """Energy of each term in kJ/mol, shape (batch,), keyed by force class name
-        (suffix ``_<k>`` for repeated forces). ``x``: (batch, 3 n_atoms) nm."""
+        (suffix ``_<k>`` for repeated forces). ``x``: (batch, 3 n_atoms) nm.
+        Differentiable when ``x`` requires grad (then unchunked), graph-free otherwise."""
         xt = self._components(x)
+        graph = torch.is_grad_enabled() and xt.requires_grad
         out: dict[str, Tensor] = {}
         for term in self.terms:
             key = term.name if term.name not in out else f"{term.name}_{len(out)}"
-            out[key] = term(term.vectors(xt))
+            out[key] = term(xt) if graph else self._evaluate(xt, None, term)
         return out
 
     def _energy_autograd(self, xt: Tensor) -> Tensor:
-        total = xt.new_zeros(xt.shape[1])
+        total = xt.new_zeros(xt.shape[-1])
         for term in self.terms:
-            total = total + term(term.vectors(xt))
+            total = total + term(xt)
         return total / self.kT
 
     def _energy_grad(self, xt: Tensor) -> tuple[Tensor, Tensor]:
-        """u (batch,) and du/dxt (3, batch, n), without an autograd graph."""
+        """u (batch,) and du/dxt (n, 3, batch), without an autograd graph."""
         with torch.no_grad():
-            total = xt.new_zeros(xt.shape[1])
+            total = xt.new_zeros(xt.shape[-1])
             grad = torch.zeros_like(xt)
             for term in self.terms:
-                start = 0
-                for chunk in self._chunks(xt, term):
-                    stop = start + chunk.shape[1]
-                    energy, gv = term.energy_grad(term.vectors(chunk))
-                    total[start:stop] += energy
-                    grad[:, start:stop] += term.position_grad(gv)
-                    start = stop
+                total += self._evaluate(xt, grad, term)
             return total / self.kT, grad / self.kT
 
     def _energy(self, x: Tensor) -> Tensor:
@@ -294,10 +324,9 @@ class TorchForceField(Energy):
                 return _AnalyticEnergy.apply(xt, self)
             return self._energy_autograd(xt)
         with torch.no_grad():
-            total = xt.new_zeros(xt.shape[1])
+            total = xt.new_zeros(xt.shape[-1])
             for term in self.terms:
-                chunks = self._chunks(xt, term)
-                total += torch.cat([term(term.vectors(c)) for c in chunks])
+                total += self._evaluate(xt, None, term)
             return total / self.kT
 
     def extra_repr(self) -> str:
