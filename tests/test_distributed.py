@@ -324,3 +324,38 @@ def test_torchrun_refuses_a_batch_the_ranks_cannot_share(tmp_path):
     assert res.stderr.count("error: phase 1 (mixed): kl_batch_size=127 is the global batch") == 2
     assert "exitcode: 2" in res.stderr and "bgflow_mini/" not in res.stderr  # no traceback of ours
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_torchrun_two_ranks_on_alanine_dipeptide(tmp_path):
+    """A few steps on ALDP with an OpenMM energy per rank; rank 0 makes the MD data first."""
+    args = [
+        "system=aldp_vacuum",
+        "md=plain",
+        "md.n_frames=300",
+        "md.save_every=20",
+        "md.equilibration_steps=200",
+        f"data_dir={tmp_path / 'data'}",
+        "progress=false",
+        "evaluation.n_samples=512",
+        "evaluation.batch_size=256",
+        "evaluation.n_bootstrap=10",
+        "flow.n_blocks=2",
+        "flow.hidden=[32,32]",
+        "training.batch_size=32",
+        "training.kl_batch_size=32",
+        "training.ess_every=5",
+        "training.ess_samples=64",
+        "training.eval_every=5",
+        "training.metrics_every=5",
+        "training.checkpoint_every=5",
+        "training.phases=[{name: ml, steps: 5, w_ml: 1.0},{name: mixed, steps: 5, w_ml: 1.0, "
+        "w_kl: 1.0}]",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    res = run(torchrun(*args), tmp_path)
+    assert res.stdout.count("cache miss") == 1 and res.stdout.count("cache hit") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run", "tmp"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 10
+    assert metrics["energy_evaluations"]["training"] == 5 * 32 + 2 * 64
+    assert metrics["finite_energy_fraction"] == 1.0
