@@ -165,7 +165,9 @@ def _amino_acids(topology: app.Topology) -> list[tuple[int, app.Residue, str]]:
 
 def peptide_cvs(topology: app.Topology) -> dict[str, dict[str, Any]]:
     """Torsion CVs phi, psi, chi1 of every non-cap residue (0-based atom indices, the
-    atoms mdtraj uses); suffix ``_k`` (k = 1..n) unless there is a single residue."""
+    atoms mdtraj uses); suffix ``_k`` (k = 1..n) unless there is a single residue.
+    Proline also gets ``omega`` of the peptide bond before it (CA or the ACE methyl, C,
+    N, CA): X-Pro bonds are cis in a few per cent of frames (ACE-Pro in vacuum: 6 %)."""
     residues, amino = list(topology.residues()), _amino_acids(topology)
     cvs: dict[str, dict[str, Any]] = {}
     for k, res, base in amino:
@@ -174,8 +176,14 @@ def peptide_cvs(topology: app.Topology) -> dict[str, dict[str, Any]]:
         prev = _atom(residues[res.index - 1], "C") if res.index > 0 else None
         nxt = _atom(residues[res.index + 1], "N") if res.index + 1 < len(residues) else None
         gamma = _atom(res, CHI1_ATOM[base]) if base in CHI1_ATOM else None
-        for cv, atoms in (("phi", (prev, n, ca, c)), ("psi", (n, ca, c, nxt)),
-                          ("chi1", (n, ca, cb, gamma))):  # fmt: skip
+        terms = [("phi", (prev, n, ca, c)), ("psi", (n, ca, c, nxt)), ("chi1", (n, ca, cb, gamma))]
+        if base == "PRO" and res.index > 0:
+            before = residues[res.index - 1]
+            ca_prev = (
+                _atom(before, "CA") if _atom(before, "CA") is not None else _atom(before, "CH3")
+            )
+            terms.append(("omega", (ca_prev, prev, n, ca)))
+        for cv, atoms in terms:
             if all(i is not None for i in atoms):
                 cvs[f"{cv}{sfx}"] = {"type": "torsion", "atoms": [int(i) for i in atoms]}
     return cvs
@@ -184,8 +192,9 @@ def peptide_cvs(topology: app.Topology) -> dict[str, dict[str, Any]]:
 def peptide_states(
     topology: app.Topology, cvs: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, list[float]]]:
-    """States (radians): phi sign per residue (proline: ring pucker on chi1), then chi1
-    rotamers of aromatic residues (:data:`PUCKER`, :data:`ROTAMERS`; as in
+    """States (radians): phi sign per residue (proline: ring pucker on chi1), then the
+    proline peptide bond (``omega_trans`` / ``omega_cis``) and the chi1 rotamers of
+    aromatic residues (:data:`PUCKER`, :data:`ROTAMERS`; as in
     :mod:`bgflow_mini.system_builder`)."""
     amino = _amino_acids(topology)
     backbone: dict[str, dict[str, list[float]]] = {}
@@ -199,6 +208,10 @@ def peptide_states(
         elif phi in cvs:
             backbone[f"{phi}_negative"] = {phi: [-math.pi, 0.0]}
             backbone[f"{phi}_positive"] = {phi: [0.0, 2.0]}
+        omega = f"omega{sfx}"
+        if base == "PRO" and omega in cvs:  # trans written as [pi/2, 3 pi/2]: wraps
+            rotamers[f"{omega}_trans"] = {omega: [math.pi / 2, 3 * math.pi / 2]}
+            rotamers[f"{omega}_cis"] = {omega: [-math.pi / 2, math.pi / 2]}
         if base in AROMATIC and chi1 in cvs:
             for label, rng in ROTAMERS.items():
                 rotamers[f"{chi1}_{label}"] = {chi1: list(rng)}

@@ -85,6 +85,15 @@ def _check_cvs_equal_mdtraj(system) -> None:
             k = 1 + sum(r.name not in ("ACE", "NME") for r in traj.topology.residues
                         if r.index < traj.topology.atom(int(atoms[1])).residue.index)  # fmt: skip
             expected[cv if single else f"{cv}_{k}"] = [int(i) for i in atoms]
+    # proline also gets omega of the peptide bond before it (CA or ACE's CH3, C, N, CA)
+    for res in traj.topology.residues:
+        if res.name == "PRO" and res.index > 0:
+            before = traj.topology.residue(res.index - 1)
+            first = [a.index for a in before.atoms if a.name in ("CA", "CH3")][0]
+            k = 1 + sum(r.name not in ("ACE", "NME") for r in traj.topology.residues
+                        if r.index < res.index)  # fmt: skip
+            quad = [first, before.atom("C").index, res.atom("N").index, res.atom("CA").index]
+            expected["omega" if single else f"omega_{k}"] = quad
     assert {k: v["atoms"] for k, v in system.cvs.items()} == expected
     values = system.compute_cvs(system.positions[None].reshape(1, -1))
     for name, atoms in expected.items():  # same values (and sign convention) as mdtraj
@@ -128,7 +137,12 @@ def test_states(built) -> None:
     phe = load_system(built["phe"]).states
     assert list(phe) == ["phi_negative", "phi_positive", "chi1_plus", "chi1_trans", "chi1_minus"]
     pro = load_system(built["pro"])
-    assert list(pro.states)[:2] == ["pucker_down", "pucker_up"] and "phi" in pro.cvs
+    assert list(pro.states) == ["pucker_down", "pucker_up", "omega_trans", "omega_cis"]
+    assert "phi" in pro.cvs and "omega" in pro.cvs
+    omega = np.linspace(-np.pi, np.pi, 720, endpoint=False) + 1e-3  # trans and cis: a cover
+    hits = sum(cvmod.in_range(omega, *pro.states[f"omega_{s}"]["omega"], periodic=True)
+               .astype(int) for s in ("trans", "cis"))  # fmt: skip
+    assert (hits == 1).all()
     assert list(load_system(built["aa_obc"]).states) == [
         "phi_1_negative", "phi_1_positive", "phi_2_negative", "phi_2_positive"
     ]  # fmt: skip
