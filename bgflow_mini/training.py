@@ -8,10 +8,11 @@ from a checkpoint produces the same losses as an uninterrupted one (on CPU).
 
 Data parallel (``torchrun``, see :mod:`bgflow_mini.distributed`): every global batch
 (``batch_size``, ``kl_batch_size``, the ESS estimate, the importance buffer) is split into
-``shards`` equal parts, each drawn from its own random stream derived from ``(seed, shard,
-step)``; each of the ``N`` ranks computes ``shards / N`` of them with its own energy
-backend, and one process given ``shards=N`` draws exactly their union. Gradients are
-averaged across ranks after every backward pass with an explicit ``all_reduce``, not with
+``shards`` parts (equal for the training batches, which must divide; within one sample for
+the others), each drawn from its own random stream derived from ``(seed, shard, step)``;
+each of the ``N`` ranks computes ``shards / N`` of them with its own energy backend, and
+one process given ``shards=N`` draws exactly their union. Gradients are averaged across
+ranks after every backward pass with an explicit ``all_reduce``, not with
 ``DistributedDataParallel``: the losses call the generator's ``sample`` and ``log_prob``,
 never its ``forward``, so DDP's per-iteration bookkeeping would not run, and a step must
 be skipped on every rank at once when the *global* loss or gradient is not finite, which
