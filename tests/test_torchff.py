@@ -19,6 +19,7 @@ import torch
 from openmm import app, unit
 
 from bgflow_mini.energies import Energy
+from bgflow_mini.energies._torchff_gbsa import GBSAOBCTerm
 from bgflow_mini.energies._torchff_terms import ONE_4PI_EPS0
 from bgflow_mini.energies.torchff import TorchForceField
 from bgflow_mini.units import kt_kjmol
@@ -111,15 +112,20 @@ def test_float64_matches_openmm(aldp, analytic):
     assert_agree(e, f, aldp.e, aldp.f, np.maximum(1e-6 * np.abs(aldp.e), 1e-3), 1e-3)
 
 
+def assert_float32_agrees(e, f, system, xs, e_ref, f_ref) -> None:
+    """The documented float32 tolerances (module docstring)."""
+    system = copy.deepcopy(system)
+    for i, force in enumerate(system.getForces()):
+        force.setForceGroup(i)
+    scale = sum(np.abs(openmm_eval(system, xs, {i})[0]) for i in range(system.getNumForces()))
+    f_scale = np.sqrt((f_ref**2).mean(axis=(1, 2)))
+    assert_agree(e, f, e_ref, f_ref, 0.02 + 2e-6 * scale, 0.02 + 2e-5 * f_scale)
+
+
 def test_float32_matches_openmm(aldp):
     ff = TorchForceField.from_openmm(aldp.system).float()
     e, f = torch_eval(ff, aldp.xs, torch.float32)
-    system = copy.deepcopy(aldp.system)
-    for i, force in enumerate(system.getForces()):
-        force.setForceGroup(i)
-    scale = sum(np.abs(openmm_eval(system, aldp.xs, {i})[0]) for i in range(system.getNumForces()))
-    f_scale = np.sqrt((aldp.f**2).mean(axis=(1, 2)))
-    assert_agree(e, f, aldp.e, aldp.f, 0.02 + 2e-6 * scale, 0.02 + 2e-5 * f_scale)
+    assert_float32_agrees(e, f, aldp.system, aldp.xs, aldp.e, aldp.f)
 
 
 def test_per_force_energies(aldp):
@@ -177,6 +183,118 @@ def test_energy_without_grad_matches(aldp):
     with torch.no_grad():
         u = ff(x)
     np.testing.assert_allclose(u.numpy() * ff.kT, aldp.e[:30], rtol=1e-9, atol=1e-6)
+
+
+def _eval_both(ff: TorchForceField, xs: np.ndarray):
+    """Analytic energies + forces, and graph-free energies, in kJ/mol (float64 numpy)."""
+    e, f = torch_eval(ff, xs, torch.float64)
+    with torch.no_grad():
+        u = ff(torch.as_tensor(xs.reshape(len(xs), -1))).numpy() * ff.kT
+    return e, f, u
+
+
+@pytest.mark.parametrize(
+    ("chunk_elements", "max_chunk_elements"), [(300, None), (None, 300), (65536, 1 << 22)]
+)
+def test_chunking_matches_unchunked(aldp, chunk_elements, max_chunk_elements):
+    """Splitting the batch and the items (pairs, angles, ...) changes nothing."""
+    xs = aldp.xs[:70]  # not a multiple of the 64-row batch chunks
+    whole = TorchForceField.from_openmm(aldp.system, chunk_elements=None, max_chunk_elements=None)
+    e0, f0, u0 = _eval_both(whole.double(), xs)
+    ff = TorchForceField.from_openmm(
+        aldp.system, chunk_elements=chunk_elements, max_chunk_elements=max_chunk_elements
+    ).double()
+    if chunk_elements == 300 or max_chunk_elements == 300:
+        for term in ff.terms:  # really split: batch and items (GBSA: the 3-pass path)
+            rows, items = ff.chunking(term, len(xs), torch.device("cpu"))
+            assert rows < len(xs) and (items < term.n_items or term.n_items < 3)
+    e, f, u = _eval_both(ff, xs)
+    np.testing.assert_allclose(e, e0, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(u, u0, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(f, f0, rtol=1e-10, atol=1e-8)
+    assert_agree(e, f, aldp.e[:70], aldp.f[:70], np.maximum(1e-6 * np.abs(aldp.e[:70]), 1e-3), 1e-3)
+    terms = ff.energy_terms(torch.as_tensor(xs.reshape(len(xs), -1)))  # graph-free, chunked
+    terms0 = whole.energy_terms(torch.as_tensor(xs.reshape(len(xs), -1)))
+    for name, value in terms0.items():
+        np.testing.assert_allclose(terms[name].numpy(), value.numpy(), rtol=1e-12, atol=1e-9)
+
+
+def ring_system(name: str, solvent: str) -> tuple[openmm.System, np.ndarray]:
+    """A shipped dipeptide with a ring (Pro, Trp), in vacuum or with OBC GBSA."""
+    folder = ROOT / "systems" / name
+    pdb = app.PDBFile(str(next(folder.glob("*.pdb"))))
+    files = ["amber99sbildn.xml"] + (["amber99_obc.xml"] if solvent == "obc" else [])
+    system = app.ForceField(*files).createSystem(
+        pdb.topology, nonbondedMethod=app.NoCutoff, constraints=None
+    )
+    return system, np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(NM))
+
+
+@pytest.mark.parametrize("solvent", ["vacuum", "obc"])
+@pytest.mark.parametrize("name", ["pro_dipeptide_vacuum", "trp_dipeptide_vacuum"])
+def test_rings_match_openmm(name, solvent):
+    """Ring molecules (torsions around ring bonds, 1-4 pairs across the ring)."""
+    system, x0 = ring_system(name, solvent)
+    xs = configurations(system, x0, n_md300=10, n_md600=10, n_noise=20, seed=3)
+    e_ref, f_ref = openmm_eval(system, xs)
+    for chunk_elements in (65536, 200):
+        ff = TorchForceField.from_openmm(system, chunk_elements=chunk_elements).double()
+        e, f = torch_eval(ff, xs, torch.float64)
+        assert_agree(e, f, e_ref, f_ref, np.maximum(1e-6 * np.abs(e_ref), 1e-3), 1e-3)
+    ff = TorchForceField.from_openmm(system).float()
+    e, f = torch_eval(ff, xs, torch.float32)
+    assert_float32_agrees(e, f, system, xs, e_ref, f_ref)
+
+
+def test_250_atom_peptide_default_chunks(tmp_path):
+    """A 252-atom capped Ala24 with OBC: with the default settings the pairs are split
+    into chunks (the GBSA three-pass path), energies and forces still match OpenMM,
+    and the buffers grow with the number of items, not atoms x items."""
+    pytest.importorskip("PeptideBuilder")
+    from bgflow_mini.system_builder import build_system as build_peptide
+    from bgflow_mini.systems import load_system
+
+    folder = build_peptide(tmp_path / "ala24", sequence="A" * 24, solvent="obc", minimize=False)
+    mol = load_system(folder)
+    rng = np.random.default_rng(0)
+    xs = mol.positions[None] + 0.01 * rng.standard_normal((6, mol.n_atoms, 3))
+    e_ref, f_ref = openmm_eval(mol.system, xs)
+    ff = TorchForceField.from_openmm(mol).double()
+    gbsa = next(t for t in ff.terms if t.name == "GBSAOBCForce")
+    assert ff.chunking(gbsa, len(xs), torch.device("cpu"))[1] < gbsa.n_items
+    e, f = torch_eval(ff, xs, torch.float64)
+    assert_agree(e, f, e_ref, f_ref, np.maximum(1e-6 * np.abs(e_ref), 1e-3), 1e-3)
+    items = sum(t.n_items for t in ff.terms)
+    assert sum(b.numel() for b in ff.buffers()) <= 12 * (items + mol.n_atoms)
+    ff32 = TorchForceField.from_openmm(mol).float()
+    e32, f32 = torch_eval(ff32, xs, torch.float32)
+    assert_float32_agrees(e32, f32, mol.system, xs, e_ref, f_ref)
+    x = torch.as_tensor(xs.reshape(len(xs), -1))
+    gb64 = ff.energy_terms(x)["GBSAOBCForce"].numpy()
+    gb32 = ff32.energy_terms(x.float())["GBSAOBCForce"].double().numpy()
+    np.testing.assert_allclose(gb32, gb64, atol=0.02)  # 0.07 kJ/mol without the series
+
+
+def test_gbsa_far_pair_series():
+    """Below float64, distant pairs use a series for the HCT integral and its
+    derivative: equal to the float64 closed form, in both evaluations."""
+    term = GBSAOBCTerm([0.5, -0.5], [0.15, 0.12], [0.8, 1.1], 78.5, 1.0, 2.25936)
+    r = torch.cat([torch.linspace(0.05, 1.0, 60), torch.logspace(0, 1.5, 60)])[:, None]
+    r64 = r.double().requires_grad_(True)
+    hct64 = term._hct(r64, slice(None))
+    d64 = torch.stack(
+        [torch.autograd.grad(hct64[k].sum(), r64, retain_graph=True)[0] for k in (0, 1)]
+    )
+    r32 = r.float().requires_grad_(True)
+    hct32 = term._hct(r32, slice(None))
+    d32 = torch.stack(
+        [torch.autograd.grad(hct32[k].sum(), r32, retain_graph=True)[0] for k in (0, 1)]
+    )
+    with torch.no_grad():
+        hct_inplace, d_inplace = term._hct_inplace(r.float(), slice(None), grad=True)
+    for value, ref in ((hct32, hct64), (hct_inplace, hct64), (d32, d64), (d_inplace, d64)):
+        err = (value.detach().double() - ref.detach()).abs() / ref.detach().abs().clamp_min(1e-30)
+        assert err.max() < 2e-5, err.max()
 
 
 def random_system(seed: int, gbsa: bool) -> tuple[openmm.System, np.ndarray]:
@@ -383,17 +501,23 @@ def test_load_system_convenience():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("max_chunk_elements", [1 << 22, 500])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_matches_cpu(aldp, dtype):
-    ff = TorchForceField.from_openmm(aldp.system).to(dtype)
+def test_cuda_matches_cpu(aldp, dtype, max_chunk_elements):
+    ff = TorchForceField.from_openmm(aldp.system, max_chunk_elements=max_chunk_elements)
+    ff = ff.to(dtype)
     e_cpu, f_cpu = torch_eval(ff, aldp.xs, dtype)
-    ff_gpu = ff.to("cuda")
-    x = torch.tensor(aldp.xs.reshape(len(aldp.xs), -1), dtype=dtype, device="cuda")
-    x.requires_grad_(True)
-    u = ff_gpu(x)
-    (grad,) = torch.autograd.grad(u.sum(), x)
-    assert u.device.type == "cuda"
     tol = 1e-6 if dtype == torch.float64 else 1e-2
-    np.testing.assert_allclose(u.detach().cpu().double().numpy() * ff.kT, e_cpu, atol=tol)
-    f_gpu = -grad.cpu().double().numpy().reshape(aldp.xs.shape) * ff.kT
-    np.testing.assert_allclose(f_gpu, f_cpu, atol=100 * tol)
+    for module_device in ("cuda", "cpu"):  # buffers on the GPU, or copied per call
+        ff_dev = ff.to(module_device)
+        x = torch.tensor(aldp.xs.reshape(len(aldp.xs), -1), dtype=dtype, device="cuda")
+        x.requires_grad_(True)
+        u = ff_dev(x)
+        (grad,) = torch.autograd.grad(u.sum(), x)
+        assert u.device.type == "cuda" and grad.device.type == "cuda"
+        np.testing.assert_allclose(u.detach().cpu().double().numpy() * ff.kT, e_cpu, atol=tol)
+        f_gpu = -grad.cpu().double().numpy().reshape(aldp.xs.shape) * ff.kT
+        np.testing.assert_allclose(f_gpu, f_cpu, atol=100 * tol)
+        with torch.no_grad():
+            u_plain = ff_dev(x.detach())
+        np.testing.assert_allclose(u_plain.cpu().double().numpy() * ff.kT, e_cpu, atol=tol)

@@ -118,16 +118,17 @@ class Term(nn.Module):
 
     def evaluate(self, x: Tensor, grad: Tensor | None, chunk: int) -> Tensor:
         """Graph-free energy (batch,) kJ/mol over all items, ``chunk`` items at a time;
-        with ``grad`` given, dE/dx is added into it."""
+        with ``grad`` given, dE/dx is added into it. The chunk energies are summed in
+        float64 (many chunks of a float32 evaluation would otherwise lose digits)."""
         with torch.no_grad():
-            total = x.new_zeros(x.shape[-1])
+            total = x.new_zeros(x.shape[-1], dtype=torch.float64)
             for start in range(0, self.n_items, max(1, int(chunk))):
                 items = slice(start, start + chunk)
                 if grad is None:
                     total += self.energy(x, items)
                 else:
                     total += self.energy_grad(x, grad, items)
-            return total
+            return total.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"items={self.n_items}"
