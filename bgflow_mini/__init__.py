@@ -47,6 +47,7 @@ SUBMODULES = (
     "coordinates",
     "cv",
     "data",
+    "distributed",
     "distributions",
     "energies",
     "evaluation",
