@@ -32,6 +32,7 @@ from torch import Tensor, nn
 __all__ = [
     "ONE_4PI_EPS0",
     "buf",
+    "col",
     "cross",
     "dot",
     "sq",
