@@ -17,13 +17,15 @@ process's maximum resident set size (``ru_maxrss``: Python, torch, OpenMM, loadi
 system and the configurations included), ``growth`` the peak while building and
 evaluating the force field (or the OpenMM context) over the resident size just before
 (the kernel's VmHWM reset through /proc/self/clear_refs; where that is unsupported, the
-growth of ``ru_maxrss``, which can read 0). Throughput is
-the median over ``--repeats`` timed calls after one warm-up call (fewer when a call takes
-longer than ``--max-seconds`` in all). The accuracy columns compare the first 8
-configurations with OpenMM Reference: the largest energy difference and the largest
-per-configuration RMS force difference. ``--memory-limit-gb`` caps each subprocess's
-address space (``RLIMIT_AS``), so a baseline whose dense matrices do not fit fails
-alone, reported as such, instead of exhausting the machine.
+growth of ``ru_maxrss``, which can read 0). Throughput is the median over at least
+``--repeats`` timed calls after one warm-up call, more until they add up to
+``--min-seconds`` (so that the first calls or a moment of contention on a shared machine
+do not decide the figure), fewer when the calls take longer than ``--max-seconds``.
+The accuracy columns compare the first 8 configurations with OpenMM Reference: the
+largest energy difference and the largest per-configuration RMS force difference.
+``--memory-limit-gb`` caps each subprocess's address space (``RLIMIT_AS``), so a baseline
+whose dense matrices do not fit fails alone, reported as such, instead of exhausting the
+machine.
 
 Usage::
 
@@ -138,7 +140,10 @@ def run_case(case: dict) -> dict:
     result = call()  # warm-up
     warm = time.perf_counter() - start
     spent = warm
-    while len(times) < case["repeats"] and (not times or spent < case["max_seconds"]):
+    while not times or (
+        (len(times) < case["repeats"] or sum(times) < case["min_seconds"])
+        and spent < case["max_seconds"]
+    ):
         start = time.perf_counter()
         result = call()
         times.append(time.perf_counter() - start)
@@ -192,7 +197,7 @@ def _fmt(row: dict) -> list[str]:
     acc = ["-", "-"]
     if "max_de" in row:
         acc = [f"{row['max_de']:.2g}", f"{row['max_f_rms']:.2g}"]
-    note = "" if row["timed_calls"] > 1 else "1 timed call"
+    note = f"{row['timed_calls']} timed call(s)"
     return [
         f"{row['per_s']:,.1f}" if row["per_s"] < 100 else f"{row['per_s']:,.0f}",
         f"{row['peak_mb']:,.0f}",
@@ -210,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--min-seconds", type=float, default=2.0, help="time more calls until this much"
+    )
     parser.add_argument("--max-seconds", type=float, default=60.0, help="per case, timed calls")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--baseline", default=None, help="git revision of the old code")
@@ -243,8 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical cores, load average {load}")
     print(
         f"torch {torch.__version__} ({args.threads} thread(s)), OpenMM {openmm.__version__}, "
-        f"numpy {np.__version__}; batch {args.batch}, median of {args.repeats} after a "
-        f"warm-up; subprocess address space cap {args.memory_limit_gb or 'none'} GB"
+        f"numpy {np.__version__}; batch {args.batch}, median of >= {args.repeats} calls "
+        f"and >= {args.min_seconds} s after a warm-up; subprocess address space cap "
+        f"{args.memory_limit_gb or 'none'} GB"
     )
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp) / "peptides"
@@ -271,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
                     "dtype": dtype,
                     "batch": args.batch,
                     "repeats": args.repeats,
+                    "min_seconds": args.min_seconds,
                     "max_seconds": args.max_seconds,
                     "threads": args.threads,
                     "baseline_dir": str(base_dir) if method == "baseline" else None,
