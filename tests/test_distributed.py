@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_train_script import TINY as TRAIN_SCRIPT_TINY
 
 from bgflow_mini import BoltzmannGenerator, DiagonalNormal, distributed
 from bgflow_mini.energies import DoubleWell
@@ -182,23 +183,8 @@ def test_without_torchrun_nothing_starts():
 
 
 # ------------------------------------------------------------------ bgflow-train via torchrun
-TINY = [
-    "system=double_well",
-    "progress=false",
-    "data.toy.n_chains=64",
-    "data.toy.n_steps=400",
-    "data.toy.burn_in=100",
-    "evaluation.n_samples=4000",
-    "evaluation.n_bootstrap=20",
-    "flow.n_blocks=2",
-    "flow.hidden=[32,32]",
-    "training.batch_size=128",
-    "training.kl_batch_size=128",
-    "training.eval_every=20",
-    "training.metrics_every=10",
-    "training.checkpoint_every=20",
-    "training.ess_every=40",
-    "training.ess_samples=256",
+TINY = [  # the tiny toy run of tests/test_train_script.py, with its phases
+    *TRAIN_SCRIPT_TINY,
     "training.phases=[{name: ml, steps: 100, w_ml: 1.0},{name: mixed, steps: 100, w_ml: 0.5, "
     "w_kl: 1.0}]",
 ]
