@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
                 atoms.setdefault(folder, row.get("atoms"))
                 cells = " | ".join(_fmt(row))
                 print(f"| {atoms[folder] or f'A{n}'} | {solvent} | {label} | {cells} |", flush=True)
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"\nend: {datetime.datetime.now().isoformat(timespec='seconds')}, load average {load}")
 
 
 if __name__ == "__main__":
