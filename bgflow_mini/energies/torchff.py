@@ -6,9 +6,14 @@ HarmonicBondForce, HarmonicAngleForce, PeriodicTorsionForce, NonbondedForce
 (NoCutoff) and GBSAOBCForce (NoCutoff); CMMotionRemover is ignored. Anything else
 raises ``ValueError`` naming the force.
 
-The interatomic vectors each term needs (bonds, angle arms, torsion bonds,
-nonbonded pairs) come from a product of the positions with a fixed incidence
-matrix, so the backward pass is a matrix product as well (no gather/scatter).
+Every term is a sum over items (bonds, angles, torsion quadruples, atom pairs)
+given by index lists: the positions of the items' atoms are gathered with
+``index_select`` and the forces scattered back with ``index_add_``, so memory is
+O(batch x atoms + items), never atoms x items. The graph-free evaluations (energies
+without gradient, analytic forces) run over chunks of the batch and of the items,
+which bounds every intermediate (``chunk_elements``, ``max_chunk_elements``); with
+NoCutoff the pair lists of NonbondedForce and GBSAOBCForce hold all n (n - 1) / 2
+pairs.
 """
 
 from __future__ import annotations
