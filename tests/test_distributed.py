@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from test_train_script import TINY as TRAIN_SCRIPT_TINY
+from test_train_script import assert_same_checkpoint
 
 from bgflow_mini import BoltzmannGenerator, DiagonalNormal, distributed
 from bgflow_mini.energies import DoubleWell
@@ -290,12 +291,7 @@ def test_torchrun_two_ranks_write_one_folder_and_resume_after_sigkill(tmp_path):
         torchrun(f"resume={cut_dir}", "progress=false", f"hydra.run.dir={tmp_path / 'log2'}"),
         tmp_path,
     )
-    ref = torch.load(ref_dir / "checkpoints" / "latest.pt", weights_only=True)
-    got = torch.load(ckpt, weights_only=True)
-    assert got["step"] == ref["step"] == 200
-    assert [r["loss"] for r in got["history"]] == [r["loss"] for r in ref["history"]]
-    for k, v in ref["model"].items():
-        assert torch.equal(v, got["model"][k]), k
+    assert_same_checkpoint(ref_dir / "checkpoints" / "latest.pt", ckpt, 200)
     m_got = json.loads((cut_dir / "metrics.json").read_text())
     assert m_got["ess"] == pytest.approx(metrics["ess"], rel=1e-12)
     print(f"2-rank bgflow-train, 200 steps + evaluation: {t_run:.1f} s")

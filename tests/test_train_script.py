@@ -37,6 +37,16 @@ TINY = [
 ]
 
 
+def assert_same_checkpoint(ref_path: Path, got_path: Path, step: int) -> None:
+    """Two training checkpoints at ``step`` with the same loss history and weights."""
+    ref = torch.load(ref_path, weights_only=True)
+    got = torch.load(got_path, weights_only=True)
+    assert got["step"] == ref["step"] == step
+    assert [r["loss"] for r in got["history"]] == [r["loss"] for r in ref["history"]]
+    for k, v in ref["model"].items():
+        assert torch.equal(v, got["model"][k]), k
+
+
 def phases(n_ml: int, n_mixed: int) -> str:
     return (
         f"training.phases=[{{name: ml, steps: {n_ml}, w_ml: 1.0}},"
@@ -193,12 +203,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, steps):
         ],
         tmp_path,
     )
-    ref = torch.load(ref_dir / "checkpoints" / "latest.pt", weights_only=True)
-    got = torch.load(ckpt, weights_only=True)
-    assert got["step"] == ref["step"] == 300
-    assert [r["loss"] for r in got["history"]] == [r["loss"] for r in ref["history"]]
-    for k, v in ref["model"].items():
-        assert torch.equal(v, got["model"][k]), k
+    assert_same_checkpoint(ref_dir / "checkpoints" / "latest.pt", ckpt, 300)
     m_ref = json.loads((ref_dir / "metrics.json").read_text())
     m_got = json.loads((cut_dir / "metrics.json").read_text())
     assert m_got["ess"] == pytest.approx(m_ref["ess"], rel=1e-12)

@@ -149,22 +149,15 @@ def plan(
             log.warning("%s=%d is above this job's budget of %d core(s)", name, value, n)
         return value
 
-    if num_threads is not None:
-        threads: int | None = explicit("num_threads", int(num_threads))
-    elif budget.limited:
-        threads = n
-        notes.append(f"torch threads {n} (budget)")
-    else:
-        threads = None
-        notes.append("torch threads: torch's default")
-    if md_workers is not None:
-        workers: int | None = explicit("data.n_workers", int(md_workers))
-    elif budget.limited:
-        workers = n
-        notes.append(f"MD workers {n} (budget)")
-    else:
-        workers = None
-        notes.append("MD workers: one per core")
+    def choose(key: str, value: Any, what: str, otherwise: str) -> int | None:
+        """The configured value, else the budget when the job has one, else None."""
+        if value is not None:
+            return explicit(key, int(value))
+        notes.append(f"{what} {n} (budget)" if budget.limited else f"{what}: {otherwise}")
+        return n if budget.limited else None
+
+    threads = choose("num_threads", num_threads, "torch threads", "torch's default")
+    workers = choose("data.n_workers", md_workers, "MD workers", "one per core")
     energy = None if energy_workers is None else int(energy_workers)
     if energy is not None and budget.limited and energy > n:
         notes.append(f"OpenMM energy workers {n} (energy.n_workers={energy} lowered to the budget)")

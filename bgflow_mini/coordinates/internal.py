@@ -42,7 +42,13 @@ from torch import Tensor
 from ..flows.base import Flow, check_batch
 from .zmatrix import build_zmatrix, validate_zmatrix
 
-__all__ = ["InternalCoordinates", "bond_lengths", "bond_angles", "dihedral_angles"]
+__all__ = [
+    "InternalCoordinates",
+    "feature_columns",
+    "bond_lengths",
+    "bond_angles",
+    "dihedral_angles",
+]
 
 
 def _norm(v: Tensor) -> Tensor:
@@ -71,6 +77,14 @@ def dihedral_angles(x: Tensor, i: Tensor, j: Tensor, k: Tensor, l: Tensor) -> Te
     y = _norm(b2) * (b1 * n2).sum(-1)
     phi = torch.atan2(y, (n1 * n2).sum(-1))
     return torch.where(phi >= math.pi, phi - 2 * math.pi, phi)
+
+
+def feature_columns(rows: Any, n_atoms: int) -> np.ndarray:
+    """Feature indices ``(len(rows), 3)`` (bond, angle, torsion slot) of Z-matrix rows
+    ``>= 3`` in the layout of :class:`InternalCoordinates` for ``n_atoms`` atoms."""
+    r = np.asarray(rows, dtype=np.int64).reshape(-1)
+    n = int(n_atoms)
+    return np.stack([r - 1, n - 1 + r - 2, 2 * n - 3 + r - 3], axis=1)
 
 
 def _frame(pd: Tensor, pc: Tensor, pb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -144,9 +158,7 @@ class InternalCoordinates(Flow):
         self.register_buffer("bond_idx", torch.arange(0, n - 1))
         self.register_buffer("angle_idx", torch.arange(n - 1, 2 * n - 3))
         self.register_buffer("torsion_idx", torch.arange(2 * n - 3, 3 * n - 6))
-        rows3 = np.arange(3, n)
-        cart_cols = np.stack([rows3 - 1, n - 1 + rows3 - 2, 2 * n - 3 + rows3 - 3], 1)
-        cart_cols = cart_cols[cart_rows[3:]]  # (k, 3): features of the Cartesian rows
+        cart_cols = feature_columns(np.flatnonzero(cart_rows), n)  # (k, 3)
         cartesian_features = torch.zeros(self.dim, dtype=torch.bool)
         cartesian_features[torch.as_tensor(cart_cols.reshape(-1), dtype=torch.long)] = True
         circular = torch.zeros(self.dim, dtype=torch.bool)
@@ -186,7 +198,7 @@ class InternalCoordinates(Flow):
         ref_slots = slot[[[row_of[int(r)] for r in z[i, 1:]] for i in later]].reshape(-1, 3)
         self._gen_bounds = [3 + int(v) for v in np.cumsum(np.bincount(gen[later])[1:])]
         self._gen_bounds = [3] + self._gen_bounds
-        cols = np.stack([later - 1, n - 1 + later - 2, 2 * n - 3 + later - 3], axis=0)
+        cols = feature_columns(later, n).T
         self.register_buffer("_gen_cols", torch.as_tensor(cols, dtype=torch.long))
         self.register_buffer("_gen_refs", torch.as_tensor(ref_slots.T.copy(), dtype=torch.long))
         self.register_buffer("_gen_cart", torch.as_tensor(cart_rows[later]), persistent=False)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..flows.base import Flow, check_batch
+from .internal import feature_columns
 
 __all__ = ["Whiten", "cartesian_blocks"]
 
@@ -106,19 +108,17 @@ def cartesian_blocks(internal) -> list[list[int]]:
     n = len(z)
     row_of = {int(a): i for i, a in enumerate(z[:, 0])}
     groups: dict[tuple[int, ...], list[int]] = {}
-    for row in range(3, n):
-        if bool(internal.cartesian_rows[row]):
-            cols = [row - 1, n - 1 + row - 2, 2 * n - 3 + row - 3]
-            frame = tuple(int(r) for r in z[row, 1:])
-            if frame not in groups:
-                r0, r1, q = frame
-                head: list[int] = []
-                i1 = row_of[r1]
-                if i1 >= 1 and z[i1, 1] == r0:
-                    head.append(i1 - 1)
-                iq = row_of[q]
-                if iq >= 2 and {int(z[iq, 1]), int(z[iq, 2])} <= {r0, r1}:
-                    head += [iq - 1, n - 1 + iq - 2]
-                groups[frame] = head
-            groups[frame].extend(cols)
+    for row in np.flatnonzero(internal.cartesian_rows.cpu().numpy()):
+        frame = tuple(int(r) for r in z[row, 1:])
+        if frame not in groups:
+            r0, r1, q = frame
+            head: list[int] = []
+            i1 = row_of[r1]
+            if i1 >= 1 and z[i1, 1] == r0:
+                head.append(i1 - 1)  # the bond of r1's row
+            iq = row_of[q]
+            if iq >= 2 and {int(z[iq, 1]), int(z[iq, 2])} <= {r0, r1}:
+                head += [iq - 1, n - 1 + iq - 2]  # the bond and angle of q's row
+            groups[frame] = head
+        groups[frame].extend(int(c) for c in feature_columns([row], n)[0])
     return list(groups.values())
