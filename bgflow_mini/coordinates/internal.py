@@ -98,19 +98,20 @@ def _frame(pd: Tensor, pc: Tensor, pb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _place(pd: Tensor, pc: Tensor, pb: Tensor, f: Tensor, cart: Tensor | None = None) -> Tensor:
-    """Place atoms ``a`` from features ``f = (f1, f2, f3)``, each ``(batch, g)``.
+    """Place atoms ``a`` from features ``f = (f1, f2, f3)`` stacked as ``(batch, 3, g)``.
 
     Internal rows: ``|a-b| = f1``, ``angle(a,b,c) = f2``, ``dihedral(a,b,c,d) = f3``.
     Cartesian rows (bool ``cart`` ``(g,)``): ``a = b + f1 e1 + f2 e2 + f3 e3`` in the
     frame of :func:`_frame`. ``pd, pc, pb`` are ``(batch, g, 3)``.
     """
     e1, e2, e3 = _frame(pd, pc, pb)
-    r, theta, phi = f
+    r, theta, phi = f.unbind(1)
     rs = r * torch.sin(theta)
-    u, v, w = -r * torch.cos(theta), rs * torch.cos(phi), rs * torch.sin(phi)
+    local = torch.stack([-r * torch.cos(theta), rs * torch.cos(phi), rs * torch.sin(phi)], -1)
     if cart is not None:
-        u, v, w = (torch.where(cart, c, s) for c, s in zip(f, (u, v, w), strict=True))
-    return pb + u.unsqueeze(-1) * e1 + v.unsqueeze(-1) * e2 + w.unsqueeze(-1) * e3
+        local = torch.where(cart.unsqueeze(-1), f.transpose(1, 2), local)
+    frame = torch.stack([e1, e2, e3], dim=-2)  # (batch, g, 3 axes, 3 xyz)
+    return pb + (local.unsqueeze(-1) * frame).sum(-2)
 
 
 class InternalCoordinates(Flow):
@@ -230,10 +231,10 @@ class InternalCoordinates(Flow):
 
     def _count_out_of_domain(self, ics: Tensor) -> None:
         q = ics.detach()
-        bonds_ok = (q[:, self._r_idx] > 0).all(-1)
         theta = q[:, self._theta_idx]
-        angles_ok = ((theta > 0) & (theta < math.pi)).all(-1)
-        bad = (~(bonds_ok & angles_ok)).sum()
+        # a row is inside when every bond > 0 and every theta (pi - theta) > 0; NaN fails
+        margins = torch.cat([q[:, self._r_idx], theta * (math.pi - theta)], dim=1)
+        bad = (~(margins.amin(dim=1) > 0)).sum()
         if self._n_out_of_domain.device != bad.device:  # first call on a new device
             self._n_out_of_domain = self._n_out_of_domain.to(bad.device)
         self._n_out_of_domain = self._n_out_of_domain + bad
@@ -275,7 +276,8 @@ class InternalCoordinates(Flow):
         :attr:`domain_stats`; their values are returned unchanged.
         """
         check_batch(ics, self.dim, "internal coordinates")
-        self._count_out_of_domain(ics)
+        if not torch.compiler.is_compiling():
+            self._count_out_of_domain(ics)
         n = self.n_atoms
         batch = ics.shape[0]
         zero = ics.new_zeros(batch)
@@ -288,9 +290,9 @@ class InternalCoordinates(Flow):
         for lo, hi in zip(self._gen_bounds[:-1], self._gen_bounds[1:], strict=True):
             cols = self._gen_cols[:, lo - 3 : hi - 3]
             refs = self._gen_refs[:, lo - 3 : hi - 3]
-            feats = (ics[:, cols[0]], ics[:, cols[1]], ics[:, cols[2]])
             cart = self._gen_cart[lo - 3 : hi - 3] if self._has_cartesian else None
-            new = _place(xs[:, refs[2]], xs[:, refs[1]], xs[:, refs[0]], feats, cart)
+            pb, pc, pd = xs[:, refs].unbind(1)  # one gather for the three references
+            new = _place(pd, pc, pb, ics[:, cols], cart)
             xs = torch.cat([xs, new], dim=1)
         x = xs[:, self._atom_slot].reshape(batch, 3 * n)
         return x, self.logdet_forward(ics)

@@ -187,7 +187,7 @@ class Standardize(Flow):
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         check_batch(z, self.dim, "latent")
-        return z * self.scale.to(z) + self.shift.to(z), self._logdet(z)
+        return torch.addcmul(self.shift.to(z), z, self.scale.to(z)), self._logdet(z)
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_batch(x, self.dim, "data")

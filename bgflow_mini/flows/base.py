@@ -59,18 +59,18 @@ class Sequential(Flow):
         self.flows = nn.ModuleList(flows)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        logdet = z.new_zeros(z.shape[0])
+        logdet = None
         for f in self.flows:
             z, ld = f(z)
-            logdet = logdet + ld
-        return z, logdet
+            logdet = ld if logdet is None else logdet + ld
+        return z, (z.new_zeros(z.shape[0]) if logdet is None else logdet)
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        logdet = x.new_zeros(x.shape[0])
+        logdet = None
         for f in reversed(self.flows):
             x, ld = f.inverse(x)
-            logdet = logdet + ld
-        return x, logdet
+            logdet = ld if logdet is None else logdet + ld
+        return x, (x.new_zeros(x.shape[0]) if logdet is None else logdet)
 
     def __len__(self) -> int:
         return len(self.flows)

@@ -47,6 +47,8 @@ MIN_BIN = 2.0**-10
 """Smallest bin width/height as a fraction of the period 2 pi."""
 MIN_DERIV = 2.0**-10
 """Smallest knot derivative of the spline."""
+TWO_PI = 2 * math.pi
+_DERIV_GAIN = (1.0 - MIN_DERIV) / math.log(2.0)  # softplus(0) = log 2
 
 
 def n_circular_spline_params(n_bins: int) -> int:
@@ -54,40 +56,49 @@ def n_circular_spline_params(n_bins: int) -> int:
     return 3 * n_bins + 1
 
 
-def _knots(raw: Tensor) -> Tensor:
-    """Raw ``(..., K)`` -> knot positions ``(..., K + 1)`` from ``-pi`` to ``pi`` (exact ends)."""
-    k = raw.shape[-1]
-    frac = MIN_BIN + (1.0 - MIN_BIN * k) * torch.softmax(raw.contiguous(), dim=-1)
-    inner = -math.pi + 2 * math.pi * torch.cumsum(frac, dim=-1)[..., :-1]
-    lo = torch.full_like(raw[..., :1], -math.pi)
-    hi = torch.full_like(raw[..., :1], math.pi)
-    return torch.cat([lo, inner, hi], dim=-1)
+def _table(raw_wh: Tensor, raw_d: Tensor) -> Tensor:
+    """Raw widths and heights ``(..., 2 K)`` and derivatives ``(..., K)`` -> knot table
+    ``(..., 3, K + 1)``.
 
-
-def _derivatives(raw: Tensor) -> Tensor:
-    """Raw ``(..., K)`` -> positive knot derivatives ``(..., K + 1)``, last equal to first."""
-    d = MIN_DERIV + (1.0 - MIN_DERIV) * F.softplus(raw) / math.log(2.0)  # softplus(0)
-    return torch.cat([d, d[..., :1]], dim=-1)
-
-
-def _gather(t: Tensor, idx: Tensor) -> Tensor:
-    return t.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-
-
-def _rq_spline(
-    x: Tensor, xk: Tensor, yk: Tensor, dk: Tensor, inverse: bool
-) -> tuple[Tensor, Tensor]:
-    """Monotone RQ spline through knots ``(xk, yk)`` with derivatives ``dk``.
-
-    ``x``: ``(...)`` inside ``[xk[0], xk[-1]]`` (or ``yk`` range if inverse);
-    knots ``(..., K + 1)``. Returns ``(y, log f'(z))`` where ``z`` is the point in
-    the spline's domain (the input if forward, the output if inverse).
+    Rows: x knots and y knots from ``-pi`` to ``pi`` (exact ends; widths and heights are
+    ``MIN_BIN + (1 - MIN_BIN K) softmax(raw)`` of the period), and the ``K + 1`` positive
+    knot derivatives ``MIN_DERIV + (1 - MIN_DERIV) softplus(raw) / softplus(0)`` whose last
+    equals the first. One table, so a single gather finds every per-bin quantity.
     """
-    search = yk if inverse else xk
-    idx = (x.unsqueeze(-1) >= search[..., 1:-1]).sum(dim=-1)
-    x_lo, x_hi = _gather(xk, idx), _gather(xk, idx + 1)
-    y_lo, y_hi = _gather(yk, idx), _gather(yk, idx + 1)
-    d_lo, d_hi = _gather(dk, idx), _gather(dk, idx + 1)
+    k = raw_d.shape[-1]
+    frac = torch.softmax(raw_wh.unflatten(-1, (2, k)), dim=-1).mul(1.0 - MIN_BIN * k).add_(MIN_BIN)
+    # knots 2 pi [0, c_0, ..., c_{K-2}, 1] - pi: the ends are exactly -pi and pi
+    inner = torch.cumsum(frac, dim=-1)[..., :-1]
+    knots = F.pad(F.pad(inner, (1, 0), value=0.0), (0, 1), value=1.0).mul(TWO_PI).sub_(math.pi)
+    d = F.softplus(raw_d.index_select(-1, _wrap_index(k, raw_d.device)))
+    d = d.mul(_DERIV_GAIN).add_(MIN_DERIV)
+    return torch.cat([knots, d.unsqueeze(-2)], dim=-2)
+
+
+_WRAP_INDEX: dict = {}
+
+
+def _wrap_index(k: int, device: torch.device) -> Tensor:
+    """``[0, 1, ..., k - 1, 0]`` on ``device`` (cached): the derivatives with the first
+    repeated at the end."""
+    key = (k, str(device))
+    if key not in _WRAP_INDEX:
+        _WRAP_INDEX[key] = torch.cat([torch.arange(k), torch.zeros(1, dtype=torch.long)]).to(device)
+    return _WRAP_INDEX[key]
+
+
+def _rq_spline(x: Tensor, table: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    """Monotone RQ spline with knot ``table`` ``(..., 3, K + 1)`` (see :func:`_table`).
+
+    ``x``: ``(...)`` inside ``[-pi, pi]``. Returns ``(y, log f'(z))`` where ``z`` is the point
+    in the spline's domain (the input if forward, the output if inverse).
+    """
+    search = table.detach()[..., 1 if inverse else 0, 1:-1]
+    idx = (x.detach().unsqueeze(-1) >= search).sum(dim=-1, keepdim=True)  # (..., 1)
+    pair = torch.cat([idx, idx + 1], dim=-1).unsqueeze(-2).expand(*idx.shape[:-1], 3, 2)
+    lo, hi = table.gather(-1, pair).unbind(-1)  # (..., 3) each: x, y, d at the bin's ends
+    x_lo, y_lo, d_lo = lo.unbind(-1)
+    x_hi, y_hi, d_hi = hi.unbind(-1)
     w = x_hi - x_lo
     h = y_hi - y_lo
     s = h / w
@@ -102,14 +113,15 @@ def _rq_spline(
         out = x_lo + xi * w
     else:
         xi = ((x - x_lo) / w).clamp(0.0, 1.0)
-    t = xi * (1 - xi)
+    one_m = 1 - xi
+    t = xi * one_m
     denom = s + delta * t
     if not inverse:
         # y = y_lo + h * [s xi^2 + d_lo t] / denom, written as a linear part plus
         # a correction that vanishes exactly when s == d_lo == d_hi.
-        out = y_lo + h * xi + h * t * ((d_lo - s) - delta * xi) / denom
-    num = d_hi * xi * xi + 2 * s * t + d_lo * (1 - xi) * (1 - xi)
-    logderiv = 2 * torch.log(s) + torch.log(num) - 2 * torch.log(denom)
+        out = y_lo + h * (xi + t * ((d_lo - s) - delta * xi) / denom)
+    num = d_hi * xi * xi + 2 * s * t + d_lo * one_m * one_m
+    logderiv = 2 * torch.log(s / denom) + torch.log(num)
     return out, logderiv
 
 
@@ -134,12 +146,11 @@ def circular_spline(x: Tensor, params: Tensor, inverse: bool = False) -> tuple[T
             f"x shape {tuple(x.shape)} + (3K+1,)"
         )
     k = (p - 1) // 3
-    xk = _knots(params[..., :k])
-    yk = _knots(params[..., k : 2 * k])
-    dk = _derivatives(params[..., 2 * k : 3 * k])
-    shift = params[..., 3 * k]
+    raw_wh, raw_d, shift = params.split([2 * k, k, 1], dim=-1)  # split: one cat backward
+    table = _table(raw_wh, raw_d)
+    shift = shift.squeeze(-1)
     if inverse:
-        z, logderiv = _rq_spline(wrap_angle(x - shift), xk, yk, dk, inverse=True)
+        z, logderiv = _rq_spline(wrap_angle(x - shift), table, inverse=True)
         return wrap_angle(z), -logderiv
-    y, logderiv = _rq_spline(wrap_angle(x), xk, yk, dk, inverse=False)
+    y, logderiv = _rq_spline(wrap_angle(x), table, inverse=False)
     return wrap_angle(y + shift), logderiv

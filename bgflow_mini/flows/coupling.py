@@ -115,6 +115,15 @@ class _Coupling(Flow):
         self.register_buffer("idx_circular", _where(m & c))
         order = torch.cat([_where(~m), self.idx_linear, self.idx_circular])
         self.register_buffer("restore", torch.argsort(order))
+        # derived index lists, not saved (state dicts keep their keys): the untransformed
+        # features in conditioner order (linear, then circular) and the matching restore
+        keep = {"persistent": False}
+        self.register_buffer("_idx_a", torch.cat([self.cond_linear, self.cond_circular]), **keep)
+        order = torch.cat([self._idx_a, self.idx_linear, self.idx_circular])
+        self.register_buffer("_order", order, **keep)
+        self.register_buffer("_restore", torch.argsort(order), **keep)
+        self._n_cond_lin = self.cond_linear.numel()
+        self._sizes = [len(self._idx_a), self.idx_linear.numel(), self.idx_circular.numel()]
         n_in = self.cond_linear.numel() + 2 * self.cond_circular.numel()
         self._n_lin_out = self.n_linear_params * self.idx_linear.numel()
         n_out = self._n_lin_out + self.n_circular_params * self.idx_circular.numel()
@@ -122,8 +131,14 @@ class _Coupling(Flow):
 
     def conditioner_input(self, z: Tensor) -> Tensor:
         """Conditioner features ``(batch, n_lin + 2 n_circ)``: raw linear, cos and sin of angles."""
-        ang = z[:, self.cond_circular]
-        return torch.cat([z[:, self.cond_linear], torch.cos(ang), torch.sin(ang)], dim=1)
+        return self._features(z.index_select(1, self._idx_a))
+
+    def _features(self, z_a: Tensor) -> Tensor:
+        """Conditioner features of the untransformed part ``z_a`` (conditioner order)."""
+        if not self.cond_circular.numel():
+            return z_a
+        lin, ang = z_a.split([self._n_cond_lin, self.cond_circular.numel()], dim=1)
+        return torch.cat([lin, torch.cos(ang), torch.sin(ang)], dim=1)
 
     def _linear(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         raise NotImplementedError  # pragma: no cover
@@ -133,24 +148,26 @@ class _Coupling(Flow):
 
     def _couple(self, z: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         check_batch(z, self.dim, f"{type(self).__name__} input")
-        n = z.shape[0]
-        params = self.conditioner(self.conditioner_input(z))
-        parts, logdet = [z[:, ~self.mask]], z.new_zeros(n)
-        if self.idx_linear.numel():  # empty branches are skipped (a spline call costs ~0.3 ms)
-            p_lin = params[:, : self._n_lin_out].reshape(
-                n, self.idx_linear.numel(), self.n_linear_params
-            )
-            y, ld = self._linear(z[:, self.idx_linear], p_lin, inverse)
+        # one gather into (conditioning, linear, circular) order, one gather back; the
+        # parameters are split, not sliced, so each backward pass joins gradients in one cat
+        z_a, z_lin, z_circ = z.index_select(1, self._order).split(self._sizes, dim=1)
+        params = self.conditioner(self._features(z_a))
+        n_lin, n_circ = self._sizes[1:]
+        parts, logdet = [z_a], None
+        p_lin, p_circ = params.split([self._n_lin_out, params.shape[1] - self._n_lin_out], 1)
+        if n_lin:  # empty branches are skipped (a spline call costs ~0.3 ms)
+            y, ld = self._linear(z_lin, p_lin.unflatten(1, (n_lin, self.n_linear_params)), inverse)
             parts.append(y)
-            logdet = logdet + ld.sum(dim=1)
-        if self.idx_circular.numel():
-            p_circ = params[:, self._n_lin_out :].reshape(
-                n, self.idx_circular.numel(), self.n_circular_params
-            )
-            y, ld = self._circular(z[:, self.idx_circular], p_circ, inverse)
+            logdet = ld.sum(dim=1)
+        if n_circ:
+            p_circ = p_circ.unflatten(1, (n_circ, self.n_circular_params))
+            y, ld = self._circular(z_circ, p_circ, inverse)
             parts.append(y)
-            logdet = logdet + ld.sum(dim=1)
-        return torch.cat(parts, dim=1)[:, self.restore], logdet
+            ld = ld.sum(dim=1)
+            logdet = ld if logdet is None else logdet + ld
+        if logdet is None:  # pragma: no cover - the mask transforms some features
+            logdet = z.new_zeros(z.shape[0])
+        return torch.cat(parts, dim=1).index_select(1, self._restore), logdet
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return self._couple(z, inverse=False)

@@ -1,0 +1,157 @@
+"""The default generator's full training step, this tree against an earlier one.
+
+Times ML + reverse-KL steps of the default alanine-dipeptide generator
+(``configs/flow/rnvp.yaml`` on the default replica-exchange data, ``TorchForceField``
+float32, one torch thread unless ``--torch-threads``) at several batch sizes, where one
+step is ``batch`` data frames (maximum likelihood) plus ``batch`` generator samples (reverse
+KL, energy and forces), so samples/s = ``2 * batch * steps / s``. With ``--baseline DIR``
+(a source tree of an earlier commit, e.g. ``git worktree add /tmp/old <commit>``) the
+same measurement runs in that tree too, in alternating subprocesses (``PYTHONPATH=DIR``),
+and the table gives both rates and their ratio. Every subprocess also writes the model's
+log-probabilities of 1,024 MD frames and of 1,024 of its own samples (seeded draws) under
+one seeded perturbation of all parameters; the largest difference between the trees is
+printed, so a faster step is shown to compute the same model.
+
+Usage::
+
+    git worktree add /tmp/bgflow_old <commit>
+    python benchmarks/generator_step.py --baseline /tmp/bgflow_old
+    python benchmarks/generator_step.py --batch 256 1024 --seconds 10 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["main", "measure", "compare"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _generator(data_dir: str):
+    """The default generator (float32, TorchForceField) and its float32 training frames."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from bgflow_mini import pipeline
+    from bgflow_mini.energies import TorchForceField
+    from bgflow_mini.systems import load_system
+
+    system = load_system("aldp_vacuum")
+    md = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "md" / "remd.yaml"))
+    data = pipeline.molecular_data(system, md, data_dir, progress=False, log=None)
+    factory = instantiate(OmegaConf.load(ROOT / "configs" / "flow" / "rnvp.yaml"))
+    energy = TorchForceField.from_openmm(system).float()
+    gen = pipeline.molecular_generator(system, data.train, factory, energy).float()
+    return gen, data.train.float(), data.test.float()
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Log-probabilities under perturbed weights, then steps/s per batch size (one tree)."""
+    import bgflow_mini
+    from bgflow_mini.training import Trainer
+
+    torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(0)
+    gen, train, test = _generator(args.data_dir)
+    out: dict = {"source": str(Path(bgflow_mini.__file__).resolve().parents[1])}
+    with torch.no_grad():  # the same perturbed model in every tree: compare log q
+        g = torch.Generator().manual_seed(1)
+        for _, p in sorted(gen.named_parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        torch.manual_seed(2)
+        _, log_q = gen.sample(1024, with_log_prob=True)
+        out["log_q_samples"] = log_q.tolist()
+        out["log_q_data"] = gen.log_prob(test[:1024]).tolist()
+    torch.manual_seed(0)
+    gen, train, _ = _generator(args.data_dir)  # fresh weights for the timing
+    rates = {}
+    for bs in args.batch:
+        trainer = Trainer(gen, lr=1e-4, batch_size=bs, kl_batch_size=bs, progress=False)
+        trainer.fit(args.warmup, data=train, w_ml=1.0, w_kl=1.0)
+        steps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < args.seconds or steps < 3:
+            trainer.fit(1, data=train, w_ml=1.0, w_kl=1.0)
+            steps += 1
+        rates[str(bs)] = 2 * bs * steps / (time.perf_counter() - t0)
+    out["samples_per_s"] = rates
+    return out
+
+
+def _run(tree: Path | None, args: argparse.Namespace, batch: int) -> dict:
+    """One measuring subprocess in ``tree`` (None: this tree) for one batch size."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "out.json"
+        cmd = [sys.executable, __file__, "--worker", str(result), "--batch", str(batch)]
+        cmd += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
+        cmd += ["--torch-threads", str(args.torch_threads), "--data-dir", args.data_dir]
+        env = dict(os.environ, PYTHONPATH=str(tree or ROOT))
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+        return json.loads(result.read_text())
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Alternate the trees per batch size and round; print the best rate of each."""
+    trees = {"this tree": None}
+    if args.baseline:
+        trees = {"baseline": Path(args.baseline).resolve(), **trees}
+    best: dict[tuple[str, int], float] = {}
+    logq: dict[str, dict] = {}
+    for batch in args.batch:
+        for _ in range(args.rounds):
+            for name, tree in trees.items():
+                r = _run(tree, args, batch)
+                rate = r["samples_per_s"][str(batch)]
+                best[name, batch] = max(best.get((name, batch), 0.0), rate)
+                logq[name] = r
+    from _machine import cpu_model  # benchmarks/_machine.py
+
+    print(f"## Default generator training step ({datetime.date.today()})\n")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, ")
+    print(f"{args.torch_threads} torch thread(s); best of {args.rounds} round(s) of ")
+    print(f">= {args.seconds} s per case; ML + reverse KL, TorchForceField float32\n")
+    for name in trees:
+        print(f"- {name}: {logq[name]['source']}")
+    head = "| batch | " + " | ".join(f"{n} samples/s" for n in trees)
+    print("\n" + head + (" | ratio |" if len(trees) > 1 else " |"))
+    print("|---:|" + "---:|" * (len(trees) + (len(trees) > 1)))
+    for batch in args.batch:
+        rates = [best[n, batch] for n in trees]
+        row = f"| {batch:,} | " + " | ".join(f"{r:,.0f}" for r in rates)
+        print(row + (f" | {rates[1] / rates[0]:.2f}x |" if len(rates) > 1 else " |"))
+    if len(trees) > 1:
+        for key in ("log_q_data", "log_q_samples"):
+            a, b = (torch.tensor(logq[n][key], dtype=torch.float64) for n in trees)
+            print(f"\nmax |log q difference| ({key}, 1,024 points, float32): ", end="")
+            print(f"{float((a - b).abs().max()):.2e} (values of order {float(a.abs().mean()):.0f})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", help="source tree of an earlier commit to compare with")
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    ap.add_argument("--seconds", type=float, default=8.0, help="timed seconds per case")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--data-dir", default=os.environ.get("BGFLOW_DATA", str(ROOT / "data")))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: write results here
+    args = ap.parse_args()
+    if args.worker:
+        Path(args.worker).write_text(json.dumps(measure(args)))
+    else:
+        compare(args)
+
+
+if __name__ == "__main__":
+    main()
