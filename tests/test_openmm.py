@@ -220,6 +220,39 @@ def test_bad_platform_and_arguments():
     assert select_platform(s.system, "auto") in ("CUDA", "OpenCL", "CPU", "Reference")
 
 
+def test_auto_platform_logs_why_platforms_were_skipped(monkeypatch, caplog):
+    import logging
+
+    import openmm
+
+    from bgflow_mini.energies import openmm as omm
+
+    s = load_system("aldp_vacuum")
+    real = openmm.Context
+
+    def context(system, integrator, platform):
+        if platform.getName() != "Reference":
+            raise openmm.OpenMMException(f"no device for {platform.getName()}\nmore detail")
+        return real(system, integrator, platform)
+
+    monkeypatch.setattr(omm.openmm, "Context", context)
+    with caplog.at_level(logging.INFO, logger="bgflow_mini.energies.openmm"):
+        assert select_platform(s.system, "auto") == "Reference"
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    others = openmm.Platform.getNumPlatforms() - 1
+    assert len(skipped) == others
+    assert all("OpenMMException: no device for" in m and "more detail" not in m for m in skipped)
+
+    def broken(system, integrator, platform):
+        raise openmm.OpenMMException(f"broken {platform.getName()}")
+
+    monkeypatch.setattr(omm.openmm, "Context", broken)
+    with pytest.raises(
+        RuntimeError, match="no OpenMM platform.*Reference \\(OpenMMException: broken"
+    ):
+        select_platform(s.system, "auto")
+
+
 def test_openmm_system_input_and_copy():
     s = load_system("aldp_vacuum")
     en = OpenMMEnergy(s.system, temperature=600.0, n_workers=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from typing import Any
@@ -20,11 +21,14 @@ __all__ = ["OpenMMEnergy", "WorkerError", "select_platform"]
 
 WorkerError = _openmm_pool.WorkerError
 PLATFORMS = ("Reference", "CPU", "CUDA", "OpenCL", "auto")
+_log = logging.getLogger(__name__)
 
 
 def select_platform(system: openmm.System, name: str = "auto") -> str:
     """Name of the platform to use: ``name`` itself, or for "auto" the fastest platform on
     which a Context for ``system`` can actually be created (CUDA > OpenCL > CPU > Reference).
+    Each platform "auto" passes over is logged (INFO) with the reason OpenMM gave, and if
+    none works the error lists every reason.
     """
     if name not in PLATFORMS:
         raise ValueError(f"platform must be one of {list(PLATFORMS)}, got {name!r}")
@@ -35,13 +39,20 @@ def select_platform(system: openmm.System, name: str = "auto") -> str:
             raise ValueError(f"OpenMM platform {name!r} is not available: {err}") from err
         return name
     platforms = [openmm.Platform.getPlatform(i) for i in range(openmm.Platform.getNumPlatforms())]
+    skipped: list[str] = []
     for plat in sorted(platforms, key=lambda p: -p.getSpeed()):
         try:
             openmm.Context(system, openmm.VerletIntegrator(0.001), plat)
-        except Exception:
+        except Exception as err:  # OpenMM raises its own exception types per platform
+            lines = str(err).strip().splitlines()
+            why = f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
+            _log.info("OpenMM platform %s skipped (%s)", plat.getName(), why)
+            skipped.append(f"{plat.getName()} ({why})")
             continue
         return plat.getName()
-    raise RuntimeError("no OpenMM platform can create a Context for this system")
+    raise RuntimeError(
+        "no OpenMM platform can create a Context for this system: " + "; ".join(skipped)
+    )
 
 
 class _OpenMMFunction(torch.autograd.Function):
