@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "state_masks",
     "block_free_energy",
     "generator_samples",
+    "EVALUATION_STREAM",
 ]
 
 
@@ -111,31 +113,74 @@ def block_free_energy(
     return dF, float(np.std(-np.log(sb[ok] / sa[ok]), ddof=1))
 
 
+EVALUATION_STREAM = 5
+"""``purpose`` of the evaluation's random streams (see
+:func:`~bgflow_mini.distributed.stream_seed`; the trainer's streams are 0-4)."""
+
+
 @torch.no_grad()
 def generator_samples(
-    generator, n: int, batch_size: int = 4096, progress: bool = False, energy=None
+    generator,
+    n: int,
+    batch_size: int = 4096,
+    progress: bool = False,
+    energy=None,
+    seed: int | None = None,
+    shards: int | None = None,
 ):
     """Draw ``n`` samples in batches: returns numpy ``(x, log_q, u, log_w)``.
 
     ``energy`` (default: the generator's) gives ``u`` in kT. Non-finite energies are
     kept (their log weight is ``-inf``), so a caller can report the fraction of finite
     energies.
+
+    Without ``seed`` the samples come from torch's global RNG in this process. With it, the
+    ``n`` samples are split into ``shards`` parts (default: one per process of the
+    ``torch.distributed`` group), each drawn from its own stream ``(seed, shard)``; under
+    ``torchrun`` every process draws and evaluates the energies of its consecutive shards
+    and all processes receive the union in shard order, so the samples depend on
+    ``(seed, shards)``, not on how many processes drew them.
     """
     from tqdm.auto import tqdm
 
+    from . import distributed as dist
     from .generator import check_energy_output
 
     energy = generator.energy if energy is None else energy
     if energy is None:
         raise ValueError("generator_samples needs an energy: the generator has none")
+    world, rank = dist.world_size(), dist.rank()
+    shards = world if shards is None else int(shards)
+    if shards < 1 or shards % world:
+        raise ValueError(f"shards={shards} must be a positive multiple of the {world} processes")
+    if seed is None and world > 1:
+        raise ValueError("generator_samples needs a seed to split the samples over processes")
+    q, r = divmod(int(n), shards)
+    per = shards // world
+    mine = [(sh, q + (sh < r)) for sh in range(rank * per, (rank + 1) * per)]
+    if seed is None:
+        mine = [(None, int(n))]
+    p = next(generator.parameters(), None)
+    device = p.device if p is not None else "cpu"
+    bar = tqdm(total=int(n), disable=not progress or rank != 0, desc="sampling")
     xs, lqs, us = [], [], []
-    for start in tqdm(range(0, n, batch_size), disable=not progress, desc="sampling"):
-        m = min(batch_size, n - start)
-        x, lq = generator.sample(m, with_log_prob=True)
-        u = check_energy_output(energy(x), x)
-        xs.append(x.cpu().double().numpy())
-        lqs.append(lq.cpu().double().numpy())
-        us.append(u.cpu().double().numpy())
-    x, lq, u = np.concatenate(xs), np.concatenate(lqs), np.concatenate(us)
+    for shard, count in mine:
+        stream = nullcontext()
+        if shard is not None:
+            stream = dist.rng_stream(dist.stream_seed(seed, shard, 0, EVALUATION_STREAM), device)
+        with stream:
+            for start in range(0, count, batch_size):
+                m = min(batch_size, count - start)
+                x, lq = generator.sample(m, with_log_prob=True)
+                u = check_energy_output(energy(x), x)
+                xs.append(x.detach())
+                lqs.append(lq.detach())
+                us.append(u.detach())
+                bar.update(m * world)
+    bar.close()
+    if not xs:  # fewer samples than shards: this process drew none
+        dim = generator.sample(1).shape[1]
+        xs, lqs, us = [torch.zeros(0, dim)], [torch.zeros(0)], [torch.zeros(0)]
+    x, lq, u = (dist.all_gather_cat(torch.cat(t).double()).cpu().numpy() for t in (xs, lqs, us))
     log_w = np.where(np.isfinite(u) & np.isfinite(lq), -u - lq, -np.inf)
     return x, lq, u, log_w

@@ -228,6 +228,7 @@ def evaluate(
     cap: float | None = None,
     seed: int = 0,
     progress: bool = True,
+    shards: int | None = None,
 ) -> tuple[dict, dict]:
     """Sample the generator, weight the samples with ``energy`` and compare with the
     reference: the exact ΔF of a toy, or the target's MD (block bootstrap).
@@ -240,6 +241,9 @@ def evaluate(
             Boltzmann weights.
         state_a, state_b: ΔF = F_b - F_a in kT (default: the target's default states).
         cap: count sample energies above this (kT), e.g. the regularisation threshold.
+        seed, shards: the samples' random streams (see
+            :func:`~bgflow_mini.evaluation.generator_samples`); under ``torchrun`` every
+            process draws its shards and computes the metrics on the union.
 
     Metrics besides ESS, NLL and the main ΔF (all free energies in kT):
 
@@ -276,7 +280,9 @@ def evaluate(
     fe.check_state_names([state_a, state_b], states)
     needed = _needed_cvs(cvs, states)  # KeyError now, not after sampling
     ic_domain_stats(generator, reset=True)
-    x, log_q, u, log_w = generator_samples(generator, n_samples, batch_size, progress, energy)
+    x, log_q, u, log_w = generator_samples(
+        generator, n_samples, batch_size, progress, energy, seed=seed, shards=shards
+    )
     domain = ic_domain_stats(generator)
     finite = np.isfinite(u)
     values = cvmod.compute_cvs(x, cvs, needed)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -21,6 +22,7 @@ from test_train_script import assert_same_checkpoint
 
 from bgflow_mini import BoltzmannGenerator, DiagonalNormal, distributed
 from bgflow_mini.energies import DoubleWell
+from bgflow_mini.evaluation import generator_samples
 from bgflow_mini.flows import coupling_flow
 from bgflow_mini.training import Phase, Trainer, check_global_batches
 
@@ -142,6 +144,38 @@ def test_two_ranks_match_one_process_drawing_both_shards(tmp_path):
     other = summary(fit(shards=None))
     assert not torch.allclose(other["params"][0], single["params"][0])
     print(f"2 ranks x 50 steps: {spawned:.1f} s; max |2 ranks - 1 process| {diff:.1e}")
+
+
+def sampling_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    with distributed.init_from_env("cpu"):
+        torch.manual_seed(100 + rank)  # the global RNG differs per rank: not used
+        got = generator_samples(model(seed=3), 1001, batch_size=128, seed=7, shards=4)
+        torch.save(got, Path(out) / f"samples{rank}.pt")
+
+
+def test_evaluation_samples_are_spread_over_ranks(tmp_path):
+    """2 ranks each draw and weight 2 of 4 shards; both get the union, which equals what
+    one process drawing all 4 shards gets (and another seed gives other samples)."""
+    mp.spawn(sampling_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"samples{r}.pt", weights_only=False) for r in (0, 1)]
+    single = generator_samples(model(seed=3), 1001, batch_size=128, seed=7, shards=4)
+    for got in ranks:
+        assert got[0].shape == (1001, 2)
+        for a, b in zip(got, single, strict=True):
+            np.testing.assert_array_equal(a, b)
+    other = generator_samples(model(seed=3), 1001, batch_size=128, seed=8, shards=4)
+    assert not np.allclose(other[0], single[0])
+    with pytest.raises(ValueError, match="multiple"):
+        generator_samples(model(seed=3), 10, seed=7, shards=0)
 
 
 def test_indivisible_global_batches_are_refused():

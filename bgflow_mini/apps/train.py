@@ -221,9 +221,8 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         train_time = time.time() - t_train
         trainer.save_checkpoint(latest, extra)  # the last step's state, for resuming (rank 0)
         selected = trainer.finalize(str(tc.get("select", "last")))  # the weights to evaluate
-        if not main:  # evaluation sampling runs on rank 0 alone (for now)
-            return {}
-        save_generator(generator, out / "model.pt", {**extra, "selected": selected})
+        if main:
+            save_generator(generator, out / "model.pt", {**extra, "selected": selected})
         ev = cfg.evaluation
         metrics, samples = pipeline.evaluate(
             generator,
@@ -239,7 +238,10 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
             cap=getattr(train_energy, "high", None),
             seed=int(cfg.seed),
             progress=bool(cfg.progress),
+            shards=trainer.shards,  # every rank samples its shards; all get the union
         )
+        if not main:  # rank 0 alone writes the results
+            return {}
     finally:
         energy.close()
         if logger is not None:
