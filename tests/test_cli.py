@@ -12,6 +12,7 @@ from importlib import metadata, resources
 from pathlib import Path
 
 import pytest
+import torch
 
 import bgflow_mini
 
@@ -98,3 +99,17 @@ def test_scripts_are_thin_shims(path: Path) -> None:
     text = path.read_text()
     assert len(text.splitlines()) <= 150
     assert "from bgflow_mini.apps." in text and "main()" in text
+
+
+def test_cuda_runs_default_to_the_pytorch_force_field():
+    """On CUDA the default OpenMM energy becomes TorchForceField on the device, unless the
+    command line chose an energy; on CPU nothing changes."""
+    from bgflow_mini.apps._common import device_default_energy
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    gpu = device_default_energy(cuda, "openmm", ["seed=1", "training.energy_budget=3"])
+    assert gpu is not None and gpu._target_ == "bgflow_mini.energies.TorchForceField.from_openmm"
+    assert device_default_energy(cpu, "openmm", []) is None
+    assert device_default_energy(cuda, "torchff", []) is None
+    for chosen in (["energy=openmm"], ["energy.platform=CUDA"], ["+energy.n_workers=1"]):
+        assert device_default_energy(cuda, "openmm", chosen) is None, chosen

@@ -11,7 +11,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["CONFIG_PATH", "run_app", "energy_backend", "set_threads", "plain"]
+__all__ = [
+    "CONFIG_PATH",
+    "run_app",
+    "energy_backend",
+    "set_threads",
+    "plain",
+    "device_default_energy",
+]
 
 # the configs ship inside the package (bgflow_mini.configs = the repository's configs/)
 CONFIG_PATH = "pkg://bgflow_mini.configs"
@@ -55,3 +62,28 @@ def set_threads(num_threads: int | None) -> None:
     """torch CPU threads (``None``: torch's default)."""
     if num_threads:
         torch.set_num_threads(int(num_threads))
+
+
+def device_default_energy(
+    device: torch.device, choice: str | None, overrides: list[str]
+) -> DictConfig | None:
+    """The energy config a run on ``device`` should use instead of the config's, or None.
+
+    On CUDA the default energy (the ``energy`` group's ``openmm``, left unchosen on the
+    command line) becomes ``TorchForceField`` on the training device (``configs/energy/
+    torchff.yaml``): energies and forces stay on the GPU, with no copies to OpenMM worker
+    processes per step. Any ``energy=...`` or ``energy.<key>=...`` override keeps the
+    config's choice, e.g. ``energy=openmm energy.platform=CUDA`` for OpenMM's CUDA platform.
+
+    Arguments:
+        device: the training device.
+        choice: the ``energy`` group's choice (Hydra's ``runtime.choices``), None if unknown.
+        overrides: the command line's overrides (Hydra's ``overrides.task``).
+    """
+    if device.type != "cuda" or choice != "openmm":
+        return None
+    if any(o.lstrip("+~").split("=")[0].split(".")[0] == "energy" for o in overrides):
+        return None
+    from importlib.resources import files
+
+    return OmegaConf.load(str(files("bgflow_mini.configs") / "energy" / "torchff.yaml"))

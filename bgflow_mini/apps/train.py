@@ -42,7 +42,7 @@ from bgflow_mini.samples import save_sample_set
 from bgflow_mini.targets import as_target
 from bgflow_mini.training import Phase, Trainer, check_global_batches
 
-from ._common import CONFIG_PATH, plain, run_app
+from ._common import CONFIG_PATH, device_default_energy, plain, run_app
 from .resources import Budget, Resources, job_budget, job_resources, launcher_config, plan
 from .validation import ConfigError, validate_train_config
 
@@ -115,6 +115,18 @@ def train(cfg: DictConfig) -> dict:
     validate_train_config(cfg, target)  # every config mistake, before any MD or training
     target.check_supported()
     device, dtype = resolve_device(str(cfg.device)), resolve_dtype(str(cfg.dtype))
+    if ckpt is None and HydraConfig.initialized():  # a resumed run keeps its energy
+        hc = HydraConfig.get()
+        gpu_energy = device_default_energy(
+            device, hc.runtime.choices.get("energy"), list(hc.overrides.task)
+        )
+        if gpu_energy is not None:
+            log.info(
+                "device %s: energy TorchForceField on the device (energy=openmm to keep "
+                "OpenMM, with energy.platform=CUDA for its GPU platform)",
+                device,
+            )
+            cfg.energy = gpu_energy
     tc = cfg.training
     phases = [Phase(**p) for p in plain(tc.phases)]
     with distributed.init_from_env(device) as ctx:
