@@ -93,7 +93,8 @@ def summary(trainer: Trainer) -> dict:
     }
 
 
-def rank_worker(rank: int, world: int, port: int, out: str) -> None:
+def rank_environment(rank: int, world: int, port: int) -> None:
+    """What torchrun would set for ``rank`` of ``world`` processes on this host; 1 thread."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -103,6 +104,10 @@ def rank_worker(rank: int, world: int, port: int, out: str) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+
+
+def rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    rank_environment(rank, world, port)
     with distributed.init_from_env("cpu") as ctx:
         assert (ctx.rank, ctx.world_size, ctx.backend) == (rank, world, "gloo")
         # rank 1 builds different weights: the trainer starts every rank from rank 0's
@@ -147,15 +152,7 @@ def test_two_ranks_match_one_process_drawing_both_shards(tmp_path):
 
 
 def sampling_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    rank_environment(rank, world, port)
     with distributed.init_from_env("cpu"):
         torch.manual_seed(100 + rank)  # the global RNG differs per rank: not used
         got = generator_samples(model(seed=3), 1001, batch_size=128, seed=7, shards=4)
