@@ -57,7 +57,7 @@ def wrap_angle(a: Any) -> Any:
     if isinstance(a, Tensor):
         if not a.is_floating_point():
             a = a.to(torch.get_default_dtype())
-        if a.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if a.requires_grad and torch.is_grad_enabled() and not _compiling():
             return _WrapAngle.apply(a)
         return _wrap_tensor(a)
     is_scalar = isinstance(a, int | float | np.generic)
@@ -71,6 +71,12 @@ def wrap_angle(a: Any) -> Any:
         w = np.where(w >= two_pi, w - two_pi, w) - pi
     out = np.where(inside, v, w)
     return float(out) if is_scalar else out
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing (it traces the plain operations, not our Function)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    return bool(check()) if check is not None else False
 
 
 def _wrap_tensor(a: Tensor) -> Tensor:

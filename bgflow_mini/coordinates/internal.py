@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..flows.base import Flow, check_batch
+from ..units import _compiling
 from .zmatrix import build_zmatrix, validate_zmatrix
 
 __all__ = [
@@ -276,7 +277,7 @@ class InternalCoordinates(Flow):
         :attr:`domain_stats`; their values are returned unchanged.
         """
         check_batch(ics, self.dim, "internal coordinates")
-        if not torch.compiler.is_compiling():
+        if not _compiling():  # a compiled graph cannot update the Python counters
             self._count_out_of_domain(ics)
         n = self.n_atoms
         batch = ics.shape[0]
