@@ -29,7 +29,7 @@ from .distributions import DiagonalNormal, NormalUniform
 from .evaluation import generator_samples, ramachandran_kl
 from .flows import Sequential
 from .generator import BoltzmannGenerator
-from .reweighting import effective_sample_size
+from .reweighting import block_ess, effective_sample_size
 
 __all__ = [
     "DataSplit",
@@ -299,6 +299,7 @@ def evaluate(
     metrics = {
         "n_samples": int(n_samples),
         "ess": effective_sample_size(log_w),
+        "ess_blocks": block_ess(log_w, 5) if len(log_w) >= 5 else None,
         "finite_energy_fraction": float(finite.mean()),
         "n_nonfinite_energies": int((~finite).sum()),
         "test_nll": test_nll(generator, data.test),

@@ -42,6 +42,13 @@ def summary_table(metrics: Mapping) -> str:
             if key.startswith("ramachandran_kl") and kind != "phi, psi":
                 label += f" ({kind})"
             lines.append(f"| {label} | {text} |")
+            blocks = metrics.get("ess_blocks") if key == "ess" else None
+            if blocks:
+                lines.append(
+                    f"| ESS of {blocks['n_blocks']} blocks of {blocks['block_size']:,} samples: "
+                    f"min / median / max | {blocks['min']:.4f} / {blocks['median']:.4f} / "
+                    f"{blocks['max']:.4f} |"
+                )
     for res in metrics.get("ramachandran_residues") or []:
         kl, floor = (metrics.get(f"ramachandran_kl{k}_{res}") for k in ("", "_md_train"))
         if kl is not None:

@@ -22,6 +22,7 @@ import torch
 from scipy.special import logsumexp
 
 __all__ = [
+    "block_ess",
     "effective_sample_size",
     "free_energy_difference",
     "free_energy_profile",
@@ -145,6 +146,34 @@ def effective_sample_size(log_w: ArrayLike) -> float:
     lw = lw[finite]  # zero weights add nothing to either sum, but N below counts them
     log_ess = 2.0 * logsumexp(lw) - logsumexp(2.0 * lw)
     return float(min(math.exp(log_ess - math.log(finite.size)), 1.0))
+
+
+def block_ess(log_w: ArrayLike, n_blocks: int = 5) -> dict:
+    """Normalised ESS of ``n_blocks`` disjoint consecutive blocks of i.i.d. samples.
+
+    With heavy-tailed weights the ESS of one sample set is a noisy statistic: one rare
+    large weight can cut it tenfold. The spread over blocks shows that without new samples.
+
+    Returns:
+        ``{"n_blocks", "block_size", "min", "median", "max"}`` (ESS/N of each block of
+        ``len(log_w) // n_blocks`` samples; a remainder is left out).
+
+    Raises:
+        ValueError: ``n_blocks`` < 1 or more blocks than samples.
+    """
+    lw = _as_array(log_w, "log_w")
+    n_blocks = int(n_blocks)
+    if n_blocks < 1 or n_blocks > lw.size:
+        raise ValueError(f"n_blocks must be in 1..{lw.size} (the samples), got {n_blocks}")
+    size = lw.size // n_blocks
+    ess = [effective_sample_size(lw[k * size : (k + 1) * size]) for k in range(n_blocks)]
+    return {
+        "n_blocks": n_blocks,
+        "block_size": size,
+        "min": float(np.min(ess)),
+        "median": float(np.median(ess)),
+        "max": float(np.max(ess)),
+    }
 
 
 def free_energy_difference(

@@ -180,6 +180,10 @@ def test_evaluate_with_any_named_cvs_and_several_residues(peptide):
     assert m["chirality_kept_fraction"] > 0.99
     table = summary_table(m)
     assert "phi_2_negative -> phi_2_positive" in table and "chirality kept" in table
+    blocks = m["ess_blocks"]  # the spread of the ESS over 5 disjoint blocks of the samples
+    assert blocks["n_blocks"] == 5 and blocks["block_size"] == m["n_samples"] // 5
+    assert 0 < blocks["min"] <= blocks["median"] <= blocks["max"] <= 1
+    assert f"ESS of 5 blocks of {blocks['block_size']:,} samples" in table
     assert "chi1_negative -> chi1_positive" in table and "residue 2" in table
 
     # the main ΔF between rotamer states, one of them across the cut

@@ -252,3 +252,19 @@ def test_profile_errors():
         free_energy_profile(x, None, 5, range=(2.0, 3.0))
     with pytest.raises(ValueError):
         free_energy_profile(x, None, np.array([0.0, 1.0, 0.5]))
+
+
+def test_block_ess_shows_a_heavy_tail():
+    """One huge weight ruins the ESS of its block (and of the whole set), not the others."""
+    from bgflow_mini.reweighting import block_ess
+
+    lw = np.zeros(1000)
+    flat = block_ess(lw, 5)
+    assert flat == {"n_blocks": 5, "block_size": 200, "min": 1.0, "median": 1.0, "max": 1.0}
+    lw[3] = 50.0
+    b = block_ess(lw, 5)
+    assert b["min"] == pytest.approx(1 / 200) and b["median"] == b["max"] == 1.0
+    assert effective_sample_size(lw) == pytest.approx(1 / 1000)
+    assert block_ess(np.zeros(7), 3)["block_size"] == 2  # the remainder is left out
+    with pytest.raises(ValueError, match="n_blocks"):
+        block_ess(lw, 0)
