@@ -1,0 +1,67 @@
+"""How much one ESS figure varies: fresh sample sets of trained molecular models.
+
+For every run folder given (its ``model.pt``), draws ``--draws`` independent sets of ``--n``
+samples at each latent temperature ``--temperatures`` (``log q`` is that of the tempered
+model, so the weights stay exact), weights them with ``TorchForceField`` (float32, the run's
+own system), and prints one row per model and temperature with the normalised Kish ESS of
+every set. With heavy-tailed weights the ESS of one set is a noisy statistic.
+
+Usage::
+
+    python benchmarks/ess_spread.py outputs/run_a outputs/run_b --temperatures 1.0 1.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+from pathlib import Path
+
+import torch
+from _machine import cpu_model  # benchmarks/_machine.py
+
+from bgflow_mini import load_generator
+from bgflow_mini.energies import TorchForceField
+from bgflow_mini.reweighting import effective_sample_size
+from bgflow_mini.systems import load_system
+
+__all__ = ["main", "spread"]
+
+
+def spread(run: Path, temperature: float, draws: int, n: int) -> list[float]:
+    """ESS/N of ``draws`` fresh sets of ``n`` samples of ``run``'s model at ``temperature``."""
+    gen = load_generator(run / "model.pt")
+    name = gen.spec["target"]["name"]
+    gen.energy = TorchForceField.from_openmm(load_system(name)).float()
+    out = []
+    for draw in range(draws):
+        torch.manual_seed(draw)
+        _, log_q, u = gen.sample_weighted(n, batch_size=4096, temperature=temperature)
+        out.append(effective_sample_size((-u - log_q).double()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run folders with a model.pt")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 1.1])
+    ap.add_argument("--draws", type=int, default=4)
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--torch-threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.torch_threads)
+    print(f"## ESS of fresh sample sets ({datetime.date.today()}, {cpu_model()})\n")
+    print(f"{args.draws} sets of {args.n:,} samples per model and latent temperature\n")
+    print("| run | T | ESS of each set | min | median |")
+    print("| --- | ---: | --- | ---: | ---: |")
+    for run in args.runs:
+        for t in args.temperatures:
+            ess = spread(run, t, args.draws, args.n)
+            each = " / ".join(f"{e:.4f}" for e in ess)
+            med = statistics.median(ess)
+            print(f"| {run.name} | {t:g} | {each} | {min(ess):.4f} | {med:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
