@@ -155,11 +155,12 @@ def generator_samples(
         raise ValueError(f"shards={shards} must be a positive multiple of the {world} processes")
     if seed is None and world > 1:
         raise ValueError("generator_samples needs a seed to split the samples over processes")
-    q, r = divmod(int(n), shards)
-    per = shards // world
-    mine = [(sh, q + (sh < r)) for sh in range(rank * per, (rank + 1) * per)]
-    if seed is None:
+    if seed is None:  # one process, the global RNG
         mine = [(None, int(n))]
+    else:  # (shard, count) of this process's consecutive shards
+        q, r = divmod(int(n), shards)
+        per = shards // world
+        mine = [(sh, q + (sh < r)) for sh in range(rank * per, (rank + 1) * per)]
     p = next(generator.parameters(), None)
     device = p.device if p is not None else "cpu"
     bar = tqdm(total=int(n), disable=not progress or rank != 0, desc="sampling")
