@@ -52,6 +52,7 @@ class ImportanceBuffer:
         self.log_w: Tensor | None = None
         self.temperature: float | None = None
         self.ess = 0.0
+        self._p: Tensor | None = None
 
     @torch.no_grad()
     def refill(self, generator, temperature: float, batch_size: int = 4096) -> int:
@@ -67,15 +68,21 @@ class ImportanceBuffer:
         self.x, self.log_w = torch.cat(xs), torch.cat(lws)
         self.temperature = float(temperature)
         self.ess = effective_sample_size(self.log_w)
+        self._probabilities()
         return self.size
+
+    def _probabilities(self) -> None:
+        """Drawing probabilities on the host, read back once per refill (not per draw)."""
+        self._p = None
+        if self.log_w is not None and torch.isfinite(self.log_w).any():
+            self._p = torch.softmax(self.log_w.double(), 0).cpu()
 
     def draw(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` samples drawn with replacement in proportion to their weights."""
-        if self.x is None or not torch.isfinite(self.log_w).any():
+        if self.x is None or self._p is None:
             raise RuntimeError("the importance buffer is empty or has no sample with weight")
-        p = torch.softmax(self.log_w.double(), 0).cpu()
-        idx = torch.multinomial(p, int(n), replacement=True, generator=generator)
-        return self.x[idx.to(self.x.device)]
+        idx = torch.multinomial(self._p, int(n), replacement=True, generator=generator)
+        return self.x[idx.to(self.x.device, non_blocking=True)]
 
     def state_dict(self) -> dict:
         return {"x": self.x, "log_w": self.log_w, "temperature": self.temperature, "ess": self.ess}
@@ -83,3 +90,4 @@ class ImportanceBuffer:
     def load_state_dict(self, state: dict) -> None:
         self.x, self.log_w = state["x"], state["log_w"]
         self.temperature, self.ess = state["temperature"], float(state["ess"])
+        self._probabilities()

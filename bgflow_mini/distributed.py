@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -222,19 +222,25 @@ def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
                 p.grad.copy_(g)
 
 
-def all_gather_cat(t: Tensor) -> Tensor:
+def all_gather_cat(t: Tensor, sizes: Sequence[int] | None = None) -> Tensor:
     """Concatenate ``t`` ``(n_r, ...)`` of every rank along dim 0, in rank order.
 
-    The ``n_r`` may differ between ranks; the other dimensions must agree.
+    The ``n_r`` may differ between ranks; the other dimensions must agree. ``sizes``:
+    every rank's ``n_r`` when the caller knows them (then they are not exchanged, which
+    would read them back to the host); ``None``: exchange them.
     """
     world = world_size()
     if world == 1:
         return t
     dev = _comm_device()
-    n = torch.tensor([t.shape[0]], device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    torch.distributed.all_gather(sizes, n)
+    if sizes is None:
+        n = torch.tensor([t.shape[0]], device=dev)
+        parts_n = [torch.zeros_like(n) for _ in range(world)]
+        torch.distributed.all_gather(parts_n, n)
+        sizes = [int(s) for s in parts_n]
     sizes = [int(s) for s in sizes]
+    if len(sizes) != world or sizes[rank()] != t.shape[0]:
+        raise ValueError(f"sizes {sizes} do not match {world} ranks and this rank's {t.shape[0]}")
     top = max(sizes)
     buf = t.detach().to(dev)
     if buf.shape[0] < top:

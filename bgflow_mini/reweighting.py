@@ -24,6 +24,7 @@ from scipy.special import logsumexp
 __all__ = [
     "block_ess",
     "effective_sample_size",
+    "ess_tensor",
     "free_energy_difference",
     "free_energy_profile",
     "free_energy_profile_2d",
@@ -127,25 +128,39 @@ def _robust_std(reps: np.ndarray) -> np.ndarray:
     return np.where(ok, np.sqrt(var), np.inf)
 
 
-def effective_sample_size(log_w: ArrayLike) -> float:
-    """Kish effective sample size divided by N, a float in [0, 1].
+def ess_tensor(log_w: torch.Tensor) -> torch.Tensor:
+    """Kish effective sample size divided by N as a 0-d float64 tensor on ``log_w``'s
+    device, computed without reading anything back to the host (for training loops).
 
     ESS/N = (sum w)^2 / (N sum w^2) = exp(2 lse(log w) - lse(2 log w)) / N, in float64
-    and log space (``log_w`` may span thousands of kT; no clipping). ``log_w``: shape
-    (N,), a numpy array, a sequence of floats or a torch tensor on any device (detached).
-    NaN, ``+inf`` and ``-inf`` entries count as samples of zero weight (they stay in N).
-    Returns 0.0 for an empty input or when no entry is finite.
+    and log space. ``log_w``: shape (N,), detached. NaN, ``+inf`` and ``-inf`` entries
+    count as samples of zero weight (they stay in N); 0 for an empty input or when no
+    entry is finite.
+    """
+    if log_w.ndim != 1:
+        raise ValueError(f"log_w must be 1-D of shape (N,), got shape {tuple(log_w.shape)}")
+    lw = log_w.detach().double()
+    if lw.numel() == 0:
+        return lw.new_zeros(())
+    lw = torch.where(torch.isfinite(lw), lw, lw.new_tensor(-math.inf))
+    log_ess = 2.0 * torch.logsumexp(lw, 0) - torch.logsumexp(2.0 * lw, 0)
+    ess = torch.exp(log_ess - math.log(lw.numel())).clamp(max=1.0)
+    return torch.nan_to_num(ess, nan=0.0)  # no finite entry: -inf - (-inf)
+
+
+def effective_sample_size(log_w: ArrayLike) -> float:
+    """Kish effective sample size divided by N, a float in [0, 1] (see :func:`ess_tensor`).
+
+    ``log_w``: shape (N,), a numpy array, a sequence of floats or a torch tensor on any
+    device (detached). NaN, ``+inf`` and ``-inf`` entries count as samples of zero weight
+    (they stay in N). Returns 0.0 for an empty input or when no entry is finite.
 
     Raises:
         ValueError: ``log_w`` is not 1-D.
     """
-    lw = _as_array(log_w, "log_w")
-    finite = np.isfinite(lw)
-    if not finite.any():
-        return 0.0
-    lw = lw[finite]  # zero weights add nothing to either sum, but N below counts them
-    log_ess = 2.0 * logsumexp(lw) - logsumexp(2.0 * lw)
-    return float(min(math.exp(log_ess - math.log(finite.size)), 1.0))
+    if not isinstance(log_w, torch.Tensor):
+        log_w = torch.from_numpy(_as_array(log_w, "log_w"))
+    return float(ess_tensor(log_w))
 
 
 def block_ess(log_w: ArrayLike, n_blocks: int = 5) -> dict:

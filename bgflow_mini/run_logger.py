@@ -132,4 +132,10 @@ class RunLogger:
                     if isinstance(v, float) and math.isfinite(v):
                         self.tb.add_scalar(k, v, r["step"])
         if r["step"] % self.ckpt_every == 0:
+            if trainer.step != r["step"]:
+                raise RuntimeError(
+                    f"checkpoint due at step {r['step']} but the trainer is at step "
+                    f"{trainer.step}: make ckpt_every ({self.ckpt_every}) a multiple of the "
+                    f"trainer's sync_every ({trainer.sync_every})"
+                )
             trainer.save_checkpoint(self.out / "checkpoints" / "latest.pt", self.extra)

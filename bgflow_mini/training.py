@@ -2,7 +2,12 @@
 
 The loss of one step is ``w_ml * NLL(data batch) + w_kl * reverse KL(samples)``, both
 in kT per sample. A step whose loss or gradient is not finite is skipped (the
-parameters are not touched) and counted. Checkpoints hold the model, optimizer,
+parameters, the optimizer's moments and the weight average are not touched) and counted;
+the learning-rate schedule advances on every step. The loop reads nothing back from the
+device within a step: a step's losses, counts and its skip decision stay tensors (the skip
+is applied by the fused Adam kernel's ``found_inf`` flag) and the records of
+``sync_every`` steps are read back together (:mod:`bgflow_mini.records`), so a GPU is
+never left waiting for the host. Checkpoints hold the model, optimizer,
 scheduler, step, history and every random state the loop uses, so a run resumed
 from a checkpoint produces the same losses as an uninterrupted one (on CPU).
 
@@ -37,7 +42,8 @@ from .annealing import ImportanceBuffer
 from .checkpoint import _alternative, full_spec
 from .fileio import load_torch, save_torch
 from .losses import nll, reverse_kl
-from .reweighting import effective_sample_size
+from .records import read_back
+from .reweighting import effective_sample_size, ess_tensor
 from .schedules import Phase, cosine_schedule
 
 __all__ = ["Trainer", "Phase", "cosine_schedule", "check_global_batches"]
@@ -119,7 +125,14 @@ class Trainer:
             global torch RNG, whose state is checkpointed too). With ``shards > 1`` the
             seed of every shard's streams instead (the global RNG is not used).
         progress: show a tqdm progress bar.
-        callbacks: functions ``callback(trainer, record)`` called after every step.
+        callbacks: functions ``callback(trainer, record)`` called for every step, in
+            order, when its record is read back: every ``sync_every`` steps (counted from
+            step 0), at every step with an ESS or validation estimate or a checkpoint,
+            and at the end of :meth:`fit`. A callback that saves the trainer's state
+            must do so at such a step (then ``trainer.step == record["step"]``).
+        sync_every: read the step records back from the device every this many steps
+            (1: every step). Larger values let a GPU run ahead of the host; on a CPU the
+            choice makes no difference to speed. Results do not depend on it.
         shards: split every global batch into this many parts, each with its own random
             stream (see the module docstring); ``None``: the number of processes in the
             ``torch.distributed`` process group (1 without one: the plain single-process
@@ -152,7 +165,12 @@ class Trainer:
         buffer_size: int = 8192,
         resample_every: int = 50,
         shards: int | None = None,
+        sync_every: int = 1,
     ) -> None:
+        if int(sync_every) < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        self.sync_every = int(sync_every)
+        self._pending: list[dict] = []  # records not yet read back from the device
         if lr <= 0 or batch_size < 1:
             raise ValueError(f"need lr > 0 and batch_size >= 1, got lr={lr}, {batch_size=}")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
@@ -287,22 +305,40 @@ class Trainer:
         for _ in bar:
             record = self._train_step(data, w_ml, w_kl, bs, kl_bs, anneal)
             record["phase"] = name
-            self._periodic(record)
-            self.history.append(record)
-            bar.set_postfix(
-                {k: f"{record[k]:.3g}" for k in ("loss", "nll", "kl", "ess") if k in record}
-            )
-            for cb in self.callbacks:
-                cb(self, record)
-            if (
+            checked = self._periodic(record)
+            self._pending.append(record)
+            save = bool(
                 self.checkpoint_path
                 and self.checkpoint_every
                 and (self.step % self.checkpoint_every == 0)
-            ):
+            )
+            if checked or save or self.step % self.sync_every == 0:
+                self._read_back(bar)
+            if save:
                 self.save_checkpoint(self.checkpoint_path)
+        self._read_back(bar)
         if self.checkpoint_path is not None:
             self.save_checkpoint(self.checkpoint_path)
         return self.history[start:]
+
+    def _read_back(self, bar=None) -> None:
+        """Read the pending records back (one transfer), count them, append them to the
+        history and run the callbacks on each, in step order."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        read_back(pending)
+        for record in pending:
+            self.n_skipped += int(record["skipped"])
+            self.n_nonfinite_samples += record.get("n_nonfinite", 0)
+            self.n_capped_samples += record.get("n_capped", 0)
+            self.history.append(record)
+            for cb in self.callbacks:
+                cb(self, record)
+        if bar is not None:
+            last = pending[-1]
+            keys = ("loss", "nll", "kl", "ess")
+            bar.set_postfix({k: f"{last[k]:.3g}" for k in keys if k in last})
 
     def fit_phases(self, phases: Sequence[Phase], data: Tensor | None = None) -> list[dict]:
         """Run a schedule of :class:`Phase` objects, continuing from ``self.step``.
@@ -366,7 +402,10 @@ class Trainer:
                 ]
             )
         p = self._param
-        return data[idx].to(device=p.device, dtype=p.dtype)
+        batch = data[idx]
+        if p.device.type == "cuda":  # a copy that does not wait for the device
+            return batch.pin_memory().to(device=p.device, dtype=p.dtype, non_blocking=True)
+        return batch.to(device=p.device, dtype=p.dtype)
 
     def _shard_rng(self, shard: int, purpose: int) -> torch.Generator:
         return dist.batch_generator(self.seed, shard, self.step, purpose)
@@ -443,68 +482,88 @@ class Trainer:
         if w_kl > 0:
             vals = self._kl_values(kl_bs, temperature)
             finite = torch.isfinite(vals)
-            n_bad = int((~finite).sum())
-            n_capped = 0
+            n_bad = (~finite).sum()
+            n_capped = torch.zeros_like(n_bad)
             # a regularised energy (LinLogCut) maps non-finite energies to a finite cap:
             # count what the real energy gave, from the wrapper's per-call statistics
             last = getattr(gen.energy, "last_stats", None)
             if isinstance(last, dict):
-                n_bad = max(n_bad, int(last.get("nonfinite", 0)))
-                n_capped = int(last.get("capped", 0))
+                n_bad = torch.maximum(n_bad, torch.as_tensor(last.get("nonfinite", 0)).to(n_bad))
+                n_capped = torch.as_tensor(last.get("capped", 0)).to(n_bad)
             if world > 1:  # global counts and ESS; the drop decision is global too
-                counts = dist.all_reduce_sum(torch.tensor([n_bad, n_capped]))
-                n_bad, n_capped = int(counts[0]), int(counts[1])
-                every = dist.all_gather_cat(vals.detach())
-                n_fin = int(torch.isfinite(every).sum())
-                if self.drop_nonfinite and 0 < n_fin < every.numel():
-                    l_kl = vals[finite].sum() * (world / n_fin)
-                else:
-                    l_kl = vals.mean()
+                counts = dist.all_reduce_sum(torch.stack([n_bad, n_capped]))
+                n_bad, n_capped = counts[0], counts[1]
+                every = dist.all_gather_cat(vals.detach(), self._rank_sizes(kl_bs))
+                n_fin = torch.isfinite(every).sum()
+                dropped = torch.where(finite, vals, 0.0).sum() * (world / n_fin.clamp(min=1))
             else:
                 every = vals
-                if self.drop_nonfinite and 0 < n_bad < vals.numel():
-                    vals = vals[finite]
-                l_kl = vals.mean()
+                n_fin = finite.sum()
+                dropped = torch.where(finite, vals, 0.0).sum() / n_fin.clamp(min=1)
+            l_kl = vals.mean()
+            if self.drop_nonfinite:  # mean over the finite samples, unless none or all are
+                l_kl = torch.where((n_fin > 0) & (n_fin < every.numel()), dropped, l_kl)
             self.n_energy_evaluations += int(every.numel())
-            self.n_nonfinite_samples += n_bad
-            self.n_capped_samples += n_capped
             record["n_nonfinite"] = n_bad
             record["n_capped"] = n_capped
-            record["ess"] = effective_sample_size(-every)
+            record["ess"] = ess_tensor(-every)
             loss = loss + w_kl * l_kl
             terms["kl"] = l_kl
         if world > 1:  # global means of the loss and its terms (one collective)
             local = torch.stack([loss.detach(), *(t.detach() for t in terms.values())])
-            glob = (dist.all_reduce_sum(local.double()) / world).tolist()
+            glob = dist.all_reduce_sum(local.double()) / world
             record["loss"] = glob[0]
             record.update(zip(terms, glob[1:], strict=True))
         else:
-            record.update({k: float(t.detach()) for k, t in terms.items()})
-            record["loss"] = float(loss.detach())
-        skipped = not math.isfinite(record["loss"])  # the same decision on every rank
-        if not skipped:
-            loss.backward()
-            dist.all_reduce_grads(gen.parameters())
-            max_norm = self.clip_grad_norm or math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(gen.parameters(), max_norm)
-            record["grad_norm"] = float(grad_norm)
-            skipped = not math.isfinite(record["grad_norm"])
-        if skipped:
-            self.n_skipped += 1
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
-            if self.ema is not None:
-                t = self.step
-                decay = min(self.ema_decay, (1.0 + t) / (10.0 + t))
-                with torch.no_grad():
-                    params = [p.detach() for p in gen.parameters()]
-                    torch._foreach_lerp_(self.ema, params, 1.0 - decay)
-            if self.scheduler is not None:
-                self.scheduler.step()
-        record["skipped"] = skipped
+            record.update({k: t.detach() for k, t in terms.items()})
+            record["loss"] = loss.detach()
+        # a non-finite loss gives non-finite gradients, so one flag decides (the same on
+        # every rank: the loss and the gradients are global)
+        loss.backward()
+        dist.all_reduce_grads(gen.parameters())
+        max_norm = self.clip_grad_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(gen.parameters(), max_norm)
+        ok = torch.isfinite(record["loss"]) & torch.isfinite(grad_norm)
+        record["grad_norm"] = grad_norm.detach()
+        record["skipped"] = ~ok
+        self._apply(ok)
         self.step += 1
         return record
+
+    def _apply(self, ok: Tensor) -> None:
+        """The optimizer step and the weight average, where the 0-d flag ``ok`` is true.
+
+        Fused Adam skips on the device (its ``found_inf`` flag: parameters, moments and
+        step count untouched); another optimizer (e.g. one set by hand) needs the flag
+        read on the host. The schedule advances either way.
+        """
+        opt = self.optimizer
+        if opt.defaults.get("fused"):
+            opt.found_inf = (~ok).to(torch.float32)
+            try:
+                opt.step()
+            finally:
+                opt.found_inf = None
+        elif bool(ok):
+            opt.step()
+        if self.ema is not None:
+            t = self.step
+            decay = min(self.ema_decay, (1.0 + t) / (10.0 + t))
+            weight = ok.to(self.ema[0].dtype) * (1.0 - decay)
+            with torch.no_grad():
+                params = [p.detach() for p in self.generator.parameters()]
+                # ema += weight * (params - ema); a tensor weight in lerp reads it back
+                step = torch._foreach_sub(params, self.ema)
+                torch._foreach_mul_(step, weight)
+                torch._foreach_add_(self.ema, step)
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def _rank_sizes(self, n: int) -> list[int]:
+        """Every rank's share of ``n`` split over the shards (known without asking)."""
+        q, r = divmod(int(n), self.shards)
+        k = self.shards // self.world_size
+        return [sum(q + (s < r) for s in range(i * k, (i + 1) * k)) for i in range(self.world_size)]
 
     @contextmanager
     def averaged_weights(self) -> Iterator[None]:
@@ -532,6 +591,7 @@ class Trainer:
         """
         if select not in ("best_ess", "ema", "last"):
             raise ValueError(f"select must be 'best_ess', 'ema' or 'last', got {select!r}")
+        self._read_back()
         chosen = {"kind": "last", "step": self.step}
         source = None
         if select == "best_ess" and self.best["params"] is not None:
@@ -545,9 +605,12 @@ class Trainer:
         return chosen
 
     @torch.no_grad()
-    def _periodic(self, record: dict) -> None:
+    def _periodic(self, record: dict) -> bool:
+        """ESS and validation estimates due at this step; returns whether any ran."""
         gen = self.generator
+        checked = False
         if self.ess_every and self.step % self.ess_every == 0:
+            checked = True
             gen.eval()
             with self.averaged_weights():
                 if self.shards == 1:
@@ -565,6 +628,7 @@ class Trainer:
                     self.best = {"ess": ess, "step": self.step, "params": params}
             record["ess_eval"] = ess
         if self.val_data is not None and self.eval_every and self.step % self.eval_every == 0:
+            checked = True
             gen.eval()
             p = self._param
             val = self.val_data  # with several ranks, each sums the NLL of its share
@@ -576,10 +640,12 @@ class Trainer:
             if self.world_size > 1:
                 total = dist.all_reduce_sum(total)
             record["val_nll"] = float(total) / self.val_data.shape[0]
+        return checked
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         """Everything needed to continue training exactly: model, optimizer, RNGs, ..."""
+        self._read_back()  # the history must be complete
         state = {
             "model": self.generator.state_dict(),
             "optimizer": self.optimizer.state_dict(),

@@ -11,6 +11,7 @@ from scipy.stats import norm
 
 from bgflow_mini.reweighting import (
     effective_sample_size,
+    ess_tensor,
     free_energy_difference,
     free_energy_profile,
     free_energy_profile_2d,
@@ -268,3 +269,24 @@ def test_block_ess_shows_a_heavy_tail():
     assert block_ess(np.zeros(7), 3)["block_size"] == 2  # the remainder is left out
     with pytest.raises(ValueError, match="n_blocks"):
         block_ess(lw, 0)
+
+
+def test_ess_tensor_matches_the_kish_formula_without_leaving_the_tensor():
+    g = torch.Generator().manual_seed(3)
+    lw = torch.randn(500, generator=g, dtype=torch.float64) * 3.0 + 1000.0
+    w = torch.exp(lw - lw.max())
+    want = float(w.sum() ** 2 / (w.pow(2).sum() * 500))
+    got = ess_tensor(lw)
+    assert got.shape == () and got.dtype == torch.float64
+    assert abs(float(got) - want) < 1e-12
+    # NaN, +inf and -inf are samples of zero weight; float32 input
+    bad = lw.clone()
+    bad[:3] = torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.float64)
+    kept = torch.exp(bad[3:] - bad[3:].max())
+    want = float(kept.sum() ** 2 / (kept.pow(2).sum() * 500))
+    assert abs(float(ess_tensor(bad.float() - 1000.0)) - want) < 1e-5
+    assert float(ess_tensor(torch.full((4,), math.nan))) == 0.0
+    assert float(ess_tensor(torch.zeros(0))) == 0.0
+    assert float(ess_tensor(torch.zeros(7))) == 1.0
+    with pytest.raises(ValueError, match="1-D"):
+        ess_tensor(torch.zeros(2, 2))

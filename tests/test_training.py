@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bgflow_mini import BoltzmannGenerator, StandardNormal
+from bgflow_mini.energies import Energy, LinLogCut
 from bgflow_mini.flows import coupling_flow
 from bgflow_mini.training import Phase, Trainer
 
@@ -142,10 +144,14 @@ def test_nonfinite_loss_step_is_skipped_and_counted():
     assert not hist[0]["skipped"]
     mid = [p.detach().clone() for p in bg.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(before, mid))
+    moments = [{k: v.clone() for k, v in st.items()} for st in trainer.optimizer.state.values()]
     hist = trainer.fit(1, w_ml=0.0, w_kl=1.0)
     assert hist[0]["skipped"] and trainer.n_skipped == 1
     after = [p.detach() for p in bg.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(mid, after))  # never applied
+    # neither Adam's moments nor its step count moved
+    for old, st in zip(moments, trainer.optimizer.state.values(), strict=True):
+        assert all(torch.equal(old[k], st[k]) for k in old)
 
 
 def test_infinite_energies_dropped_and_counted():
@@ -194,3 +200,91 @@ def test_bad_data_and_settings_are_clear_errors():
         )
     with pytest.raises(ValueError):
         Trainer(bg, lr=-1.0)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor back to the host (a GPU would wait for them)."""
+
+    NAMES = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.__name__.split(".")[0] in self.NAMES
+        return func(*args, **(kwargs or {}))
+
+
+class _Fn(Energy):
+    def __init__(self, fn) -> None:
+        super().__init__(2)
+        self.fn = fn
+
+    def _energy(self, x):
+        return self.fn(x)
+
+
+def _mixed_trainer(energy, sync_every=1, seed=0, **kw):
+    torch.manual_seed(seed)
+    bg = BoltzmannGenerator(StandardNormal(2), coupling_flow(2, 2, hidden=(16, 16)), energy)
+    sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.8)  # noqa: E731
+    kw = dict(batch_size=32, kl_batch_size=64, w_ml=1.0, w_kl=1.0, ema_decay=0.9, **kw)
+    return Trainer(
+        bg, clip_grad_norm=5.0, scheduler=sched, sync_every=sync_every, progress=False, **kw
+    )
+
+
+def test_steps_read_nothing_back_from_the_device():
+    """Between record read-backs a step dispatches no op that reads a value to the host:
+    losses, counts, ESS and the skip decision stay tensors (on a GPU nothing waits)."""
+    with _HostReads() as probe:  # the probe sees a host read
+        float(torch.ones(()) * 2)
+    assert probe.n == 1
+
+    def partly_inf(x):  # some infinite energies: counted and dropped on the device
+        u = shifted_gaussian(x)
+        return torch.where(x[:, 0] > 1.0, torch.full_like(u, math.inf), u)
+
+    trainer = _mixed_trainer(LinLogCut(_Fn(partly_inf), high=50.0), sync_every=16)
+    trainer.fit(1, data=data())  # the data check reads once per fit call
+    with _HostReads() as probe:
+        hist = trainer.fit(16, data=data())
+    assert probe.n == 1  # the data check, not the 16 steps
+    assert len(hist) == 16 and sum(r["n_nonfinite"] for r in hist) > 0
+    assert all(isinstance(r["loss"], float) and isinstance(r["skipped"], bool) for r in hist)
+
+    annealed = _mixed_trainer(shifted_gaussian, sync_every=8, buffer_size=256, resample_every=100)
+    annealed.fit(1, w_ml=0.0, w_kl=0.0, w_iw=1.0, temperature=2.0)  # fills the buffer
+    with _HostReads() as probe:
+        annealed.fit(8, w_ml=0.0, w_kl=0.0, w_iw=1.0, temperature=2.0)
+    assert probe.n == 0
+
+
+def test_sync_every_changes_nothing_but_when_records_arrive():
+    """Skipped steps, ESS checks, EMA, schedule and callbacks give the same run whether
+    the records are read every step or every 5."""
+    calls = {"n": 0}
+
+    def flaky(x):  # every 5th call a NaN batch: a skipped step (or a NaN ESS estimate)
+        calls["n"] += 1
+        u = shifted_gaussian(x)
+        return torch.full_like(u, math.nan) if calls["n"] % 5 == 0 else u
+
+    runs = []
+    for k in (1, 5):
+        calls["n"] = 0
+        seen = []
+        callback = lambda t, r, seen=seen: seen.append((r["step"], t.n_skipped))  # noqa: E731
+        tr = _mixed_trainer(flaky, sync_every=k, ess_every=6, ess_samples=64, callbacks=[callback])
+        hist = tr.fit(23, data=data(), w_kl=1.0)
+        params = torch.cat([p.detach().flatten() for p in tr.generator.parameters()])
+        runs.append((hist, params, tr.n_skipped, seen, tr.optimizer.param_groups[0]["lr"]))
+    (h1, p1, s1, c1, lr1), (h5, p5, s5, c5, lr5) = runs
+    assert s1 == s5 > 0 and c1 == c5 and [st for st, _ in c1] == list(range(1, 24))
+    keys = ("loss", "kl", "nll", "ess", "skipped", "grad_norm", "ess_eval", "lr")
+    for a, b in zip(h1, h5, strict=True):
+        for key in keys:
+            if key in a or key in b:
+                assert a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key])), key
+    assert torch.equal(p1, p5) and lr1 == lr5

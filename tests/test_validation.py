@@ -124,6 +124,11 @@ TRAIN_BAD = [
     (["training.eval_every=1.5"], ["training.eval_every=1.5", "integer >= 0"]),
     (["training.metrics_every=0"], ["training.metrics_every=0", INT1]),
     (["training.checkpoint_every=0"], ["training.checkpoint_every=0", INT1]),
+    (["training.sync_every=0"], ["training.sync_every=0", "null or an integer >= 1"]),
+    (
+        ["training.sync_every=40"],
+        ["training.checkpoint_every=250", "multiple of training.sync_every=40"],
+    ),
     (["evaluation.n_samples=0"], ["evaluation.n_samples=0", INT1]),
     (["evaluation.batch_size=-5"], ["evaluation.batch_size=-5", INT1]),
     (["evaluation.bins=0"], ["evaluation.bins=0", INT1]),

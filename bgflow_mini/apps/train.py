@@ -63,6 +63,13 @@ RESUME_SAFE = (
 )
 
 
+def _sync_every(tc) -> int:
+    """``training.sync_every``, or (null) the largest period that divides both the metrics
+    rows' and the checkpoints' periods."""
+    k = tc.get("sync_every")
+    return int(k) if k is not None else math.gcd(int(tc.metrics_every), int(tc.checkpoint_every))
+
+
 def _override_keys() -> list[str]:
     return [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
 
@@ -214,6 +221,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         ema_decay=tc.get("ema_decay"),
         buffer_size=int(tc.get("buffer_size", 8192)),
         resample_every=int(tc.get("resample_every", 50)),
+        sync_every=_sync_every(tc),
     )
     if ckpt is not None and ckpt.is_file():
         got = trainer.load_checkpoint(ckpt)  # every rank reads it

@@ -184,6 +184,7 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
     ),
     *rows(one_of(("best_ess", "ema", "last")), "training.select"),
     *rows(POS_INT, "training.buffer_size", "training.resample_every"),
+    *rows(optional(POS_INT), "training.sync_every"),
     *rows(BOOL, "bounded_ics"),
     *rows(one_of(("cartesian", "internal")), "ring_coordinates"),
     *rows(one_of(FLOW_KINDS), "flow.kind"),
@@ -386,6 +387,18 @@ def _raise(lines: list[str]) -> None:
         raise ConfigError(lines)
 
 
+def _sync_every(d: Mapping) -> list[str]:
+    """Checkpoints are written from the records: their period must be a multiple."""
+    tc = d.get("training") if isinstance(d.get("training"), Mapping) else {}
+    k, ckpt = tc.get("sync_every"), tc.get("checkpoint_every")
+    if all(isinstance(v, int) and v > 0 for v in (k, ckpt)) and ckpt % k:
+        return [
+            f"training.checkpoint_every={ckpt}: must be a multiple of training.sync_every={k} "
+            "(checkpoints are written when the step records are read back)"
+        ]
+    return []
+
+
 def validate_train_config(cfg: DictConfig | Mapping, target: Any = None) -> None:
     """Check a composed ``configs/train.yaml``; ``target`` (the loaded system, with
     ``name``, ``cvs`` and ``states``) also checks the evaluation states.
@@ -399,6 +412,7 @@ def validate_train_config(cfg: DictConfig | Mapping, target: Any = None) -> None
     lines += _state_choice(d, ("evaluation.state_a", "evaluation.state_b"), target, {})
     if getattr(target, "kind", None) == "molecular" and not isinstance(d.get("md"), Mapping):
         lines.append(f"md={_show(d.get('md'))}: a molecule needs MD settings (md=remd or md=plain)")
+    lines += _sync_every(d)
     toy = d.get("data", {}).get("toy") if isinstance(d.get("data"), Mapping) else None
     if isinstance(toy, Mapping) and all(isinstance(toy.get(k), int) for k in ("n_steps", "thin")):
         if toy["n_steps"] < toy["thin"]:

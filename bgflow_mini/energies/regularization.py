@@ -53,15 +53,17 @@ class LinLogCut(Energy):
         high: threshold (kT) above which energies are compressed logarithmically.
         max: energies at or above this (kT), and non-finite ones, are set to the cap.
         track_stats: count inputs (see :attr:`stats` and :attr:`last_stats`); reset with
-            :meth:`reset_stats`. Counting reads scalars back from the device.
+            :meth:`reset_stats`.
 
     Attributes:
         n_evaluated, n_nonfinite, n_capped: cumulative counters (ints) of rows
             evaluated, non-finite (NaN/inf) energies, and finite energies above ``high``
             (values changed by the regularisation, including those ``>= max``).
-            ``n_above_high`` is an alias of ``n_capped``.
+            ``n_above_high`` is an alias of ``n_capped``. Counting itself reads nothing
+            back from the device; reading ``n_nonfinite`` / ``n_capped`` / ``stats`` does.
         last_stats: ``{"evaluated", "nonfinite", "capped"}`` of the most recent call
-            (zeros before the first tracked call).
+            (zeros before the first tracked call); ``evaluated`` is an int, the other two
+            are 0-d integer tensors on the energy's device (``int()`` reads them).
     """
 
     def __init__(
@@ -91,9 +93,19 @@ class LinLogCut(Energy):
     def reset_stats(self) -> None:
         """Set the cumulative counters and :attr:`last_stats` to zero."""
         self.n_evaluated = 0
-        self.n_nonfinite = 0
-        self.n_capped = 0
+        self._nonfinite: Tensor | int = 0  # device tensors once counted (no host reads)
+        self._capped: Tensor | int = 0
         self.last_stats = {"evaluated": 0, "nonfinite": 0, "capped": 0}
+
+    @property
+    def n_nonfinite(self) -> int:
+        """Non-finite energies so far (reads the device counter)."""
+        return int(self._nonfinite)
+
+    @property
+    def n_capped(self) -> int:
+        """Finite energies above ``high`` so far (reads the device counter)."""
+        return int(self._capped)
 
     @property
     def n_above_high(self) -> int:
@@ -118,16 +130,15 @@ class LinLogCut(Energy):
         nonfinite = ~torch.isfinite(u)
         if self.track_stats:
             ud = u.detach()
-            n_bad = int(nonfinite.sum())
             last = {
                 "evaluated": int(u.shape[0]),
-                "nonfinite": n_bad,
-                "capped": int((torch.isfinite(ud) & (ud > self.high)).sum()),
+                "nonfinite": nonfinite.sum(),
+                "capped": (torch.isfinite(ud) & (ud > self.high)).sum(),
             }
             self.last_stats = last
             self.n_evaluated += last["evaluated"]
-            self.n_nonfinite += last["nonfinite"]
-            self.n_capped += last["capped"]
+            self._nonfinite = self._nonfinite + last["nonfinite"]
+            self._capped = self._capped + last["capped"]
         if track_grad:
             # rows whose output is the cap have zero gradient; zero them explicitly so that
             # 0 * inf = NaN inside the wrapped energy's backward does not reach x
