@@ -12,10 +12,16 @@ processes) and from ``TorchForceField`` (float32, in the training process). Peak
 is the maximum resident set size of the training process (``ru_maxrss``; OpenMM worker
 processes come on top: their own peak is printed separately).
 
+With ``--device cuda`` the generator and ``TorchForceField`` run on the GPU (OpenMM cases
+are skipped) and every case is timed with the step records read back every step
+(``--sync-every 1``) and every 50 steps (the training config's default), to show what the
+loop's host reads cost there.
+
 Usage::
 
     python benchmarks/train_speed.py                 # 300 timed steps per case
     python benchmarks/train_speed.py --steps 1000 --torch-threads 2
+    python benchmarks/train_speed.py --device cuda --batch-size 1024
 """
 
 from __future__ import annotations
@@ -47,12 +53,27 @@ def _cfg(path: str):
     return OmegaConf.load(ROOT / "configs" / path)
 
 
-def time_steps(generator, data: torch.Tensor, steps: int, warmup: int, w_kl: float) -> float:
-    """Steps/s of ``steps`` Adam steps (batch 256) after ``warmup`` untimed ones."""
-    trainer = Trainer(generator, lr=1e-4, batch_size=256, progress=False)
+def time_steps(
+    generator,
+    data: torch.Tensor,
+    steps: int,
+    warmup: int,
+    w_kl: float,
+    batch_size: int = 256,
+    sync_every: int = 1,
+) -> float:
+    """Steps/s of ``steps`` Adam steps after ``warmup`` untimed ones (waits for the GPU)."""
+    trainer = Trainer(
+        generator, lr=1e-4, batch_size=batch_size, progress=False, sync_every=sync_every
+    )
     trainer.fit(warmup, data=data, w_ml=1.0, w_kl=w_kl)
+    cuda = next(generator.parameters()).is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     trainer.fit(steps, data=data, w_ml=1.0, w_kl=w_kl)
+    if cuda:
+        torch.cuda.synchronize()
     return steps / (time.perf_counter() - t0)
 
 
@@ -66,7 +87,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--data-dir", default=os.environ.get("BGFLOW_DATA", str(ROOT / "data")))
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--batch-size", type=int, default=256, help="data and generator samples")
     args = ap.parse_args()
+    dev = torch.device(args.device)
+    syncs = (1, 50) if dev.type == "cuda" else (1,)
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
 
@@ -81,29 +106,39 @@ def main() -> None:
     factory = instantiate(_cfg("flow/rnvp.yaml"))
 
     train = data.train.float()
-    cases = [
-        ("OpenMMEnergy, 1 worker", lambda: OpenMMEnergy(system, n_workers=1)),
-        ("OpenMMEnergy, 2 workers", lambda: OpenMMEnergy(system, n_workers=2)),
-        ("TorchForceField float32", lambda: TorchForceField.from_openmm(system).float()),
-    ]
-    base = pipeline.molecular_generator(system, data.train, factory).float()
-    ml = time_steps(base, train, args.steps, args.warmup, w_kl=0.0)
-    rows = [("none (ML only)", "ML", ml)]
+    cases = [("TorchForceField float32", lambda: TorchForceField.from_openmm(system).float())]
+    if dev.type == "cpu":
+        cases = [
+            ("OpenMMEnergy, 1 worker", lambda: OpenMMEnergy(system, n_workers=1)),
+            ("OpenMMEnergy, 2 workers", lambda: OpenMMEnergy(system, n_workers=2)),
+            *cases,
+        ]
+    bs, rows = args.batch_size, []
+    base = pipeline.molecular_generator(system, data.train, factory).float().to(dev)
+    for k in syncs:
+        ml = time_steps(base, train, args.steps, args.warmup, 0.0, bs, k)
+        rows.append(("none (ML only)", "ML", k, ml))
     for name, make in cases:
-        energy = make()
+        energy = make().to(dev)
         generator = pipeline.molecular_generator(system, data.train, factory, energy).float()
-        rate = time_steps(generator, train, args.steps, args.warmup, w_kl=1.0)
+        generator = generator.to(dev)
+        for k in syncs:
+            rate = time_steps(generator, train, args.steps, args.warmup, 1.0, bs, k)
+            rows.append((name, "ML + reverse KL", k, rate))
         if hasattr(energy, "close"):
             energy.close()
-        rows.append((name, "ML + reverse KL", rate))
 
     print(f"## Training speed, default ALDP generator ({datetime.date.today()})\n")
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, ")
-    print(f"{args.torch_threads} torch thread(s); {args.steps} timed steps after {args.warmup}\n")
-    print("| energy | step | steps/s | vs ML step |")
-    print("|---|---|---:|---:|")
-    for name, kind, rate in rows:
-        print(f"| {name} | {kind} | {rate:.1f} | {rate / ml:.2f}x |")
+    if dev.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(dev)}, ")
+    print(f"{args.torch_threads} torch thread(s); batch {bs}; {args.steps} timed steps ")
+    print(f"after {args.warmup}\n")
+    print("| energy | step | records read every | steps/s | samples/s | vs ML step |")
+    print("|---|---|---:|---:|---:|---:|")
+    ml = rows[0][3]
+    for name, kind, k, rate in rows:
+        print(f"| {name} | {kind} | {k} | {rate:.1f} | {rate * bs:,.0f} | {rate / ml:.2f}x |")
     print(
         f"\npeak memory: training process {_rss_mib():.0f} MiB (ru_maxrss); "
         f"largest finished child (OpenMM worker) {_rss_mib(resource.RUSAGE_CHILDREN):.0f} MiB"

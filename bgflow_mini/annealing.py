@@ -37,6 +37,12 @@ class ImportanceBuffer:
 
     Arguments:
         size: samples per refill.
+        truncate: draw with truncated weights: the ``k = ceil(sqrt(size))`` largest
+            weights are all lowered to the k-th largest (as PSIS and truncated IS treat
+            the tail, Vehtari et al. 2024, Ionides 2008), so a handful of samples cannot
+            take the whole buffer when the proposal is poor. Biased, with a bias that
+            vanishes as the proposal improves (the top weights then agree); the stored
+            ``log_w`` and ``ess`` are the raw ones.
 
     Attributes:
         x: ``(size, dim)`` samples; ``log_w`` their log weights (``-inf``: no weight);
@@ -44,10 +50,11 @@ class ImportanceBuffer:
         ess: normalised Kish ESS of the weights at the last refill.
     """
 
-    def __init__(self, size: int = 8192) -> None:
+    def __init__(self, size: int = 8192, truncate: bool = False) -> None:
         if int(size) < 1:
             raise ValueError(f"buffer size must be >= 1, got {size}")
         self.size = int(size)
+        self.truncate = bool(truncate)
         self.x: Tensor | None = None
         self.log_w: Tensor | None = None
         self.temperature: float | None = None
@@ -75,7 +82,11 @@ class ImportanceBuffer:
         """Drawing probabilities on the host, read back once per refill (not per draw)."""
         self._p = None
         if self.log_w is not None and torch.isfinite(self.log_w).any():
-            self._p = torch.softmax(self.log_w.double(), 0).cpu()
+            lw = self.log_w.double()
+            if self.truncate:  # the k = sqrt(N) largest weights all become the k-th
+                k = min(math.ceil(math.sqrt(lw.numel())), int(torch.isfinite(lw).sum()))
+                lw = torch.minimum(lw, torch.topk(lw, k).values[-1])
+            self._p = torch.softmax(lw, 0).cpu()
 
     def draw(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` samples drawn with replacement in proportion to their weights."""

@@ -116,8 +116,9 @@ class Trainer:
             estimate are kept for :meth:`finalize`.
         ema_decay: keep an exponential moving average of the parameters with this decay
             (e.g. 0.999; ``None``: off). Early steps use ``min(decay, (1 + t) / (10 + t))``.
-        buffer_size, resample_every: the importance buffer of annealing phases
-            (``Phase.w_iw > 0``, see :mod:`bgflow_mini.annealing`).
+        buffer_size, resample_every, iw_truncate: the importance buffer of annealing
+            phases (``Phase.w_iw > 0``, see :class:`~bgflow_mini.annealing.ImportanceBuffer`;
+            ``iw_truncate``: draw with truncated weights).
         val_data, eval_every: validation NLL every ``eval_every`` steps (0 disables).
         checkpoint_path, checkpoint_every: save a checkpoint every ``checkpoint_every``
             steps (atomically) and at the end of :meth:`fit`.
@@ -165,6 +166,7 @@ class Trainer:
         buffer_size: int = 8192,
         resample_every: int = 50,
         shards: int | None = None,
+        iw_truncate: bool = False,
         sync_every: int = 1,
     ) -> None:
         if int(sync_every) < 1:
@@ -224,7 +226,7 @@ class Trainer:
         # the weights with the best ESS estimate so far: {"ess", "step", "params"}
         self.best: dict = {"ess": -1.0, "step": 0, "params": None}
         self.last_eval_samples: Tensor | None = None
-        self.buffer = ImportanceBuffer(buffer_size)  # for phases with w_iw > 0
+        self.buffer = ImportanceBuffer(buffer_size, iw_truncate)  # phases with w_iw > 0
         self.resample_every = int(resample_every)
 
     # ------------------------------------------------------------------ helpers

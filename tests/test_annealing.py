@@ -113,3 +113,28 @@ def test_annealing_resumes_exactly(tmp_path) -> None:
     resumed.fit_phases(phases)
     got = [(r["loss"], r.get("temperature"), r.get("ess_buffer")) for r in resumed.history]
     assert got == ref and math.isfinite(ref[-1][0])
+
+
+def test_truncated_buffer_spreads_the_largest_weights() -> None:
+    n = 400  # k = 20 largest weights are lowered to the 20th largest
+    log_w = torch.zeros(n, dtype=torch.float64)
+    log_w[:5] = torch.tensor([60.0, 50.0, 40.0, 30.0, 20.0])
+    log_w[5:25] = 10.0  # ranks 6..25
+    log_w[-3:] = -math.inf
+    state = {"x": torch.arange(n, dtype=torch.float64)[:, None], "log_w": log_w}
+    raw, cut = ImportanceBuffer(n), ImportanceBuffer(n, truncate=True)
+    for buf in (raw, cut):
+        buf.load_state_dict({**state, "temperature": 1.0, "ess": effective_sample_size(log_w)})
+    assert raw._p[0] > 0.99  # one sample takes the buffer
+    p = cut._p
+    assert torch.allclose(p[:25], p[0].expand(25)) and p[25] < p[0]  # top 20 (+ ties) share
+    assert float(p[:25].sum()) > 0.99 and float(p[-3:].sum()) == 0.0
+    assert cut.ess == raw.ess  # the reported ESS is the raw one
+    drawn = cut.draw(4000, torch.Generator().manual_seed(0))
+    assert len(set(drawn[:, 0].tolist())) >= 20
+    # with fewer finite weights than k, none of them is lost
+    few = ImportanceBuffer(n, truncate=True)
+    lw = torch.full((n,), -math.inf, dtype=torch.float64)
+    lw[:3] = torch.tensor([5.0, 1.0, 0.0])
+    few.load_state_dict({**state, "log_w": lw, "temperature": 1.0, "ess": 0.0})
+    assert float(few._p[:3].sum()) == pytest.approx(1.0) and float(few._p[2]) > 0

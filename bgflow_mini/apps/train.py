@@ -221,6 +221,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         ema_decay=tc.get("ema_decay"),
         buffer_size=int(tc.get("buffer_size", 8192)),
         resample_every=int(tc.get("resample_every", 50)),
+        iw_truncate=bool(tc.get("iw_truncate", False)),
         sync_every=_sync_every(tc),
     )
     if ckpt is not None and ckpt.is_file():
