@@ -62,6 +62,7 @@ SUBMODULES = (
     "peptide_geometry",
     "pipeline",
     "plotting",
+    "records",
     "replica",
     "report",
     "reweighting",
