@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -28,6 +29,8 @@ _ROWS = (
     ("steps/s", "steps_per_s", "{:.2f}"),
 )
 
+_NO_REFERENCE = "the MD frames do not visit both states (a plain MD that stays in one basin)"
+
 
 def summary_table(metrics: Mapping) -> str:
     """A Markdown table of the headline metrics present in ``metrics`` (with errors)."""
@@ -36,6 +39,9 @@ def summary_table(metrics: Mapping) -> str:
         if key in metrics and metrics[key] is not None:
             err = metrics.get(key + "_stderr")
             text = fmt.format(metrics[key]) + (f" ± {err:.3f}" if err else "")
+            if key in ("dF_reference", "dF_error") and not math.isfinite(metrics[key]):
+                lines.append(f"| {label} | none: {_NO_REFERENCE} |")
+                continue
             if key == "dF_reference":
                 text += f" ({metrics.get('dF_reference_kind', '')})"
             kind = metrics.get("ramachandran_kl_kind", "phi, psi")

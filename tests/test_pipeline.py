@@ -242,3 +242,12 @@ def test_evaluate_reports_ring_bonds_of_a_proline_dipeptide():
     assert rings["max_mean_rel_error"] < 0.05  # closed rings, even after 30 steps
     assert m["chirality_n_centres"] == 1 and m["chirality_kept_fraction"] > 0.99
     assert "ring bonds (5)" in summary_table(m)
+
+
+def test_summary_says_why_there_is_no_md_reference():
+    """A plain MD that never leaves one basin gives no reference dF: said, not 'inf'."""
+    m = {"ess": 0.5, "dF_reweighted": 3.6, "dF_reweighted_stderr": 0.5}
+    m |= {"dF_reference": math.inf, "dF_reference_stderr": math.inf, "dF_error": -math.inf}
+    table = summary_table({**m, "dF_reference_kind": "md"})
+    assert "inf" not in table and table.count("do not visit both states") == 2
+    assert "| dF reweighted (kT) | 3.600 ± 0.500 |" in table
