@@ -270,6 +270,29 @@ def gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find ranks")
+def kill_after_first_checkpoint(args: list[str], run_dir: Path, cwd: Path | None = None) -> int:
+    """Start ``args``, SIGKILL it (torchrun and every rank) as soon as the run folder's
+    first checkpoint exists; returns the checkpoint's step."""
+    cwd = cwd or run_dir.parent
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=environment(cwd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ckpt = run_dir / "checkpoints" / "latest.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    pids = descendants(proc.pid) + [proc.pid]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    while not all(gone(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    return int(torch.load(ckpt, weights_only=True)["step"])
+
+
 def test_torchrun_two_ranks_write_one_folder_and_resume_after_sigkill(tmp_path):
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     t = time.time()
@@ -289,29 +312,10 @@ def test_torchrun_two_ranks_write_one_folder_and_resume_after_sigkill(tmp_path):
     assert len(rows) == 1 + 20
 
     # the same run, killed (every rank and torchrun) after its first checkpoint
-    proc = subprocess.Popen(
-        torchrun(*TINY, f"hydra.run.dir={cut_dir}"),
-        cwd=tmp_path,
-        env=environment(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ckpt = cut_dir / "checkpoints" / "latest.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    pids = descendants(proc.pid) + [proc.pid]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-    while not all(gone(p) for p in pids) and time.time() < deadline:
-        time.sleep(0.05)
-    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    killed_at = kill_after_first_checkpoint(torchrun(*TINY, f"hydra.run.dir={cut_dir}"), cut_dir)
     assert 0 < killed_at < 200, "the run was not interrupted mid-way"
     assert not (cut_dir / "metrics.json").exists()
+    ckpt = cut_dir / "checkpoints" / "latest.pt"
 
     # a plain (one-process) resume would draw other random streams: refused
     plain = [sys.executable, str(ROOT / "scripts" / "train.py"), f"resume={cut_dir}"]
@@ -361,14 +365,19 @@ def test_torchrun_two_ranks_on_alanine_dipeptide(tmp_path):
         "training.eval_every=5",
         "training.metrics_every=5",
         "training.checkpoint_every=5",
-        "training.phases=[{name: ml, steps: 5, w_ml: 1.0},{name: mixed, steps: 5, w_ml: 1.0, "
+        "training.phases=[{name: ml, steps: 10, w_ml: 1.0},{name: mixed, steps: 10, w_ml: 1.0, "
         "w_kl: 1.0}]",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    res = run(torchrun(*args), tmp_path)
-    assert res.stdout.count("cache miss") == 1 and res.stdout.count("cache hit") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run", "tmp"]
+    # killed after its first checkpoint (rank 0 made the MD data first), then resumed
+    killed_at = kill_after_first_checkpoint(torchrun(*args), tmp_path / "run", tmp_path)
+    assert 0 < killed_at < 20 and not (tmp_path / "run" / "metrics.json").exists()
+    resume = [f"resume={tmp_path / 'run'}", "progress=false", f"hydra.run.dir={tmp_path / 'log'}"]
+    res = run(torchrun(*resume), tmp_path)
+    assert res.stdout.count("cache hit") == 2 and "cache miss" not in res.stdout  # both ranks
+    assert "resumed from" in res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "log", "run", "tmp"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 10
-    assert metrics["energy_evaluations"]["training"] == 5 * 32 + 2 * 64
+    assert metrics["world_size"] == 2 and metrics["steps"] == 20
+    assert metrics["energy_evaluations"]["training"] == 10 * 32 + 4 * 64
     assert metrics["finite_energy_fraction"] == 1.0
