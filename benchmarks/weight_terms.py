@@ -25,6 +25,7 @@ import openmm
 import openmm.unit as unit
 import yaml
 
+from bgflow_mini.reweighting import effective_sample_size
 from bgflow_mini.samples import SampleSet
 from bgflow_mini.systems import load_system
 from bgflow_mini.targets import as_target
@@ -51,10 +52,6 @@ def force_energies(system: openmm.System, temperature_k: float, x: np.ndarray) -
             state = ctx.getState(getEnergy=True, groups={g})
             out[g, k] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) / kt
     return {name: out[g] for g, name in enumerate(names) if out[g].std() > 0 or out[g].any()}
-
-
-def _ess(lw: np.ndarray) -> float:
-    return float(np.exp(2 * np.logaddexp.reduce(lw) - np.logaddexp.reduce(2 * lw)) / lw.size)
 
 
 def main() -> None:
@@ -96,7 +93,8 @@ def main() -> None:
         clash = es["NonbondedForce"] > em["NonbondedForce"].max() + 5.0
         ok = ~clash
         print(f"\nclashes: {clash.mean():.4f} of the samples, weight share {w[clash].sum():.2e}")
-        print(f"without them: var(log w) {lw[ok].var():.2f}, ESS {_ess(lw[ok]):.4f}")
+        ess = effective_sample_size(lw[ok])
+        print(f"without them: var(log w) {lw[ok].var():.2f}, ESS {ess:.4f}")
         for name, e in es.items():
             if e[ok].std() > 0:
                 r = np.corrcoef(-e[ok], lw[ok])[0, 1]

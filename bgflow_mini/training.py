@@ -373,11 +373,15 @@ class Trainer:
         return records
 
     # ------------------------------------------------------------ sharded drawing
-    def _parts(self, n: int) -> list[tuple[int, int]]:
-        """``(shard, count)`` of this rank's shards when ``n`` is split over all shards
-        (the first ``n % shards`` shards take one more)."""
+    def _counts(self, n: int) -> list[int]:
+        """Every shard's part of ``n`` (the first ``n % shards`` shards take one more)."""
         q, r = divmod(int(n), self.shards)
-        return [(s, q + (s < r)) for s in self._local_shards]
+        return [q + (s < r) for s in range(self.shards)]
+
+    def _parts(self, n: int) -> list[tuple[int, int]]:
+        """``(shard, count)`` of this rank's shards when ``n`` is split over all shards."""
+        counts = self._counts(n)
+        return [(s, counts[s]) for s in self._local_shards]
 
     def _stream(self, shard: int, purpose: int):
         seed = dist.stream_seed(self.seed, shard, self.step, purpose)
@@ -563,9 +567,8 @@ class Trainer:
 
     def _rank_sizes(self, n: int) -> list[int]:
         """Every rank's share of ``n`` split over the shards (known without asking)."""
-        q, r = divmod(int(n), self.shards)
-        k = self.shards // self.world_size
-        return [sum(q + (s < r) for s in range(i * k, (i + 1) * k)) for i in range(self.world_size)]
+        counts, k = self._counts(n), self.shards // self.world_size
+        return [sum(counts[i * k : (i + 1) * k]) for i in range(self.world_size)]
 
     @contextmanager
     def averaged_weights(self) -> Iterator[None]:
