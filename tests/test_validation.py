@@ -108,7 +108,10 @@ TRAIN_BAD = [
     (["training.phases.0.steps=true"], ["training.phases.0.steps=True", INT1]),
     (["training.phases.1.steps=abc"], ["training.phases.1.steps='abc'", INT1]),
     (["training.phases=[]"], ["training.phases=[]", "non-empty list"]),
-    (["training.phases.1.w_kl=0", "training.phases.1.w_ml=0"], ["training.phases.1", "all 0"]),
+    (
+        ["training.phases.1.w_kl=0", "training.phases.1.w_ml=0", "training.phases.1.w_iw=0"],
+        ["training.phases.1", "all 0"],
+    ),
     (["training.phases.0.w_ml=-1"], ["training.phases.0.w_ml=-1", ">= 0"]),
     (["training.phases.1.lr=-0.1"], ["training.phases.1.lr=-0.1", "> 0"]),
     (["+training.phases.0.batch_size=0"], ["training.phases.0.batch_size=0", ">= 1"]),
