@@ -49,6 +49,8 @@ __all__ = [
     "broadcast_module",
     "broadcast_object",
     "stream_seed",
+    "shard_counts",
+    "rank_shards",
     "batch_generator",
     "rng_stream",
 ]
@@ -272,6 +274,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src)
     return box[0]
+
+
+# ---------------------------------------------------------------------------- shards
+def shard_counts(n: int, shards: int) -> list[int]:
+    """Every shard's part of ``n`` items split into ``shards`` (the first ``n % shards``
+    shards take one more)."""
+    q, r = divmod(int(n), int(shards))
+    return [q + (s < r) for s in range(int(shards))]
+
+
+def rank_shards(shards: int, rank_: int | None = None, world: int | None = None) -> range:
+    """The consecutive shards that process ``rank_`` (default: this one) draws when
+    ``shards`` are split over ``world`` processes (default: the group's size)."""
+    rank_ = rank() if rank_ is None else int(rank_)
+    world = world_size() if world is None else int(world)
+    k = int(shards) // world
+    return range(rank_ * k, (rank_ + 1) * k)
 
 
 # ---------------------------------------------------------------------------- random streams

@@ -158,9 +158,8 @@ def generator_samples(
     if seed is None:  # one process, the global RNG
         mine = [(None, int(n))]
     else:  # (shard, count) of this process's consecutive shards
-        q, r = divmod(int(n), shards)
-        per = shards // world
-        mine = [(sh, q + (sh < r)) for sh in range(rank * per, (rank + 1) * per)]
+        counts = dist.shard_counts(n, shards)
+        mine = [(sh, counts[sh]) for sh in dist.rank_shards(shards, rank, world)]
     p = next(generator.parameters(), None)
     device = p.device if p is not None else "cpu"
     bar = tqdm(total=int(n), disable=not progress or rank != 0, desc="sampling")

@@ -184,8 +184,7 @@ class Trainer:
                 f"shards must be a positive multiple of the {self.world_size} processes, "
                 f"got {shards}"
             )
-        k = self.shards // self.world_size  # shards per rank, consecutive
-        self._local_shards = range(self.rank * k, (self.rank + 1) * k)
+        self._local_shards = dist.rank_shards(self.shards)  # consecutive
         if self.shards > 1 and min(int(ess_samples), int(buffer_size)) < self.shards:
             raise ValueError(
                 f"ess_samples ({ess_samples}) and buffer_size ({buffer_size}) must be at "
@@ -373,14 +372,9 @@ class Trainer:
         return records
 
     # ------------------------------------------------------------ sharded drawing
-    def _counts(self, n: int) -> list[int]:
-        """Every shard's part of ``n`` (the first ``n % shards`` shards take one more)."""
-        q, r = divmod(int(n), self.shards)
-        return [q + (s < r) for s in range(self.shards)]
-
     def _parts(self, n: int) -> list[tuple[int, int]]:
         """``(shard, count)`` of this rank's shards when ``n`` is split over all shards."""
-        counts = self._counts(n)
+        counts = dist.shard_counts(n, self.shards)
         return [(s, counts[s]) for s in self._local_shards]
 
     def _stream(self, shard: int, purpose: int):
@@ -567,8 +561,9 @@ class Trainer:
 
     def _rank_sizes(self, n: int) -> list[int]:
         """Every rank's share of ``n`` split over the shards (known without asking)."""
-        counts, k = self._counts(n), self.shards // self.world_size
-        return [sum(counts[i * k : (i + 1) * k]) for i in range(self.world_size)]
+        counts, world = dist.shard_counts(n, self.shards), self.world_size
+        ranks = (dist.rank_shards(self.shards, i, world) for i in range(world))
+        return [sum(counts[s] for s in shards) for shards in ranks]
 
     @contextmanager
     def averaged_weights(self) -> Iterator[None]:

@@ -381,3 +381,11 @@ def test_torchrun_two_ranks_on_alanine_dipeptide(tmp_path):
     assert metrics["world_size"] == 2 and metrics["steps"] == 20
     assert metrics["energy_evaluations"]["training"] == 10 * 32 + 4 * 64
     assert metrics["finite_energy_fraction"] == 1.0
+
+
+def test_shard_counts_and_rank_shards_split_everything_once():
+    assert distributed.shard_counts(10, 4) == [3, 3, 2, 2]
+    assert distributed.shard_counts(2, 4) == [1, 1, 0, 0]
+    parts = [distributed.rank_shards(6, r, 3) for r in range(3)]
+    assert [list(p) for p in parts] == [[0, 1], [2, 3], [4, 5]]
+    assert distributed.rank_shards(3) == range(0, 3)  # one process draws every shard
