@@ -68,6 +68,12 @@ def summary_table(metrics: Mapping) -> str:
         if "skipped" in d:
             lines.append(f"| {label} | skipped: {d['skipped']} |")
             continue
+        if not math.isfinite(d["dF_reference"]):
+            lines.append(
+                f"| {label}: reweighted / reference | {_pm(d['dF_reweighted'], d['stderr'])}"
+                f" / none: {_NO_REFERENCE} |"
+            )
+            continue
         lines.append(
             f"| {label}: reweighted / reference ({d['reference_kind']}) | "
             f"{_pm(d['dF_reweighted'], d['stderr'])} / "

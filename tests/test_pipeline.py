@@ -251,3 +251,11 @@ def test_summary_says_why_there_is_no_md_reference():
     table = summary_table({**m, "dF_reference_kind": "md"})
     assert "inf" not in table and table.count("do not visit both states") == 2
     assert "| dF reweighted (kT) | 3.600 ± 0.500 |" in table
+    # the per-residue rows of a longer peptide say it too
+    state = {"state_a": "phi_2_negative", "state_b": "phi_2_positive", "dF_reweighted": 9.0}
+    state |= {"stderr": 2.7, "dF_reference": math.inf, "reference_stderr": math.inf}
+    state |= {"error": -math.inf, "reference_kind": "md"}
+    table = summary_table({**m, "state_delta_f": {"phi_2": state}})
+    assert "inf" not in table and table.count("do not visit both states") == 3
+    row = "| dF phi_2_negative -> phi_2_positive (kT): reweighted / reference | 9.000 ± 2.700"
+    assert row in table
