@@ -11,26 +11,27 @@ never left waiting for the host. Checkpoints hold the model, optimizer,
 scheduler, step, history and every random state the loop uses, so a run resumed
 from a checkpoint produces the same losses as an uninterrupted one (on CPU).
 
-Data parallel (``torchrun``, see :mod:`bgflow_mini.distributed`): every global batch
-(``batch_size``, ``kl_batch_size``, the ESS estimate, the importance buffer) is split into
-``shards`` parts (equal for the training batches, which must divide; within one sample for
-the others), each drawn from its own random stream derived from ``(seed, shard, step)``;
-each of the ``N`` ranks computes ``shards / N`` of them with its own energy backend, and
-one process given ``shards=N`` draws exactly their union. Gradients are averaged across
-ranks after every backward pass with an explicit ``all_reduce``, not with
-``DistributedDataParallel``: the losses call the generator's ``sample`` and ``log_prob``,
-never its ``forward``, so DDP's per-iteration bookkeeping would not run, and a step must
-be skipped on every rank at once when the *global* loss or gradient is not finite, which
-the explicit reduction decides in one place. Losses, counts and ESS in the records are
-global; rank 0 alone writes checkpoints, and every rank holds the same parameters.
+Data parallel (``torchrun``, see :mod:`bgflow_mini.distributed`; the draws in
+:mod:`bgflow_mini.sharded_draws`): every global batch (``batch_size``, ``kl_batch_size``,
+the ESS estimate, the importance buffer) is split into ``shards`` parts (equal for the
+training batches, which must divide; within one sample for the others), each drawn from
+its own random stream derived from ``(seed, shard, step)``; each of the ``N`` ranks
+computes ``shards / N`` of them with its own energy backend, and one process given
+``shards=N`` draws exactly their union. Gradients are averaged across ranks after every
+backward pass with an explicit ``all_reduce``, not with ``DistributedDataParallel``: the
+losses call the generator's ``sample`` and ``log_prob``, never its ``forward``, so DDP's
+per-iteration bookkeeping would not run, and a step must be skipped on every rank at once
+when the *global* loss or gradient is not finite, which the explicit reduction decides in
+one place. Losses, counts and ESS in the records are global; rank 0 alone writes
+checkpoints, and every rank holds the same parameters.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -39,45 +40,17 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .annealing import ImportanceBuffer
+from .averaging import WeightAverage
 from .checkpoint import _alternative, full_spec
 from .fileio import load_torch, save_torch
-from .losses import nll, reverse_kl
+from .losses import nll
 from .records import read_back
 from .reweighting import effective_sample_size, ess_tensor
 from .schedules import Phase, cosine_schedule
+from .sharded_draws import ShardedDraws, check_divisible, check_global_batches
 
 __all__ = ["Trainer", "Phase", "cosine_schedule", "check_global_batches"]
-# Phase, cosine_schedule: see .schedules
-
-# what a shard's random stream at one step is for (part of its seed, see stream_seed)
-_DATA, _KL, _IW_DRAW, _IW_REFILL, _ESS = range(5)
-
-
-def _check_divisible(name: str, n: int, shards: int) -> None:
-    if n % shards:
-        raise ValueError(
-            f"{name}={n} is the global batch and must be divisible by the {shards} shards "
-            f"(processes) it is split into; choose a multiple of {shards}"
-        )
-
-
-def check_global_batches(
-    phases: Sequence[Phase], batch_size: int, kl_batch_size: int | None, shards: int
-) -> None:
-    """Raise ``ValueError`` unless every batch the phases draw splits evenly into ``shards``.
-
-    ``batch_size`` / ``kl_batch_size`` are the trainer's defaults (a phase may override
-    them); only the batches a phase uses are checked (ML or importance-weighted ML:
-    ``batch_size``; reverse KL: ``kl_batch_size``).
-    """
-    for i, ph in enumerate(phases):
-        bs = int(ph.batch_size or batch_size)
-        kl_bs = int(ph.kl_batch_size or kl_batch_size or batch_size)
-        where = f"phase {i} ({ph.name or 'unnamed'}): " if len(phases) > 1 else ""
-        if ph.w_ml > 0 or ph.w_iw > 0:
-            _check_divisible(f"{where}batch_size", bs, shards)
-        if ph.w_kl > 0:
-            _check_divisible(f"{where}kl_batch_size", kl_bs, shards)
+# Phase, cosine_schedule: see .schedules; check_global_batches: see .sharded_draws
 
 
 def _adam_kernel(module: torch.nn.Module) -> dict:
@@ -178,13 +151,8 @@ class Trainer:
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm}")
         self.rank, self.world_size = dist.rank(), dist.world_size()
-        self.shards = self.world_size if shards is None else int(shards)
-        if self.shards < 1 or self.shards % self.world_size:
-            raise ValueError(
-                f"shards must be a positive multiple of the {self.world_size} processes, "
-                f"got {shards}"
-            )
-        self._local_shards = dist.rank_shards(self.shards)  # consecutive
+        self.draws = ShardedDraws(generator, seed, self.world_size if shards is None else shards)
+        self.shards = self.draws.shards
         if self.shards > 1 and min(int(ess_samples), int(buffer_size)) < self.shards:
             raise ValueError(
                 f"ess_samples ({ess_samples}) and buffer_size ({buffer_size}) must be at "
@@ -215,15 +183,9 @@ class Trainer:
         self.n_energy_evaluations = 0  # target-energy calls (samples), reverse KL and ESS
         self.history: list[dict] = []
         self.seed = int(seed)
-        self._batch_rng = torch.Generator().manual_seed(int(seed))
-        if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
-        self.ema_decay = None if ema_decay is None else float(ema_decay)
-        self.ema: list[Tensor] | None = None
-        if self.ema_decay is not None:
-            self.ema = [p.detach().clone() for p in generator.parameters()]
-        # the weights with the best ESS estimate so far: {"ess", "step", "params"}
-        self.best: dict = {"ess": -1.0, "step": 0, "params": None}
+        # the EMA of the weights and those with the best ESS estimate so far
+        self.average = WeightAverage(generator, ema_decay)
+        self.ema_decay = self.average.decay
         self.last_eval_samples: Tensor | None = None
         self.buffer = ImportanceBuffer(buffer_size, iw_truncate)  # phases with w_iw > 0
         self.resample_every = int(resample_every)
@@ -232,6 +194,16 @@ class Trainer:
     @property
     def _param(self) -> Tensor:
         return next(self.generator.parameters())
+
+    @property
+    def ema(self) -> list[Tensor] | None:
+        """The averaged weights (``None`` without ``ema_decay``)."""
+        return self.average.ema
+
+    @property
+    def best(self) -> dict:
+        """``{"ess", "step", "params"}`` of the weights with the best ESS estimate."""
+        return self.average.best
 
     def _check_data(self, data: Tensor, name: str = "data") -> Tensor:
         if not isinstance(data, Tensor) or data.ndim != 2:
@@ -298,9 +270,9 @@ class Trainer:
         bs = int(batch_size or self.batch_size)
         kl_bs = int(kl_batch_size or self.kl_batch_size)
         if w_ml > 0 or w_iw > 0:
-            _check_divisible("batch_size", bs, self.shards)
+            check_divisible("batch_size", bs, self.shards)
         if w_kl > 0:
-            _check_divisible("kl_batch_size", kl_bs, self.shards)
+            check_divisible("kl_batch_size", kl_bs, self.shards)
         start = len(self.history)
         bar = tqdm(range(int(steps)), disable=not self.progress, desc=name or "train")
         for _ in bar:
@@ -371,79 +343,6 @@ class Trainer:
             done = end
         return records
 
-    # ------------------------------------------------------------ sharded drawing
-    def _parts(self, n: int) -> list[tuple[int, int]]:
-        """``(shard, count)`` of this rank's shards when ``n`` is split over all shards."""
-        counts = dist.shard_counts(n, self.shards)
-        return [(s, counts[s]) for s in self._local_shards]
-
-    def _stream(self, shard: int, purpose: int):
-        seed = dist.stream_seed(self.seed, shard, self.step, purpose)
-        return dist.rng_stream(seed, self._param.device)
-
-    def _sample(self, n: int, purpose: int) -> tuple[Tensor, Tensor]:
-        """This rank's share of ``n`` fresh samples and their ``log q`` (sharded mode)."""
-        xs, lqs = [], []
-        for shard, m in self._parts(n):
-            with self._stream(shard, purpose):
-                x, log_q = self.generator.sample(m, with_log_prob=True)
-            xs.append(x)
-            lqs.append(log_q)
-        return torch.cat(xs), torch.cat(lqs)
-
-    def _data_batch(self, data: Tensor, bs: int) -> Tensor:
-        if self.shards == 1:
-            idx = torch.randint(data.shape[0], (bs,), generator=self._batch_rng)
-        else:
-            idx = torch.cat(
-                [
-                    torch.randint(data.shape[0], (m,), generator=self._shard_rng(s, _DATA))
-                    for s, m in self._parts(bs)
-                ]
-            )
-        p = self._param
-        batch = data[idx]
-        if p.device.type == "cuda":  # a copy that does not wait for the device
-            return batch.pin_memory().to(device=p.device, dtype=p.dtype, non_blocking=True)
-        return batch.to(device=p.device, dtype=p.dtype)
-
-    def _shard_rng(self, shard: int, purpose: int) -> torch.Generator:
-        return dist.batch_generator(self.seed, shard, self.step, purpose)
-
-    def _buffer_batch(self, bs: int) -> Tensor:
-        if self.shards == 1:
-            return self.buffer.draw(bs, self._batch_rng)
-        parts = [self.buffer.draw(m, self._shard_rng(s, _IW_DRAW)) for s, m in self._parts(bs)]
-        return torch.cat(parts)
-
-    def _refill(self, temperature: float) -> int:
-        """Refill the importance buffer; returns the (global) number of energy calls.
-
-        Sharded: every shard weights its part with its own stream and energy backend, and
-        every rank then holds the whole buffer (gathered in shard order)."""
-        gen = self.generator
-        if self.shards == 1:
-            return self.buffer.refill(gen, temperature)
-        xs, lws = [], []
-        for shard, m in self._parts(self.buffer.size):
-            part = ImportanceBuffer(m)
-            with self._stream(shard, _IW_REFILL):
-                part.refill(gen, temperature)
-            xs.append(part.x)
-            lws.append(part.log_w)
-        x, log_w = dist.all_gather_cat(torch.cat(xs)), dist.all_gather_cat(torch.cat(lws))
-        state = {"x": x, "log_w": log_w, "temperature": float(temperature)}
-        self.buffer.load_state_dict({**state, "ess": effective_sample_size(log_w)})
-        return self.buffer.size
-
-    def _kl_values(self, kl_bs: int, temperature: float) -> Tensor:
-        """This rank's per-sample reverse-KL values ``u / τ + log q`` (its share)."""
-        gen = self.generator
-        if self.shards == 1:
-            return reverse_kl(gen, kl_bs, reduction="none", target_temperature=temperature)
-        x, log_q = self._sample(kl_bs, _KL)
-        return gen.reduced_energy(x) / float(temperature) + log_q
-
     # ------------------------------------------------------------------ one step
     def _train_step(self, data, w_ml: float, w_kl: float, bs: int, kl_bs: int, anneal) -> dict:
         """One optimisation step.
@@ -465,22 +364,22 @@ class Trainer:
             buf = self.buffer
             if buf.temperature != temperature or self.step % resample_every == 0:
                 gen.eval()
-                self.n_energy_evaluations += self._refill(temperature)
+                self.n_energy_evaluations += self.draws.refill(buf, temperature, self.step)
             record["ess_buffer"] = buf.ess
         gen.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = p.new_zeros(())
         terms: dict[str, Tensor] = {}
         if w_iw > 0:
-            l_iw = nll(gen, self._buffer_batch(bs).detach())
+            l_iw = nll(gen, self.draws.buffer_batch(self.buffer, bs, self.step).detach())
             loss = loss + w_iw * l_iw
             terms["nll_iw"] = l_iw
         if w_ml > 0:
-            l_ml = nll(gen, self._data_batch(data, bs))
+            l_ml = nll(gen, self.draws.data_batch(data, bs, self.step))
             loss = loss + w_ml * l_ml
             terms["nll"] = l_ml
         if w_kl > 0:
-            vals = self._kl_values(kl_bs, temperature)
+            vals = self.draws.kl_values(kl_bs, temperature, self.step)
             finite = torch.isfinite(vals)
             n_bad = (~finite).sum()
             n_capped = torch.zeros_like(n_bad)
@@ -493,7 +392,7 @@ class Trainer:
             if world > 1:  # global counts and ESS; the drop decision is global too
                 counts = dist.all_reduce_sum(torch.stack([n_bad, n_capped]))
                 n_bad, n_capped = counts[0], counts[1]
-                every = dist.all_gather_cat(vals.detach(), self._rank_sizes(kl_bs))
+                every = dist.all_gather_cat(vals.detach(), self.draws.rank_sizes(kl_bs))
                 n_fin = torch.isfinite(every).sum()
                 dropped = torch.where(finite, vals, 0.0).sum() * (world / n_fin.clamp(min=1))
             else:
@@ -546,40 +445,14 @@ class Trainer:
                 opt.found_inf = None
         elif bool(ok):
             opt.step()
-        if self.ema is not None:
-            t = self.step
-            decay = min(self.ema_decay, (1.0 + t) / (10.0 + t))
-            weight = ok.to(self.ema[0].dtype) * (1.0 - decay)
-            with torch.no_grad():
-                params = [p.detach() for p in self.generator.parameters()]
-                # ema += weight * (params - ema); a tensor weight in lerp reads it back
-                step = torch._foreach_sub(params, self.ema)
-                torch._foreach_mul_(step, weight)
-                torch._foreach_add_(self.ema, step)
+        self.average.update(self.step, ok)
         if self.scheduler is not None:
             self.scheduler.step()
 
-    def _rank_sizes(self, n: int) -> list[int]:
-        """Every rank's share of ``n`` split over the shards (known without asking)."""
-        counts, world = dist.shard_counts(n, self.shards), self.world_size
-        ranks = (dist.rank_shards(self.shards, i, world) for i in range(world))
-        return [sum(counts[s] for s in shards) for shards in ranks]
-
-    @contextmanager
-    def averaged_weights(self) -> Iterator[None]:
-        """Inside the block the generator holds the averaged (EMA) weights, if any."""
-        if self.ema is None:
-            yield
-            return
-        params = list(self.generator.parameters())
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in params]
-            torch._foreach_copy_([p.detach() for p in params], self.ema)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in params], saved)
+    def averaged_weights(self) -> AbstractContextManager[None]:
+        """Context manager: inside the block the generator holds the averaged (EMA)
+        weights, if any."""
+        return self.average.averaged()
 
     def finalize(self, select: str = "best_ess") -> dict:
         """Put the weights to evaluate into the generator; returns what was chosen.
@@ -589,20 +462,8 @@ class Trainer:
         ``"last"`` (the last step's weights). Without an estimate or an average, falls
         back to the next choice in that order.
         """
-        if select not in ("best_ess", "ema", "last"):
-            raise ValueError(f"select must be 'best_ess', 'ema' or 'last', got {select!r}")
         self._read_back()
-        chosen = {"kind": "last", "step": self.step}
-        source = None
-        if select == "best_ess" and self.best["params"] is not None:
-            source = self.best["params"]
-            chosen = {"kind": "best_ess", "step": self.best["step"], "ess": self.best["ess"]}
-        elif select in ("best_ess", "ema") and self.ema is not None:
-            source, chosen = self.ema, {"kind": "ema", "step": self.step}
-        if source is not None:
-            with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in self.generator.parameters()], source)
-        return chosen
+        return self.average.select(select, self.step)
 
     @torch.no_grad()
     def _periodic(self, record: dict) -> bool:
@@ -613,19 +474,11 @@ class Trainer:
             checked = True
             gen.eval()
             with self.averaged_weights():
-                if self.shards == 1:
-                    x, log_q = gen.sample(self.ess_samples, with_log_prob=True)
-                    log_w = gen.log_weights(x, log_q)
-                else:  # each shard its part, then every rank holds all of them
-                    x, log_q = self._sample(self.ess_samples, _ESS)
-                    log_w = dist.all_gather_cat(gen.log_weights(x, log_q))
-                    x = dist.all_gather_cat(x)
+                x, log_w = self.draws.ess_log_weights(self.ess_samples, self.step)
                 self.n_energy_evaluations += int(x.shape[0])
                 ess = effective_sample_size(log_w)
                 self.last_eval_samples = x  # for callbacks, e.g. the collapse guard
-                if ess > self.best["ess"]:
-                    params = [p.detach().clone() for p in gen.parameters()]
-                    self.best = {"ess": ess, "step": self.step, "params": params}
+                self.average.offer(ess, self.step)
             record["ess_eval"] = ess
         if self.val_data is not None and self.eval_every and self.step % self.eval_every == 0:
             checked = True
@@ -658,9 +511,8 @@ class Trainer:
             "history": self.history,
             "spec": full_spec(self.generator),
             "rng_torch": torch.get_rng_state(),
-            "rng_batch": self._batch_rng.get_state(),
-            "ema": self.ema,
-            "best": self.best,
+            "rng_batch": self.draws.batch_rng.get_state(),
+            **self.average.state_dict(),  # "ema", "best"
             "buffer": self.buffer.state_dict(),
             "shards": self.shards,
         }
@@ -720,14 +572,8 @@ class Trainer:
         self.n_energy_evaluations = int(state.get("n_energy_evaluations", 0))
         self.history = list(state["history"])
         torch.set_rng_state(state["rng_torch"])
-        self._batch_rng.set_state(state["rng_batch"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema = [t.to(p) for t, p in zip(state["ema"], self.ema, strict=True)]
-        best = state.get("best") or {"ess": -1.0, "step": 0, "params": None}
-        if best["params"] is not None:
-            ref = list(self.generator.parameters())
-            best["params"] = [t.to(p) for t, p in zip(best["params"], ref, strict=True)]
-        self.best = best
+        self.draws.batch_rng.set_state(state["rng_batch"])
+        self.average.load_state_dict(state)
         if state.get("buffer") is not None:
             self.buffer.load_state_dict(state["buffer"])
         if "rng_cuda" in state and torch.cuda.is_available():
