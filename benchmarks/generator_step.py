@@ -10,13 +10,17 @@ same measurement runs in that tree too, in alternating subprocesses (``PYTHONPAT
 and the table gives both rates and their ratio. Every subprocess also writes the model's
 log-probabilities of 1,024 MD frames and of 1,024 of its own samples (seeded draws) under
 one seeded perturbation of all parameters; the largest difference between the trees is
-printed, so a faster step is shown to compute the same model.
+printed, so a faster step is shown to compute the same model. With ``--compile`` the
+comparison is this tree eager against this tree with the coupling flow compiled
+(``bgflow_mini.flows.compile_generator``); the compiled rows also give the time the
+warm-up steps took (the compilation).
 
 Usage::
 
     git worktree add /tmp/bgflow_old <commit>
     python benchmarks/generator_step.py --baseline /tmp/bgflow_old
     python benchmarks/generator_step.py --batch 256 1024 --seconds 10 --rounds 3
+    python benchmarks/generator_step.py --compile --batch 256 1024 --rounds 1
 """
 
 from __future__ import annotations
@@ -61,40 +65,51 @@ def measure(args: argparse.Namespace) -> dict:
     import bgflow_mini
     from bgflow_mini.training import Trainer
 
+    if args.compiled:  # a baseline tree may predate compile_generator
+        from bgflow_mini.flows import compile_generator
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
     gen, train, test = _generator(args.data_dir)
+    if args.compiled:
+        compile_generator(gen)
     out: dict = {"source": str(Path(bgflow_mini.__file__).resolve().parents[1])}
     with torch.no_grad():  # the same perturbed model in every tree: compare log q
         g = torch.Generator().manual_seed(1)
         for _, p in sorted(gen.named_parameters()):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-        torch.manual_seed(2)
-        _, log_q = gen.sample(1024, with_log_prob=True)
-        out["log_q_samples"] = log_q.tolist()
-        out["log_q_data"] = gen.log_prob(test[:1024]).tolist()
+    # with autograd on, as in a training step (the path a compiled flow compiles)
+    torch.manual_seed(2)
+    _, log_q = gen.sample(1024, with_log_prob=True)
+    out["log_q_samples"] = log_q.detach().tolist()
+    out["log_q_data"] = gen.log_prob(test[:1024]).detach().tolist()
     torch.manual_seed(0)
     gen, train, _ = _generator(args.data_dir)  # fresh weights for the timing
-    rates = {}
+    if args.compiled:
+        compile_generator(gen)
+    rates, warmup = {}, {}
     for bs in args.batch:
         trainer = Trainer(gen, lr=1e-4, batch_size=bs, kl_batch_size=bs, progress=False)
+        t0 = time.perf_counter()
         trainer.fit(args.warmup, data=train, w_ml=1.0, w_kl=1.0)
+        warmup[str(bs)] = time.perf_counter() - t0
         steps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < args.seconds or steps < 3:
             trainer.fit(1, data=train, w_ml=1.0, w_kl=1.0)
             steps += 1
         rates[str(bs)] = 2 * bs * steps / (time.perf_counter() - t0)
     out["samples_per_s"] = rates
+    out["warmup_s"] = warmup
     return out
 
 
-def _run(tree: Path | None, args: argparse.Namespace, batch: int) -> dict:
+def _run(tree: Path | None, args: argparse.Namespace, batch: int, compiled: bool) -> dict:
     """One measuring subprocess in ``tree`` (None: this tree) for one batch size."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "out.json"
         cmd = [sys.executable, __file__, "--worker", str(result), "--batch", str(batch)]
         cmd += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
         cmd += ["--torch-threads", str(args.torch_threads), "--data-dir", args.data_dir]
+        cmd += ["--compiled"] if compiled else []
         env = dict(os.environ, PYTHONPATH=str(tree or ROOT))
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
         return json.loads(result.read_text())
@@ -102,16 +117,20 @@ def _run(tree: Path | None, args: argparse.Namespace, batch: int) -> dict:
 
 def compare(args: argparse.Namespace) -> None:
     """Alternate the trees per batch size and round; print the best rate of each."""
-    trees = {"this tree": None}
+    trees: dict[str, tuple[Path | None, bool]] = {"this tree": (None, False)}
     if args.baseline:
-        trees = {"baseline": Path(args.baseline).resolve(), **trees}
+        trees = {"baseline": (Path(args.baseline).resolve(), False), **trees}
+    elif args.compile:
+        trees = {"eager": (None, False), "compiled": (None, True)}
+    warmup: dict[tuple[str, int], float] = {}
     best: dict[tuple[str, int], float] = {}
     logq: dict[str, dict] = {}
     for batch in args.batch:
         for _ in range(args.rounds):
-            for name, tree in trees.items():
-                r = _run(tree, args, batch)
+            for name, (tree, compiled) in trees.items():
+                r = _run(tree, args, batch, compiled)
                 rate = r["samples_per_s"][str(batch)]
+                warmup[name, batch] = r["warmup_s"][str(batch)]
                 best[name, batch] = max(best.get((name, batch), 0.0), rate)
                 logq[name] = r
     from _machine import cpu_model  # benchmarks/_machine.py
@@ -129,6 +148,8 @@ def compare(args: argparse.Namespace) -> None:
         rates = [best[n, batch] for n in trees]
         row = f"| {batch:,} | " + " | ".join(f"{r:,.0f}" for r in rates)
         print(row + (f" | {rates[1] / rates[0]:.2f}x |" if len(rates) > 1 else " |"))
+    print(f"\nwarm-up ({args.warmup} steps, first round; includes any compilation), s: ", end="")
+    print(", ".join(f"{n} {warmup[n, b]:.1f} at {b:,}" for b in args.batch for n in trees))
     if len(trees) > 1:
         for key in ("log_q_data", "log_q_samples"):
             a, b = (torch.tensor(logq[n][key], dtype=torch.float64) for n in trees)
@@ -144,6 +165,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="compare eager and compiled")
+    ap.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # worker
     ap.add_argument("--data-dir", default=os.environ.get("BGFLOW_DATA", str(ROOT / "data")))
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: write results here
     args = ap.parse_args()

@@ -299,3 +299,19 @@ def test_annealed_training_runs_from_the_energy_alone(tmp_path):
     header = rows[0].split(",")
     temps = {r.split(",")[header.index("temperature")] for r in rows[1:]}
     assert temps == {"4.0", "2.0", "1.0"} and "ess_buffer" in header
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_the_same_model(tmp_path):
+    """``training.compile=true`` (inductor) gives the eager run's losses to rounding."""
+    losses = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        res = run(command(out, phases(30, 20), f"training.compile={flag}"), tmp_path)
+        assert "running it without compilation" not in res.stderr
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["compiled_flows"] == (1 if flag == "true" else 0)
+        ckpt = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
+        losses[flag] = torch.tensor([float(r["loss"]) for r in ckpt["history"]])
+    assert len(losses["true"]) == 50
+    torch.testing.assert_close(losses["true"], losses["false"], rtol=1e-4, atol=1e-4)

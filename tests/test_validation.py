@@ -128,6 +128,7 @@ TRAIN_BAD = [
     (["training.metrics_every=0"], ["training.metrics_every=0", INT1]),
     (["training.checkpoint_every=0"], ["training.checkpoint_every=0", INT1]),
     (["training.sync_every=0"], ["training.sync_every=0", "null or an integer >= 1"]),
+    (["training.compile=yes"], ["training.compile='yes'", "true or false"]),
     (
         ["training.sync_every=40"],
         ["training.checkpoint_every=250", "multiple of training.sync_every=40"],

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from bgflow_mini import distributed, pipeline, plotting
 from bgflow_mini.checkpoint import resolve_device, resolve_dtype, save_generator
 from bgflow_mini.fileio import save_json, save_text
+from bgflow_mini.flows import compile_generator, is_compiled
 from bgflow_mini.monitor import StateMonitor, state_populations
 from bgflow_mini.report import peak_memory_mb, summary_table
 from bgflow_mini.run_logger import RunLogger
@@ -183,6 +184,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         ring_coordinates=str(cfg.get("ring_coordinates", "internal")),
     )
     generator = generator.to(device=device, dtype=dtype)
+    compiled = compile_generator(generator) if tc.get("compile") else []  # at the 1st step
     total = sum(p.steps for p in phases)
     sched = None
     if tc.scheduler is not None:
@@ -288,6 +290,8 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         world_size=ctx.world_size,
         distributed=ctx.as_dict(),
         global_batch_sizes=global_batch_sizes(phases, trainer),
+        # flows compiled with torch.compile that ran compiled (not fallen back to eager)
+        compiled_flows=sum(is_compiled(f) for f in compiled),
     )
     write_outputs(out, target, samples, metrics, trainer, data, cfg)
     print(f"\n[train] {target.name}: results in {out}\n" + summary_table(metrics))

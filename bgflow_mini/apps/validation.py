@@ -185,7 +185,7 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
     *rows(one_of(("best_ess", "ema", "last")), "training.select"),
     *rows(POS_INT, "training.buffer_size", "training.resample_every"),
     *rows(optional(POS_INT), "training.sync_every"),
-    *rows(BOOL, "training.iw_truncate"),
+    *rows(BOOL, "training.iw_truncate", "training.compile"),
     *rows(BOOL, "bounded_ics"),
     *rows(one_of(("cartesian", "internal")), "ring_coordinates"),
     *rows(one_of(FLOW_KINDS), "flow.kind"),

@@ -2,6 +2,7 @@
 
 from .base import Flow, Inverse, Sequential, check_batch
 from .circular import circular_spline, n_circular_spline_params
+from .compiled import compile_flow, compile_generator, is_compiled
 from .coupling import AdditiveCoupling, AffineCoupling, as_mask, coupling_flow
 from .nets import MLP
 from .permutation import Permutation
@@ -18,6 +19,9 @@ __all__ = [
     "Permutation",
     "Scaling",
     "coupling_flow",
+    "compile_flow",
+    "compile_generator",
+    "is_compiled",
     "as_mask",
     "circular_spline",
     "n_circular_spline_params",
