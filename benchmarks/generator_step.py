@@ -12,8 +12,9 @@ log-probabilities of 1,024 MD frames and of 1,024 of its own samples (seeded dra
 one seeded perturbation of all parameters; the largest difference between the trees is
 printed, so a faster step is shown to compute the same model. With ``--compile`` the
 comparison is this tree eager against this tree with the coupling flow compiled
-(``bgflow_mini.flows.compile_generator``); the compiled rows also give the time the
-warm-up steps took (the compilation).
+(``bgflow_mini.flows.compile_generator``), or with ``--baseline`` too, the baseline eager
+against this tree compiled; the warm-up line gives the time the first steps took (the
+compilation).
 
 Usage::
 
@@ -118,8 +119,9 @@ def _run(tree: Path | None, args: argparse.Namespace, batch: int, compiled: bool
 def compare(args: argparse.Namespace) -> None:
     """Alternate the trees per batch size and round; print the best rate of each."""
     trees: dict[str, tuple[Path | None, bool]] = {"this tree": (None, False)}
-    if args.baseline:
-        trees = {"baseline": (Path(args.baseline).resolve(), False), **trees}
+    if args.baseline:  # with --compile: the baseline eager against this tree compiled
+        name = "this tree compiled" if args.compile else "this tree"
+        trees = {"baseline": (Path(args.baseline).resolve(), False), name: (None, args.compile)}
     elif args.compile:
         trees = {"eager": (None, False), "compiled": (None, True)}
     warmup: dict[tuple[str, int], float] = {}
