@@ -41,6 +41,7 @@ __all__ = [
 SUBMODULES = (
     "analysis",
     "annealing",
+    "averaging",
     "bounds",
     "checkpoint",
     "chirality",
@@ -71,6 +72,7 @@ SUBMODULES = (
     "samples",
     "sampling",
     "schedules",
+    "sharded_draws",
     "system_builder",
     "systems",
     "targets",
