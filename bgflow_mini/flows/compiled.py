@@ -89,6 +89,7 @@ def compile_flow(
         msg = "torch.compile is not available: the flow runs eagerly"
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return flow
+    wrapped = {}
     for direction in ("forward", "inverse"):
         current = flow.__dict__.get(direction)
         eager = current.eager if isinstance(current, _CompiledOrEager) else getattr(flow, direction)
@@ -97,9 +98,10 @@ def compile_flow(
         except (RuntimeError, *_compile_errors()) as err:  # e.g. an unsupported Python
             msg = f"torch.compile unavailable ({err}): the flow runs eagerly"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            return flow
+            return flow  # neither direction replaced
         name = f"{type(flow).__name__}.{direction}"
-        flow.__dict__[direction] = _CompiledOrEager(compiled, eager, name)
+        wrapped[direction] = _CompiledOrEager(compiled, eager, name)
+    flow.__dict__.update(wrapped)
     return flow
 
 
