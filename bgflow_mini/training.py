@@ -182,7 +182,6 @@ class Trainer:
         self.n_capped_samples = 0
         self.n_energy_evaluations = 0  # target-energy calls (samples), reverse KL and ESS
         self.history: list[dict] = []
-        self.seed = int(seed)
         # the EMA of the weights and those with the best ESS estimate so far
         self.average = WeightAverage(generator, ema_decay)
         self.ema_decay = self.average.decay
@@ -194,6 +193,11 @@ class Trainer:
     @property
     def _param(self) -> Tensor:
         return next(self.generator.parameters())
+
+    @property
+    def seed(self) -> int:
+        """The seed of the data-batch generator and of every shard's random streams."""
+        return self.draws.seed
 
     @property
     def ema(self) -> list[Tensor] | None:
