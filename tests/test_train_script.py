@@ -103,6 +103,7 @@ def test_outputs_of_a_short_run(tmp_path):
             str(SCRIPT),
             f"resume={out}",
             "evaluation.n_samples=1000",
+            "training.compile=false",  # resume-safe: same numbers, compiled or not
             "progress=false",
             f"hydra.run.dir={tmp_path / 'r1'}",
         ],

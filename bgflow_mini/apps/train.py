@@ -61,6 +61,7 @@ RESUME_SAFE = (
     "evaluation",
     "training.metrics_every",
     "training.checkpoint_every",
+    "training.compile",  # the same numbers to float rounding, only faster
 )
 
 
