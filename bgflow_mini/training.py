@@ -152,7 +152,6 @@ class Trainer:
             raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm}")
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self.draws = ShardedDraws(generator, seed, self.world_size if shards is None else shards)
-        self.shards = self.draws.shards
         if self.shards > 1 and min(int(ess_samples), int(buffer_size)) < self.shards:
             raise ValueError(
                 f"ess_samples ({ess_samples}) and buffer_size ({buffer_size}) must be at "
@@ -193,6 +192,11 @@ class Trainer:
     @property
     def _param(self) -> Tensor:
         return next(self.generator.parameters())
+
+    @property
+    def shards(self) -> int:
+        """The number of parts every global batch is split into (see the module docstring)."""
+        return self.draws.shards
 
     @property
     def seed(self) -> int:
