@@ -105,6 +105,8 @@ def summary_table(metrics: Mapping) -> str:
         lines.append(f"| evaluated weights | {sel['kind']} (step {sel['step']}{est}) |")
     for line in metrics.get("collapse_warnings") or []:
         lines.append(f"| MODE COLLAPSE | {line} |")
+    for line in metrics.get("overfill_warnings") or []:
+        lines.append(f"| OVER-FILLED STATE | {line} |")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import torch
 from bgflow_mini.energies import DoubleWell
 from bgflow_mini.flows import coupling_flow
 from bgflow_mini.monitor import StateMonitor, state_populations
+from bgflow_mini.report import summary_table
 from bgflow_mini.targets import as_target
 from bgflow_mini.training import Trainer
 
@@ -62,6 +63,43 @@ def test_states_below_the_threshold_are_not_watched_and_replay_works() -> None:
     with pytest.warns(RuntimeWarning, match="mode collapse at step 7"):
         m2.replay([{"step": 5}, {"step": 7, "pop_A": 1.0, "pop_B": 0.0}])
     assert list(m2.collapsed) == ["B"]
+
+
+@pytest.mark.parametrize(
+    ("n_b", "fires"),
+    [(301, True), (300, False), (120, False)],  # 300/2000 = 0.15 = 5 x 0.03: not above
+)
+def test_overfill_fires_above_five_times_the_reference(n_b: int, fires: bool) -> None:
+    m = monitor()
+    fake = type("T", (), {"last_eval_samples": samples(n_b)})()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m(fake, {"step": 40, "ess_eval": 0.5})
+    assert not m.collapsed and bool(m.overfilled) == fires and len(caught) == int(fires)
+    if fires:
+        assert "over-filled state at step 40: state 'B'" in str(caught[0].message)
+        line = "state 'B': 0.1505 of samples at step 40 (reference 0.0300)"
+        assert m.overfill_summary() == [line]
+        assert summary_table({"overfill_warnings": m.overfill_summary()}).count("OVER-FILLED") == 1
+
+
+def test_overfill_needs_an_absolute_excess_and_the_target_temperature() -> None:
+    m = StateMonitor(TARGET.cvs, TARGET.states, {"A": 0.998, "B": 0.002})
+    assert m.check({"A": 0.96, "B": 0.04}, 5) == [] and not m.overfilled  # 20x, but +0.038
+    with pytest.warns(RuntimeWarning, match="over-filled state at step 6"):
+        m.check({"A": 0.94, "B": 0.06}, 6)  # a state the data (nearly) never visit
+    hot = StateMonitor(TARGET.cvs, TARGET.states, {"A": 0.97, "B": 0.03})
+    hot.check({"A": 0.7, "B": 0.3}, 7, temperature=4.0)  # hot phases may over-fill
+    assert not hot.overfilled
+    hot.replay([{"step": 8, "temperature": 4.0, "pop_A": 0.7, "pop_B": 0.3}])
+    assert not hot.overfilled
+    with pytest.warns(RuntimeWarning, match="over-filled state at step 9"):
+        hot.replay([{"step": 9, "pop_A": 0.7, "pop_B": 0.3}])
+    off = StateMonitor(TARGET.cvs, TARGET.states, {"A": 0.97, "B": 0.03}, overfill=None)
+    off.check({"A": 0.1, "B": 0.9}, 1)
+    assert not off.overfilled
+    with pytest.raises(ValueError, match="overfill must be > 1"):
+        StateMonitor(TARGET.cvs, TARGET.states, {"A": 1.0}, overfill=0.5)
 
 
 def test_monitor_as_trainer_callback() -> None:

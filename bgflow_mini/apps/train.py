@@ -276,6 +276,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         selected_model=selected,
         training_state_populations_reference=monitor.reference,
         collapse_warnings=monitor.summary(),
+        overfill_warnings=monitor.overfill_summary(),
         skipped_steps=trainer.n_skipped,
         training_nonfinite_energies=trainer.n_nonfinite_samples,
         training_capped_energies=trainer.n_capped_samples,
