@@ -135,7 +135,13 @@ def build_generator(spec: Mapping[str, Any]) -> BoltzmannGenerator:
             from .coordinates.normalization import angle_mask, bond_mask
 
             domain = DomainMap(dim, bond_mask(internal), angle_mask(internal))
-        ic = ICTransform(standardize, shift, internal, domain, whiten)
+        box = None
+        if spec.get("bounded_ics") == "box":
+            from .coordinates.domain import SoftBox
+
+            idx = (~circular).nonzero().squeeze(1)
+            box = SoftBox(dim, idx, torch.ones(len(idx), dtype=torch.float64))  # from state
+        ic = ICTransform(standardize, shift, internal, domain, whiten, box)
         flow = Sequential(factory(dim=dim, circular=circular), ic)
         gen = BoltzmannGenerator(NormalUniform(dim, circular), flow)
     elif spec["kind"] == "toy":

@@ -125,7 +125,7 @@ def molecular_generator(
     energy=None,
     zmatrix=None,
     circular="auto",
-    bounded_ics: bool = False,
+    bounded_ics: bool | str = False,
     ring_coordinates: str = "cartesian",
 ) -> BoltzmannGenerator:
     """IC transform fitted to ``train_x`` + ``flow_factory(dim=, circular=)`` + prior.
@@ -134,7 +134,8 @@ def molecular_generator(
     other torsions (:class:`NormalUniform`), which stay angles through the circular
     couplings. ``circular`` chooses those torsions (see
     :func:`~bgflow_mini.coordinates.ic_transform`); ``bounded_ics`` keeps every sample's
-    bonds positive and angles in (0, pi) (see ``ic_transform(bounded=...)``).
+    bonds positive and angles in (0, pi), ``"box"`` also keeps the latent inside a box
+    around the data (see ``ic_transform(bounded=...)``).
     ``ring_coordinates="cartesian"`` places ring atoms by Cartesian coordinates in a
     per-ring frame (:func:`~bgflow_mini.coordinates.rings.ring_zmatrix`; no effect on
     molecules without rings), ``"internal"`` keeps their internal coordinates. The
@@ -169,7 +170,7 @@ def molecular_generator(
         "zmatrix": ic.internal.zmatrix.tolist(),
         "cartesian": ic.internal.cartesian_rows.cpu().tolist(),
         "circular": circular.cpu().tolist(),
-        "bounded_ics": bool(bounded_ics),
+        "bounded_ics": bounded_ics if bounded_ics == "box" else bool(bounded_ics),
         "flow": flow_spec(flow_factory),
     }
     return gen

@@ -4,7 +4,8 @@ The loss of one step is ``w_ml * NLL(data batch) + w_kl * reverse KL(samples)``,
 in kT per sample. A step whose loss or gradient is not finite is skipped (the
 parameters, the optimizer's moments and the weight average are not touched) and counted;
 the learning-rate schedule advances on every step. The loop reads nothing back from the
-device within a step: a step's losses, counts and its skip decision stay tensors (the skip
+device within a step (except, in reverse-KL steps with ``drop_nonfinite``, the count of
+finite samples): a step's losses, counts and its skip decision stay tensors (the skip
 is applied by the fused Adam kernel's ``found_inf`` flag) and the records of
 ``sync_every`` steps are read back together (:mod:`bgflow_mini.records`), so a GPU is
 never left waiting for the host. Checkpoints hold the model, optimizer,
@@ -80,9 +81,12 @@ class Trainer:
         clip_grad_norm: max gradient norm (``None``: no clipping; the norm is still logged).
         scheduler: optional factory ``optimizer -> torch LR scheduler`` stepped every step.
         weight_decay: Adam weight decay.
-        drop_nonfinite: in reverse KL, average over the samples with finite energy only
-            (their count is logged); if ``False`` one infinite energy makes the step's
-            loss infinite, so the step is skipped.
+        drop_nonfinite: in reverse KL, average over the samples with finite values only
+            (their count is logged), and give the others no graph, so that their
+            non-finite backward cannot make the step's gradient NaN (this reads the
+            finite count back once per reverse-KL step; see
+            :func:`~bgflow_mini.losses.kl_values`); if ``False`` one infinite energy
+            makes the step's loss infinite, so the step is skipped.
         ess_every, ess_samples: every ``ess_every`` steps estimate the normalised ESS on
             ``ess_samples`` fresh samples (0 disables; needs an energy). The estimate is of
             the averaged weights when ``ema_decay`` is set, and the weights with the best
@@ -387,7 +391,7 @@ class Trainer:
             loss = loss + w_ml * l_ml
             terms["nll"] = l_ml
         if w_kl > 0:
-            vals = self.draws.kl_values(kl_bs, temperature, self.step)
+            vals = self.draws.kl_values(kl_bs, temperature, self.step, self.drop_nonfinite)
             finite = torch.isfinite(vals)
             n_bad = (~finite).sum()
             n_capped = torch.zeros_like(n_bad)

@@ -212,3 +212,41 @@ def test_close_and_context_manager_forward_to_wrapped_energy():
         with LinLogCut(inner):
             raise RuntimeError("boom")
     assert inner.closed == 3
+
+
+class _OverflowingForce(torch.autograd.Function):
+    """u = |x|^2 / 2 with a gradient that is inf in the first coordinate when x0 > 5."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return 0.5 * (x**2).sum(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        grad = g[:, None] * x
+        first = torch.zeros_like(x, dtype=torch.bool)
+        first[:, 0] = True
+        return torch.where(first & (x[:, :1] > 5.0), grad * math.inf, grad)
+
+
+class _Overflowing(Energy):
+    def _energy(self, x):
+        return _OverflowingForce.apply(x)
+
+
+def test_nonfinite_gradient_of_a_finite_energy_is_dropped():
+    e = LinLogCut(_Overflowing(3), high=HIGH, max=MAX)
+    x = torch.tensor([[1.0, 2.0, -1.0], [6.0, 1.0, 1.0], [0.5, -3.0, 4.0]], dtype=torch.float64)
+    x.requires_grad_(True)
+    u = e(x)
+    assert torch.isfinite(u).all() and e.last_stats["nonfinite"] == 0  # the energy is fine
+    (g,) = torch.autograd.grad(u.sum(), x)
+    assert torch.isfinite(g).all()
+    assert (g[1, 0] == 0).all()  # only the overflowing entry is dropped
+    torch.testing.assert_close(g[[0, 2]], x.detach()[[0, 2]], rtol=0, atol=1e-12)
+    torch.testing.assert_close(g[1, 1:], x.detach()[1, 1:], rtol=0, atol=1e-12)
+    # without the wrapper the same backward poisons the gradient
+    (g_raw,) = torch.autograd.grad(_Overflowing(3)(x).sum(), x)
+    assert not torch.isfinite(g_raw).all()

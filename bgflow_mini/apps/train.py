@@ -65,6 +65,11 @@ RESUME_SAFE = (
 )
 
 
+def _bounded(value) -> bool | str:
+    """``bounded_ics`` from the config: ``"box"`` or a bool."""
+    return "box" if value == "box" else bool(value)
+
+
 def _sync_every(tc) -> int:
     """``training.sync_every``, or (null) the largest period that divides both the metrics
     rows' and the checkpoints' periods."""
@@ -180,7 +185,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         data.train,
         instantiate(cfg.flow),
         train_energy,
-        bounded_ics=bool(cfg.get("bounded_ics", False)),
+        bounded_ics=_bounded(cfg.get("bounded_ics", False)),
         # runs from before ring support have no key: they used internal coordinates
         ring_coordinates=str(cfg.get("ring_coordinates", "internal")),
     )

@@ -186,7 +186,7 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
     *rows(POS_INT, "training.buffer_size", "training.resample_every"),
     *rows(optional(POS_INT), "training.sync_every"),
     *rows(BOOL, "training.iw_truncate", "training.compile"),
-    *rows(BOOL, "bounded_ics"),
+    *rows(Rule("true, false or box", lambda v: isinstance(v, bool) or v == "box"), "bounded_ics"),
     *rows(one_of(("cartesian", "internal")), "ring_coordinates"),
     *rows(one_of(FLOW_KINDS), "flow.kind"),
     *rows(list_of(POS_INT, min_len=1), "flow.hidden"),

@@ -254,7 +254,8 @@ def _positions_tensor(positions: Any, n_atoms: int) -> Tensor:
 
 
 class ICTransform(Sequential):
-    """``Sequential([Whiten,] Standardize, CircularShift, [DomainMap,] InternalCoordinates)``.
+    """``Sequential([SoftBox,] [Whiten,] Standardize, CircularShift, [DomainMap,]
+    InternalCoordinates)``.
 
     ``forward(z)`` maps normalised ICs ``(batch, 3N-6)`` -> Cartesian ``(batch, 3N)``
     nm; ``inverse(x)`` maps back.  Latent layout equals the IC layout of
@@ -264,7 +265,9 @@ class ICTransform(Sequential):
     :class:`~bgflow_mini.coordinates.domain.DomainMap` the standardised quantities are
     ``log r`` and ``logit(theta / pi)``, so no latent value maps outside the domain.
     Ring atoms placed as Cartesian rows are standardised and then decorrelated per ring
-    system by a :class:`~bgflow_mini.coordinates.whitening.Whiten` layer (``whiten``).
+    system by a :class:`~bgflow_mini.coordinates.whitening.Whiten` layer (``whiten``);
+    a :class:`~bgflow_mini.coordinates.domain.SoftBox` (``box``) keeps the latent
+    features that are not angles inside a box around the data.
     """
 
     def __init__(
@@ -274,6 +277,7 @@ class ICTransform(Sequential):
         internal: InternalCoordinates,
         domain: Flow | None = None,
         whiten: Flow | None = None,
+        box: Flow | None = None,
     ) -> None:
         if not (standardize.dim == shift.dim == internal.dim):
             raise ValueError("standardize, shift and internal must have the same dim")
@@ -281,7 +285,8 @@ class ICTransform(Sequential):
             raise ValueError("every bond and angle must be standardised")
         if bool(internal.cartesian.any()) != (whiten is not None):
             raise ValueError("a Whiten layer is needed exactly when there are Cartesian rows")
-        layers = ((whiten,) if whiten is not None else ()) + (standardize, shift)
+        layers = ((box,) if box is not None else ()) + ((whiten,) if whiten is not None else ())
+        layers += (standardize, shift)
         layers += ((domain,) if domain is not None else ()) + (internal,)
         super().__init__(*layers)
         self.dim = internal.dim
@@ -302,7 +307,7 @@ def ic_transform(
     max_gap: float = math.pi,
     n_bins: int = 36,
     min_std: float = 1e-6,
-    bounded: bool = False,
+    bounded: bool | str = False,
 ) -> tuple[ICTransform, Tensor]:
     """Fit the IC normalisation to training data.
 
@@ -326,7 +331,12 @@ def ic_transform(
         min_std: lower bound of the standard deviations.
         bounded: standardise ``log r`` and ``logit(theta / pi)`` instead of bonds and
             angles (a :class:`~bgflow_mini.coordinates.domain.DomainMap`), so that samples
-            can never have a bond <= 0 or an angle outside (0, pi).
+            can never have a bond <= 0 or an angle outside (0, pi). ``"box"``: that,
+            and every latent feature that is not an angle (standardised bonds, angles,
+            narrow torsions, whitened ring coordinates) kept inside a box around the
+            data by a :class:`~bgflow_mini.coordinates.domain.SoftBox` (half-widths 1.5
+            times the training data's largest value, at least 6 standard deviations),
+            so the model's entropy is bounded (reverse KL from the energy alone).
 
     Returns:
         ``(flow, circular)``: the :class:`ICTransform` (buffers in the training data's
@@ -359,6 +369,8 @@ def ic_transform(
         if (latent & ~torsions).any():
             raise ValueError("circular mask selects features that are not torsions")
     domain = None
+    if bounded not in (False, True, "box"):
+        raise ValueError(f"bounded must be False, True or 'box', got {bounded!r}")
     if bounded:
         from .domain import DomainMap
 
@@ -373,6 +385,12 @@ def ic_transform(
 
         whiten = Whiten.from_data(standardize.inverse(shifted)[0], cartesian_blocks(internal))
     flow = ICTransform(standardize, shift, internal, domain, whiten)
+    if bounded == "box":
+        from .domain import SoftBox
+
+        latent, _ = flow.inverse(x)
+        box = SoftBox.from_data(latent, (~flow.circular).nonzero().squeeze(1).cpu())
+        flow = ICTransform(standardize, shift, internal, domain, whiten, box)
     return flow, flow.circular
 
 
