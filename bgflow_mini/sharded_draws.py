@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import distributed as dist
 from .annealing import ImportanceBuffer
-from .losses import kl_values, reverse_kl
+from .losses import reverse_kl
 from .reweighting import effective_sample_size
 from .schedules import Phase
 
@@ -152,22 +152,13 @@ class ShardedDraws:
         buffer.load_state_dict({**state, "ess": effective_sample_size(log_w)})
         return buffer.size
 
-    def kl_values(
-        self, kl_bs: int, temperature: float, step: int, drop_nonfinite: bool = False
-    ) -> Tensor:
-        """This rank's per-sample reverse-KL values ``u / τ + log q`` (its share); with
-        ``drop_nonfinite`` the non-finite rows carry no graph (see
-        :func:`~bgflow_mini.losses.kl_values`)."""
+    def kl_values(self, kl_bs: int, temperature: float, step: int) -> Tensor:
+        """This rank's per-sample reverse-KL values ``u / τ + log q`` (its share)."""
         gen = self.generator
         if self.shards == 1:
-            return reverse_kl(
-                gen, kl_bs, "none", target_temperature=temperature, drop_nonfinite=drop_nonfinite
-            )
-        zs = []
-        for shard, m in self.parts(kl_bs):
-            with self._stream(shard, KL, step):
-                zs.append(gen.prior.sample(m))
-        return kl_values(gen, torch.cat(zs), 1.0, temperature, drop_nonfinite)
+            return reverse_kl(gen, kl_bs, reduction="none", target_temperature=temperature)
+        x, log_q = self.sample(kl_bs, KL, step)
+        return gen.reduced_energy(x) / float(temperature) + log_q
 
     def ess_log_weights(self, n: int, step: int) -> tuple[Tensor, Tensor]:
         """``n`` fresh samples ``(n, dim)`` and their log weights ``(n,)``, all of them on

@@ -4,8 +4,7 @@ The loss of one step is ``w_ml * NLL(data batch) + w_kl * reverse KL(samples)``,
 in kT per sample. A step whose loss or gradient is not finite is skipped (the
 parameters, the optimizer's moments and the weight average are not touched) and counted;
 the learning-rate schedule advances on every step. The loop reads nothing back from the
-device within a step (except, in reverse-KL steps with ``drop_nonfinite``, the count of
-finite samples): a step's losses, counts and its skip decision stay tensors (the skip
+device within a step: a step's losses, counts and its skip decision stay tensors (the skip
 is applied by the fused Adam kernel's ``found_inf`` flag) and the records of
 ``sync_every`` steps are read back together (:mod:`bgflow_mini.records`), so a GPU is
 never left waiting for the host. Checkpoints hold the model, optimizer,
@@ -31,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -50,7 +50,14 @@ from .reweighting import effective_sample_size, ess_tensor
 from .schedules import Phase, cosine_schedule
 from .sharded_draws import ShardedDraws, check_divisible, check_global_batches
 
-__all__ = ["Trainer", "Phase", "cosine_schedule", "check_global_batches"]
+__all__ = ["Trainer", "TrainingStalled", "Phase", "cosine_schedule", "check_global_batches"]
+
+
+class TrainingStalled(RuntimeError):
+    """Nearly every recent step was skipped (non-finite loss or gradient): the weights
+    stopped changing, so running on would only waste time."""
+
+
 # Phase, cosine_schedule: see .schedules; check_global_batches: see .sharded_draws
 
 
@@ -81,12 +88,9 @@ class Trainer:
         clip_grad_norm: max gradient norm (``None``: no clipping; the norm is still logged).
         scheduler: optional factory ``optimizer -> torch LR scheduler`` stepped every step.
         weight_decay: Adam weight decay.
-        drop_nonfinite: in reverse KL, average over the samples with finite values only
-            (their count is logged), and give the others no graph, so that their
-            non-finite backward cannot make the step's gradient NaN (this reads the
-            finite count back once per reverse-KL step; see
-            :func:`~bgflow_mini.losses.kl_values`); if ``False`` one infinite energy
-            makes the step's loss infinite, so the step is skipped.
+        drop_nonfinite: in reverse KL, average over the samples with finite energy only
+            (their count is logged); if ``False`` one infinite energy makes the step's
+            loss infinite, so the step is skipped.
         ess_every, ess_samples: every ``ess_every`` steps estimate the normalised ESS on
             ``ess_samples`` fresh samples (0 disables; needs an energy). The estimate is of
             the averaged weights when ``ema_decay`` is set, and the weights with the best
@@ -108,6 +112,10 @@ class Trainer:
             step 0), at every step with an ESS or validation estimate or a checkpoint,
             and at the end of :meth:`fit`. A callback that saves the trainer's state
             must do so at such a step (then ``trainer.step == record["step"]``).
+        stall_window, max_skipped: raise :class:`TrainingStalled` when more than
+            ``max_skipped`` of the last ``stall_window`` steps were skipped (checked when
+            records are read back; the checkpoint on disk is the last one written;
+            ``max_skipped=1``: never).
         sync_every: read the step records back from the device every this many steps
             (1: every step). Larger values let a GPU run ahead of the host; on a CPU the
             choice makes no difference to speed. Results do not depend on it.
@@ -145,6 +153,8 @@ class Trainer:
         shards: int | None = None,
         iw_truncate: bool = False,
         sync_every: int = 1,
+        stall_window: int = 200,
+        max_skipped: float = 0.9,
     ) -> None:
         if int(sync_every) < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
@@ -181,6 +191,13 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.step = 0
         self.n_skipped = 0
+        if int(stall_window) < 1 or not 0 < float(max_skipped) <= 1:
+            raise ValueError(
+                f"need stall_window >= 1 and max_skipped in (0, 1], got {stall_window}, "
+                f"{max_skipped}"
+            )
+        self.stall_window, self.max_skipped = int(stall_window), float(max_skipped)
+        self._recent_skips: deque[bool] = deque(maxlen=self.stall_window)
         self.n_nonfinite_samples = 0
         self.n_capped_samples = 0
         self.n_energy_evaluations = 0  # target-energy calls (samples), reverse KL and ESS
@@ -315,15 +332,32 @@ class Trainer:
         read_back(pending)
         for record in pending:
             self.n_skipped += int(record["skipped"])
+            self._recent_skips.append(bool(record["skipped"]))
             self.n_nonfinite_samples += record.get("n_nonfinite", 0)
             self.n_capped_samples += record.get("n_capped", 0)
             self.history.append(record)
             for cb in self.callbacks:
                 cb(self, record)
+        self._check_stalled()
         if bar is not None:
             last = pending[-1]
             keys = ("loss", "nll", "kl", "ess")
             bar.set_postfix({k: f"{last[k]:.3g}" for k in keys if k in last})
+
+    def _check_stalled(self) -> None:
+        recent = self._recent_skips
+        n = sum(recent)
+        if len(recent) < self.stall_window or n <= self.max_skipped * self.stall_window:
+            return
+        where = f"; the last checkpoint is {self.checkpoint_path}" if self.checkpoint_path else ""
+        raise TrainingStalled(
+            f"training stopped at step {self.step}: {n} of the last {self.stall_window} steps "
+            f"were skipped (non-finite loss or gradient; {self.n_nonfinite_samples} "
+            f"non-finite and {self.n_capped_samples} capped samples so far), so the weights "
+            f"have stopped changing{where}. Reverse KL from a poor model often does this: "
+            "try bounded_ics=box (keeps the latent near the data), a maximum-likelihood warm "
+            "start, or a lower learning rate"
+        )
 
     def fit_phases(self, phases: Sequence[Phase], data: Tensor | None = None) -> list[dict]:
         """Run a schedule of :class:`Phase` objects, continuing from ``self.step``.
@@ -391,7 +425,7 @@ class Trainer:
             loss = loss + w_ml * l_ml
             terms["nll"] = l_ml
         if w_kl > 0:
-            vals = self.draws.kl_values(kl_bs, temperature, self.step, self.drop_nonfinite)
+            vals = self.draws.kl_values(kl_bs, temperature, self.step)
             finite = torch.isfinite(vals)
             n_bad = (~finite).sum()
             n_capped = torch.zeros_like(n_bad)

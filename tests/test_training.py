@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bgflow_mini import BoltzmannGenerator, StandardNormal
 from bgflow_mini.energies import Energy, LinLogCut
 from bgflow_mini.flows import coupling_flow
-from bgflow_mini.training import Phase, Trainer
+from bgflow_mini.training import Phase, Trainer, TrainingStalled
 
 
 def shifted_gaussian(x):
@@ -152,6 +152,38 @@ def test_nonfinite_loss_step_is_skipped_and_counted():
     # neither Adam's moments nor its step count moved
     for old, st in zip(moments, trainer.optimizer.state.values(), strict=True):
         assert all(torch.equal(old[k], st[k]) for k in old)
+
+
+def test_a_run_whose_steps_are_nearly_all_skipped_stops_with_a_clear_error(tmp_path):
+    calls = {"n": 0}
+
+    def broken_after(x, start=30):  # finite for the first 30 calls, then NaN for all
+        calls["n"] += 1
+        u = shifted_gaussian(x)
+        return u if calls["n"] <= start else torch.full_like(u, math.nan)
+
+    bg = BoltzmannGenerator(StandardNormal(2), coupling_flow(2, 1), broken_after)
+    ckpt = tmp_path / "ckpt.pt"
+    trainer = Trainer(
+        bg, kl_batch_size=16, w_ml=0.0, w_kl=1.0, progress=False, stall_window=20,
+        max_skipped=0.9, checkpoint_path=ckpt, checkpoint_every=10,
+    )  # fmt: skip
+    with pytest.raises(TrainingStalled, match=r"19 of the last 20 steps were skipped.*ckpt\.pt"):
+        trainer.fit(200)
+    assert trainer.step == 49 and trainer.n_skipped == 19  # stopped as soon as it could tell
+
+    # half the steps skipped is not a stall (the default allows up to 90 %)
+    def every_second(x):
+        calls["n"] += 1
+        u = shifted_gaussian(x)
+        return u if calls["n"] % 2 else torch.full_like(u, math.nan)
+
+    half = BoltzmannGenerator(StandardNormal(2), coupling_flow(2, 1), every_second)
+    t2 = Trainer(half, kl_batch_size=16, w_ml=0.0, w_kl=1.0, progress=False, stall_window=20)
+    t2.fit(60)
+    assert t2.n_skipped == 30
+    with pytest.raises(ValueError, match="stall_window"):
+        Trainer(bg, stall_window=0)
 
 
 def test_infinite_energies_dropped_and_counted():

@@ -170,6 +170,9 @@ TRAIN_BAD = [
     (["flow.hidden=[64,0]"], ["flow.hidden=[64, 0]", "integer >= 1"]),
     (["flow.kind=maf"], ["flow.kind='maf'", "['nice', 'rnvp']"]),
     (["ring_coordinates=mixed"], ["ring_coordinates='mixed'", "['cartesian', 'internal']"]),
+    (["bounded_ics=boxed"], ["bounded_ics='boxed'", "true, false or box"]),
+    (["training.max_skipped=0"], ["training.max_skipped=0", "(0, 1]"]),
+    (["training.stall_window=0"], ["training.stall_window=0"]),
     (["flow.n_bins=1"], ["flow.n_bins=1", "integer >= 2"]),
     (["flow.activation=swish"], ["flow.activation='swish'", "'leaky_relu'", "'silu'"]),
     (

@@ -231,6 +231,8 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         resample_every=int(tc.get("resample_every", 50)),
         iw_truncate=bool(tc.get("iw_truncate", False)),
         sync_every=_sync_every(tc),
+        stall_window=int(tc.get("stall_window", 200)),
+        max_skipped=float(tc.get("max_skipped", 0.9)),
     )
     if ckpt is not None and ckpt.is_file():
         got = trainer.load_checkpoint(ckpt)  # every rank reads it

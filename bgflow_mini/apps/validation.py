@@ -185,6 +185,8 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
     *rows(one_of(("best_ess", "ema", "last")), "training.select"),
     *rows(POS_INT, "training.buffer_size", "training.resample_every"),
     *rows(optional(POS_INT), "training.sync_every"),
+    *rows(POS_INT, "training.stall_window"),
+    *rows(Rule("a number in (0, 1]", lambda v: _is_num(v) and 0 < v <= 1), "training.max_skipped"),
     *rows(BOOL, "training.iw_truncate", "training.compile"),
     *rows(Rule("true, false or box", lambda v: isinstance(v, bool) or v == "box"), "bounded_ics"),
     *rows(one_of(("cartesian", "internal")), "ring_coordinates"),

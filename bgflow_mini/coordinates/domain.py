@@ -7,15 +7,17 @@ which maximum likelihood on MD data rarely does but reverse KL from the energy a
 ``b = log r`` and ``a = logit(theta / pi)``, and this layer maps back, with its exact
 log-det. Torsions pass through.
 
-Ring atoms placed by Cartesian coordinates (:mod:`~bgflow_mini.coordinates.rings`) have
-no natural domain, but an unbounded ring block lets reverse KL at a high temperature buy
-entropy without limit: once the energy of a distorted ring is capped
-(:class:`~bgflow_mini.energies.LinLogCut`) it grows only logarithmically, and spreading
-the ring atoms wins (seen on the phenylalanine dipeptide: a loss of -1,000 kT after 200
-steps, then non-finite gradients). :class:`SoftBox` bounds those features in their
-whitened latent space, ``w = c tanh(z / c)``, with half-widths ``c`` well beyond the
-training data (:meth:`SoftBox.from_data`), so ring geometries stay within a fixed number
-of standard deviations of the data while the map stays smooth and exactly invertible.
+A bounded domain is not a bounded latent: ``log r`` and ``logit(theta / pi)`` still range
+over the real line, and so do whitened ring coordinates
+(:mod:`~bgflow_mini.coordinates.rings`). Reverse KL from the energy alone, at a high
+temperature and on a regularised energy (:class:`~bgflow_mini.energies.LinLogCut` grows
+only logarithmically above its threshold), can then buy entropy without limit: seen on
+the phenylalanine dipeptide (a loss of -1,000 kT after 200 steps, then non-finite
+gradients) and on the alanine tetrapeptide (infinite positions within 30 steps).
+:class:`SoftBox` bounds such features, ``x = c tanh(z / c)``, with half-widths ``c`` well
+beyond the training data (:meth:`SoftBox.from_data`): near the identity where the data
+are, smooth and exactly invertible, and no latent can leave the box
+(``ic_transform(bounded="box")``).
 """
 
 from __future__ import annotations
