@@ -3,6 +3,7 @@ normalisation."""
 
 from __future__ import annotations
 
+from .domain import DomainMap, SoftBox
 from .internal import InternalCoordinates, bond_angles, bond_lengths, dihedral_angles
 from .normalization import (
     CircularShift,
@@ -36,4 +37,6 @@ __all__ = [
     "ring_zmatrix",
     "Whiten",
     "cartesian_blocks",
+    "DomainMap",
+    "SoftBox",
 ]
