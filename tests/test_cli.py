@@ -113,3 +113,21 @@ def test_cuda_runs_default_to_the_pytorch_force_field():
     assert device_default_energy(cuda, "torchff", []) is None
     for chosen in (["energy=openmm"], ["energy.platform=CUDA"], ["+energy.n_workers=1"]):
         assert device_default_energy(cuda, "openmm", chosen) is None, chosen
+
+
+def test_user_errors_and_stalled_runs_exit_with_a_message(capsys, monkeypatch) -> None:
+    from bgflow_mini.apps._common import run_app
+    from bgflow_mini.training import TrainingStalled
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for err in (ValueError("bad value"), TrainingStalled("190 of the last 200 steps")):
+
+        def body(err=err):
+            raise err
+
+        with pytest.raises(SystemExit) as exit_info:
+            run_app(body)
+        assert exit_info.value.code == 2
+        assert f"error: {err.args[0]}" in capsys.readouterr().err
+    with pytest.raises(RuntimeError):  # not a user error: the traceback stays
+        run_app(lambda: (_ for _ in ()).throw(RuntimeError("bug")))

@@ -28,12 +28,16 @@ T = TypeVar("T")
 def run_app(fn: Callable[[], T]) -> T:
     """Run an app body; a user error (bad config, missing file, unsupported system)
     prints ``error: <message>`` and exits with code 2 instead of a traceback
-    (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
+    (``HYDRA_FULL_ERROR=1`` shows the traceback); so does a training run that stalled
+    (:class:`~bgflow_mini.training.TrainingStalled`: its message says what to try)."""
     from hydra.errors import InstantiationException
 
+    from bgflow_mini.training import TrainingStalled
+
+    user_errors = (ValueError, FileNotFoundError, KeyError, OSError, TrainingStalled)
     try:
         return fn()
-    except (ValueError, FileNotFoundError, KeyError, OSError, InstantiationException) as err:
+    except (*user_errors, InstantiationException) as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if isinstance(err, InstantiationException):
