@@ -114,7 +114,8 @@ class SoftBox(Flow):
         cls, data: Tensor, idx, margin: float = 1.5, min_half_width: float = 6.0
     ) -> SoftBox:
         """Half-widths ``max(margin * max |data[:, idx]|, min_half_width)`` per feature, from
-        ``data`` ``(n, dim)`` in the layer's output space (whitened ring coordinates)."""
+        ``data`` ``(n, dim)`` in the layer's output space (the IC transform's latent of
+        the training frames)."""
         check_batch(data, None, "data")
         if margin <= 1 or min_half_width <= 0:
             raise ValueError(
