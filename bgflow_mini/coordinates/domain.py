@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..flows.base import Flow, check_batch
+from ..flows.base import Flow, check_batch, feature_index
 
 __all__ = ["DomainMap", "SoftBox"]
 
@@ -93,17 +93,13 @@ class SoftBox(Flow):
     def __init__(self, dim: int, idx, half_width) -> None:
         super().__init__()
         self.dim = int(dim)
-        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        idx = feature_index(idx, self.dim)
         c = torch.as_tensor(half_width)
         if not c.is_floating_point():
             c = c.double()
         c = c.reshape(-1).clone()
         if c.shape != idx.shape:
             raise ValueError(f"half_width must have shape ({idx.numel()},), got {tuple(c.shape)}")
-        if idx.numel() and (
-            idx.min() < 0 or idx.max() >= self.dim or idx.unique().numel() != idx.numel()
-        ):
-            raise ValueError(f"idx must hold distinct feature indices in [0, {self.dim})")
         if not bool(torch.all(c > 0)) or not bool(torch.isfinite(c).all()):
             raise ValueError("half_width must be positive and finite")
         self.register_buffer("idx", idx)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..flows.base import Flow, check_batch
+from ..flows.base import Flow, check_batch, feature_index
 from .internal import feature_columns
 
 __all__ = ["Whiten", "cartesian_blocks"]
@@ -45,8 +45,7 @@ class Whiten(Flow):
         k = idx.numel()
         if a.shape != (k, k):
             raise ValueError(f"matrix must have shape ({k}, {k}), got {tuple(a.shape)}")
-        if k and (idx.min() < 0 or idx.max() >= self.dim or idx.unique().numel() != k):
-            raise ValueError(f"idx must hold distinct feature indices in [0, {self.dim})")
+        idx = feature_index(idx, self.dim)
         sign, logabs = torch.linalg.slogdet(a.double())
         if k and (sign == 0 or not torch.isfinite(logabs)):
             raise ValueError("matrix must be invertible")

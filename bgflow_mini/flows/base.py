@@ -11,9 +11,10 @@ tensors are ``(batch, dim)``.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["Flow", "Sequential", "Inverse", "check_batch"]
+__all__ = ["Flow", "Sequential", "Inverse", "check_batch", "feature_index"]
 
 
 def check_batch(x: Tensor, dim: int | None = None, name: str = "input") -> None:
@@ -26,6 +27,15 @@ def check_batch(x: Tensor, dim: int | None = None, name: str = "input") -> None:
         raise ValueError(f"{name} has {x.shape[1]} features, expected dim={dim}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def feature_index(idx, dim: int) -> Tensor:
+    """``idx`` as a 1-D long tensor; ``ValueError`` unless its entries are distinct feature
+    indices in ``[0, dim)`` (an empty index is allowed)."""
+    t = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+    if t.numel() and (t.min() < 0 or t.max() >= dim or t.unique().numel() != t.numel()):
+        raise ValueError(f"idx must hold distinct feature indices in [0, {dim})")
+    return t
 
 
 class Flow(nn.Module):
