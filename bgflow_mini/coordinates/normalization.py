@@ -379,18 +379,21 @@ def ic_transform(
     shift = CircularShift.from_data(ics, torsions, n_bins=n_bins)
     shifted, _ = shift.inverse(ics)
     standardize = Standardize.from_data(shifted, ~latent.to(ics.device), min_std=min_std)
+    z, _ = standardize.inverse(shifted)  # the training frames' latent, up to whitening
     whiten = None
     if internal.cartesian.any():
         from .whitening import Whiten, cartesian_blocks
 
-        whiten = Whiten.from_data(standardize.inverse(shifted)[0], cartesian_blocks(internal))
-    flow = ICTransform(standardize, shift, internal, domain, whiten)
+        whiten = Whiten.from_data(z, cartesian_blocks(internal))
+    box = None
     if bounded == "box":
         from .domain import SoftBox
 
-        latent, _ = flow.inverse(x)
-        box = SoftBox.from_data(latent, (~flow.circular).nonzero().squeeze(1).cpu())
-        flow = ICTransform(standardize, shift, internal, domain, whiten, box)
+        if whiten is not None:
+            z, _ = whiten.inverse(z)
+        angles = internal.circular & ~standardize.mask  # ICTransform.circular
+        box = SoftBox.from_data(z, (~angles).nonzero().squeeze(1).cpu())
+    flow = ICTransform(standardize, shift, internal, domain, whiten, box)
     return flow, flow.circular
 
 
