@@ -11,6 +11,12 @@ at the target temperature, a state holds more than ``overfill`` times its refere
 population and at least ``min_excess`` more of the samples: a flow that moves a third of
 its samples into a state the data visit 3 % of the time has its density in the wrong place
 (seen on the alanine tetrapeptide), which the ESS alone only shows as "low".
+
+:class:`OverfitMonitor` watches the validation NLL instead: when maximum likelihood is in
+the loss and the validation NLL has risen more than ``tolerance`` nats above its best, the
+flow is memorising the (correlated) MD frames, and its density between them gets too thin
+for importance weights (the alanine tetrapeptide's 16,000 frames: 4.6 nats within 500
+steps, ESS 0.0005 when ML stayed in the loss).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 
 from . import cv as cvmod
 
-__all__ = ["StateMonitor", "state_populations"]
+__all__ = ["OverfitMonitor", "StateMonitor", "state_populations"]
 
 
 def state_populations(x, cvs: Mapping, states: Mapping) -> dict[str, float]:
@@ -150,3 +156,69 @@ def _line(name: str, v: Mapping) -> str:
         f"state {name!r}: {v['population']:.4f} of samples at step {v['step']} "
         f"(reference {v['reference']:.4f})"
     )
+
+
+class OverfitMonitor:
+    """Trainer callback: warns once when maximum likelihood overfits the training frames.
+
+    At every validation estimate (``record["val_nll"]``, nats per frame) the best value so
+    far is kept; at a step whose loss has a maximum-likelihood term (``"nll"`` in the
+    record) that lies more than ``tolerance`` above the best, one ``RuntimeWarning``
+    names both steps and what to change (a shorter ML phase, ``w_ml: 0`` in the phases
+    that use the energy, or more MD). Phases without ML are not judged: reverse KL does
+    not minimise the NLL.
+
+    Attributes:
+        warning: ``{"step", "val_nll", "best_step", "best_val_nll"}`` once it fired, else
+            ``None``.
+    """
+
+    def __init__(self, tolerance: float = 1.0) -> None:
+        if not tolerance > 0:
+            raise ValueError(f"tolerance must be positive (nats), got {tolerance}")
+        self.tolerance = float(tolerance)
+        self.best: tuple[int, float] | None = None
+        self.warning: dict | None = None
+
+    def check(self, step: int, val_nll: float, ml: bool) -> bool:
+        """Take one validation NLL; returns whether this call warned."""
+        if self.best is None or val_nll < self.best[1]:
+            self.best = (int(step), float(val_nll))
+            return False
+        best_step, best = self.best
+        if not ml or self.warning is not None or val_nll - best <= self.tolerance:
+            return False
+        self.warning = {
+            "step": int(step),
+            "val_nll": float(val_nll),
+            "best_step": best_step,
+            "best_val_nll": best,
+        }
+        warnings.warn(
+            f"maximum likelihood overfits the training frames: {self.summary()[0]}. "
+            f"Stop the ML phase near step {best_step} and leave ML out of the phases that "
+            "use the energy (w_ml: 0), or generate more (less correlated) MD frames",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return True
+
+    def __call__(self, trainer, record: dict) -> None:
+        if "val_nll" in record:
+            self.check(int(record["step"]), float(record["val_nll"]), "nll" in record)
+
+    def replay(self, history) -> None:
+        """Re-read the validation NLLs of a restored history (after resuming)."""
+        for r in history:
+            self(None, r)
+
+    def summary(self) -> list[str]:
+        """One line when it fired (for a run's summary), else none."""
+        w = self.warning
+        if w is None:
+            return []
+        return [
+            f"validation NLL {w['val_nll']:.2f} at step {w['step']} with ML in the loss, "
+            f"{w['val_nll'] - w['best_val_nll']:.2f} nats above its best "
+            f"{w['best_val_nll']:.2f} at step {w['best_step']}"
+        ]

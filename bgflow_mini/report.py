@@ -107,6 +107,8 @@ def summary_table(metrics: Mapping) -> str:
         lines.append(f"| MODE COLLAPSE | {line} |")
     for line in metrics.get("overfill_warnings") or []:
         lines.append(f"| OVER-FILLED STATE | {line} |")
+    for line in metrics.get("overfit_warnings") or []:
+        lines.append(f"| OVERFITTING | {line} |")
     return "\n".join(lines)
 
 

@@ -8,9 +8,10 @@ import warnings
 import pytest
 import torch
 
+from bgflow_mini import BoltzmannGenerator, StandardNormal
 from bgflow_mini.energies import DoubleWell
 from bgflow_mini.flows import coupling_flow
-from bgflow_mini.monitor import StateMonitor, state_populations
+from bgflow_mini.monitor import OverfitMonitor, StateMonitor, state_populations
 from bgflow_mini.report import summary_table
 from bgflow_mini.targets import as_target
 from bgflow_mini.training import Trainer
@@ -117,3 +118,51 @@ def test_monitor_as_trainer_callback() -> None:
     rows = [r for r in trainer.history if "ess_eval" in r]
     assert len(rows) == 2 and all(0 <= r["pop_B"] <= 1 for r in rows)
     assert rows[-1]["pop_A"] + rows[-1]["pop_B"] == pytest.approx(1.0)
+
+
+def test_overfit_monitor_fires_once_only_with_ml_and_beyond_the_tolerance() -> None:
+    m = OverfitMonitor(tolerance=1.0)
+    assert not m.check(100, -10.0, ml=True)
+    assert not m.check(200, -9.1, ml=True)  # 0.9 above the best
+    assert not m.check(300, -8.0, ml=False)  # no ML in the loss: not judged
+    with pytest.warns(RuntimeWarning, match="overfits the training frames.*near step 100"):
+        assert m.check(400, -8.5, ml=True)
+    assert m.warning == {"step": 400, "val_nll": -8.5, "best_step": 100, "best_val_nll": -10.0}
+    assert not m.check(500, -5.0, ml=True)  # once
+    assert m.summary() == [
+        "validation NLL -8.50 at step 400 with ML in the loss, 1.50 nats above its best "
+        "-10.00 at step 100"
+    ]
+    assert summary_table({"overfit_warnings": m.summary()}).count("OVERFITTING") == 1
+    quiet = OverfitMonitor()
+    history = [{"step": 1}, {"step": 2, "val_nll": 3.0, "nll": 3.1}, {"step": 3, "val_nll": 2.0}]
+    quiet.replay(history)
+    assert quiet.warning is None and quiet.best == (3, 2.0) and quiet.summary() == []
+    with pytest.raises(ValueError, match="tolerance"):
+        OverfitMonitor(tolerance=0)
+
+
+@pytest.mark.parametrize(("n_train", "fires"), [(8, True), (4000, False)])
+def test_overfit_monitor_sees_a_flow_memorise_a_few_frames(n_train: int, fires: bool) -> None:
+    """Maximum likelihood on 8 double-well points drives the validation NLL up; on 4,000
+    points of the same distribution it does not (same flow, same schedule)."""
+    torch.manual_seed(0)
+    x = samples(200, n=n_train + 1000) + 0.3 * torch.randn(n_train + 1000, 2)
+    x = x[torch.randperm(x.shape[0])]
+    bg = BoltzmannGenerator(StandardNormal(2), coupling_flow(2, 4, hidden=(64, 64)), DoubleWell())
+    bg = bg.double()
+    m = OverfitMonitor()
+    trainer = Trainer(
+        bg,
+        lr=1e-2,
+        batch_size=min(n_train, 64),
+        val_data=x[n_train:],
+        eval_every=25,
+        progress=False,
+        callbacks=[m],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(400, data=x[:n_train], w_ml=1.0, w_kl=0.0)
+    assert (m.warning is not None) == fires
+    assert sum("overfits" in str(w.message) for w in caught) == int(fires)

@@ -36,7 +36,7 @@ from bgflow_mini import distributed, pipeline, plotting
 from bgflow_mini.checkpoint import resolve_device, resolve_dtype, save_generator
 from bgflow_mini.fileio import save_json, save_text
 from bgflow_mini.flows import compile_generator, is_compiled
-from bgflow_mini.monitor import StateMonitor, state_populations
+from bgflow_mini.monitor import OverfitMonitor, StateMonitor, state_populations
 from bgflow_mini.report import peak_memory_mb, summary_table
 from bgflow_mini.run_logger import RunLogger
 from bgflow_mini.samples import save_sample_set
@@ -205,6 +205,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
     monitor = StateMonitor(
         target.cvs, target.states, state_populations(data.train, target.cvs, target.states)
     )
+    overfit = OverfitMonitor()  # warns when ML memorises the MD frames
     logger = None
     if main:  # rank 0 alone writes metrics.csv and checkpoints
         logger = RunLogger(
@@ -225,7 +226,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         seed=int(cfg.seed),
         progress=bool(cfg.progress),
         # the monitor adds pop_<state> before the row is written
-        callbacks=[monitor, logger] if main else [],
+        callbacks=[monitor, overfit, logger] if main else [],
         ema_decay=tc.get("ema_decay"),
         buffer_size=int(tc.get("buffer_size", 8192)),
         resample_every=int(tc.get("resample_every", 50)),
@@ -246,6 +247,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
     if main:
         logger.restart(trainer)  # (re)writes metrics.csv from the restored history
         monitor.replay(trainer.history)
+        overfit.replay(trainer.history)
     t_train, steps_before = time.time(), trainer.step
     try:
         trainer.fit_phases(phases, data=data.train)
@@ -284,6 +286,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         training_state_populations_reference=monitor.reference,
         collapse_warnings=monitor.summary(),
         overfill_warnings=monitor.overfill_summary(),
+        overfit_warnings=overfit.summary(),
         skipped_steps=trainer.n_skipped,
         training_nonfinite_energies=trainer.n_nonfinite_samples,
         training_capped_energies=trainer.n_capped_samples,
