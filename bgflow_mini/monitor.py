@@ -21,6 +21,7 @@ steps, ESS 0.0005 when ML stayed in the loss).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 
@@ -181,7 +182,10 @@ class OverfitMonitor:
         self.warning: dict | None = None
 
     def check(self, step: int, val_nll: float, ml: bool) -> bool:
-        """Take one validation NLL; returns whether this call warned."""
+        """Take one validation NLL; returns whether this call warned (a non-finite one is
+        not judged)."""
+        if not math.isfinite(val_nll):
+            return False
         if self.best is None or val_nll < self.best[1]:
             self.best = (int(step), float(val_nll))
             return False

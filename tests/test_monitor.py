@@ -125,6 +125,7 @@ def test_overfit_monitor_fires_once_only_with_ml_and_beyond_the_tolerance() -> N
     assert not m.check(100, -10.0, ml=True)
     assert not m.check(200, -9.1, ml=True)  # 0.9 above the best
     assert not m.check(300, -8.0, ml=False)  # no ML in the loss: not judged
+    assert not m.check(350, float("nan"), ml=True)  # nor a non-finite value
     with pytest.warns(RuntimeWarning, match="overfits the training frames.*near step 100"):
         assert m.check(400, -8.5, ml=True)
     assert m.warning == {"step": 400, "val_nll": -8.5, "best_step": 100, "best_val_nll": -10.0}
