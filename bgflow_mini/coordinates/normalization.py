@@ -391,8 +391,7 @@ def ic_transform(
 
         if whiten is not None:
             z, _ = whiten.inverse(z)
-        angles = internal.circular & ~standardize.mask  # ICTransform.circular
-        box = SoftBox.from_data(z, (~angles).nonzero().squeeze(1).cpu())
+        box = SoftBox.from_data(z, (~latent).nonzero().squeeze(1))  # all but the angles
     flow = ICTransform(standardize, shift, internal, domain, whiten, box)
     return flow, flow.circular
 
