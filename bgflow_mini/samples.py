@@ -162,8 +162,11 @@ def write_samples(
     return _finish(out, target, log_q, u, files, time.time() - t0, extra)
 
 
-def _finish(out: Path, target: Target, log_q, u, files, elapsed: float, extra) -> dict:
-    """Write the weight arrays and ``summary.json`` of a sample folder; the summary."""
+def _finish(out: Path, target: Target, log_q, u, files, elapsed: float | None, extra) -> dict:
+    """Write the weight arrays and ``summary.json`` of a sample folder; the summary.
+
+    ``elapsed``: seconds the samples took to draw and weight; ``None`` (not timed) gives
+    ``null`` for ``wall_time_s`` and ``samples_per_s``."""
     ok = np.isfinite(u) & np.isfinite(log_q)
     log_w = np.where(ok, -u - log_q, -np.inf)
     for name, arr in (("log_q", log_q), ("energies", u), ("log_weights", log_w)):
@@ -178,7 +181,7 @@ def _finish(out: Path, target: Target, log_q, u, files, elapsed: float, extra) -
         "dim": int(target.dim),
         "files": files + ["log_q.npy", "energies.npy", "log_weights.npy"],
         "wall_time_s": elapsed,
-        "samples_per_s": n / max(elapsed, 1e-9),
+        "samples_per_s": None if elapsed is None else n / max(elapsed, 1e-9),
         **dict(extra or {}),
     }
     save_json(summary, out / "summary.json")
@@ -193,9 +196,13 @@ def save_sample_set(
     u: np.ndarray,
     formats: list[str] | tuple[str, ...] = ("h5",),
     extra: Mapping | None = None,
+    wall_time_s: float | None = None,
 ) -> dict:
     """Write samples already in memory (``x`` ``(n, dim)``, ``log_q``, ``u`` in kT) as a
-    sample folder, the same layout as :func:`write_samples`; returns the summary."""
+    sample folder, the same layout as :func:`write_samples`; returns the summary.
+
+    ``wall_time_s``: seconds it took to draw and weight them, when the caller timed it
+    (the summary's ``wall_time_s`` and ``samples_per_s`` are ``null`` otherwise)."""
     target, out = as_target(target), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     x = np.asarray(x, dtype=np.float64)
@@ -205,7 +212,7 @@ def save_sample_set(
         files = writer.finish()
     finally:
         writer.close()
-    return _finish(out, target, np.asarray(log_q), np.asarray(u), files, 0.0, extra)
+    return _finish(out, target, np.asarray(log_q), np.asarray(u), files, wall_time_s, extra)
 
 
 @dataclass

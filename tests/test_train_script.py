@@ -87,6 +87,10 @@ def test_outputs_of_a_short_run(tmp_path):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["ess"] <= 1 and metrics["steps"] == 100
+    assert 0 < metrics["evaluation_time_s"] < metrics["wall_time_s"]
+    summary = json.loads((out / "summary.json").read_text())
+    # the sample folder's timing is not measured apart from the metrics: null, not 1e14
+    assert summary["wall_time_s"] is None and summary["samples_per_s"] is None
     assert abs(metrics["dF_reference"] - 3.380) < 1e-3 and metrics["dF_reference_kind"] == "exact"
     assert metrics["state_a"] == "A" and metrics["state_b"] == "B"
     pops = metrics["state_populations"]

@@ -257,6 +257,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         if main:
             save_generator(generator, out / "model.pt", {**extra, "selected": selected})
         ev = cfg.evaluation
+        t_eval = time.time()
         metrics, samples = pipeline.evaluate(
             generator,
             target,
@@ -273,6 +274,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
             progress=bool(cfg.progress),
             shards=trainer.shards,  # every rank samples its shards; all get the union
         )
+        eval_time = time.time() - t_eval
         if not main:  # rank 0 alone writes the results
             return {}
     finally:
@@ -295,6 +297,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
             "evaluation": int(cfg.evaluation.n_samples),
         },
         steps_per_s=(trainer.step - steps_before) / max(train_time, 1e-9),
+        evaluation_time_s=eval_time,  # sampling, energies and every metric
         wall_time_s=time.time() - t0,
         data_info=data.info,
         peak_memory_mb=peak_memory_mb(device),
