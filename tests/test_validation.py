@@ -158,6 +158,7 @@ TRAIN_BAD = [
     (["md.save_every=0"], ["md.save_every=0", INT1]),
     (["md.n_replicas=0"], ["md.n_replicas=0", INT1]),
     (["md.timestep=0"], ["md.timestep=0", "a number > 0"]),
+    (["md.hydrogen_mass=-4"], ["md.hydrogen_mass=-4", "null or a number > 0"]),
     (["md.friction=-1"], ["md.friction=-1", ">= 0"]),
     (["md.temperature=-300"], ["md.temperature=-300", "null or a number > 0"]),
     (["md.t_max=0"], ["md.t_max=0", "> 0"]),

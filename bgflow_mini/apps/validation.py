@@ -143,7 +143,7 @@ MD: Rules = [  # absent keys take bgflow_mini.md.MD_DEFAULTS
     *rows(POS_INT, "n_frames", "save_every", "n_replicas", "swap_every"),
     *rows(POS, "timestep", "t_max"),
     *rows(number(ge=0), "friction"),
-    *rows(optional(POS), "temperature"),
+    *rows(optional(POS), "temperature", "hydrogen_mass"),
     *rows(optional(list_of(POS, min_len=1)), "temperatures"),
     *rows(NAT, "equilibration_steps"),
     *rows(BOOL, "minimize"),
