@@ -22,6 +22,7 @@ For proteins, ``info["cis_peptide_fraction"]`` is the fraction of frames with an
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,10 +178,13 @@ def repartition_hydrogen_mass(
     difference taken from the heavy atom it is bonded to (total mass unchanged).
 
     Masses do not enter the Boltzmann distribution of positions, exp(-U(x) / kT), so MD with
-    the repartitioned masses samples the same configurations; heavier hydrogens slow the
-    fastest (X-H) vibrations, which allows a longer timestep (e.g. 2 fs without
-    constraints) and so more nanoseconds per wall-clock minute. Raises ``ValueError`` when a
-    hydrogen has no heavy-atom bond or a heavy atom would be left lighter than 1 amu.
+    the repartitioned masses samples the same configurations (exactly so without
+    constraints, as in the shipped systems; with coupled constraints a mass-dependent
+    factor appears); heavier hydrogens slow the fastest (X-H) vibrations, which allows a
+    longer timestep (e.g. 2 fs without constraints) and so more nanoseconds per wall-clock
+    minute. Hydrogens bonded to a massless (fixed) atom keep their mass. Raises
+    ``ValueError`` when a hydrogen has no heavy-atom bond or a heavy atom would be left
+    lighter than 1 amu.
     """
     mass = float(hydrogen_mass)
     if not mass > 0:
@@ -191,16 +195,17 @@ def repartition_hydrogen_mass(
     for bond in topology.bonds():
         a, b = bond[0], bond[1]
         for h, heavy in ((a, b), (b, a)):
-            if _is_hydrogen(h) and not _is_hydrogen(heavy):
+            if _is_hydrogen(h) and heavy.element is not None and not _is_hydrogen(heavy):
                 partner[h.index] = heavy.index
     for atom in topology.atoms():
         if _is_hydrogen(atom) and atom.index not in partner:
             raise ValueError(f"hydrogen {atom} has no bond to a heavy atom: cannot repartition")
     for h, heavy in partner.items():
         old = out.getParticleMass(h).value_in_unit(amu)
-        if old == 0:  # a virtual site or a fixed atom keeps its zero mass
+        heavy_mass = out.getParticleMass(heavy).value_in_unit(amu)
+        if old == 0 or heavy_mass == 0:  # fixed atoms (mass 0) stay fixed
             continue
-        new_heavy = out.getParticleMass(heavy).value_in_unit(amu) - (mass - old)
+        new_heavy = heavy_mass - (mass - old)
         if new_heavy < 1.0:
             raise ValueError(
                 f"hydrogen_mass={mass} leaves atom {heavy} with {new_heavy:.2f} amu (< 1 amu)"
@@ -268,6 +273,15 @@ def simulate(
     omm_system = system.system
     if hydrogen_mass is not None:
         omm_system = repartition_hydrogen_mass(omm_system, system.topology, hydrogen_mass)
+    elif timestep > 0.0015 and omm_system.getNumConstraints() == 0:
+        if any(_is_hydrogen(a) for a in system.topology.atoms()):
+            warnings.warn(
+                f"MD with a {timestep * 1000:g} fs timestep, no constraints and the force "
+                "field's hydrogen masses: X-H vibrations are not resolved (energies drift, "
+                "the sampled distribution is biased); use hydrogen_mass=4.0 or timestep "
+                "0.001",
+                stacklevel=2,
+            )
     out = run_replicas(
         omm_system,
         _positions_nm(system.positions),

@@ -178,3 +178,26 @@ def test_load_dataset(tmp_path: Path) -> None:
     assert np.array_equal(same.test_idx, ds.test_idx)
     assert ds.train_idx.tolist() == list(range(10))  # time blocks: train, val, test
     assert ds.test_idx.tolist() == list(range(15, 20))
+
+
+def test_remd_1fs_config_keeps_the_cache_key_of_the_earlier_default() -> None:
+    """``md=remd_1fs`` must find MD caches made before hydrogen mass repartitioning became
+    the default: its resolved settings hash to the key of that 5 ns alanine-dipeptide cache."""
+    import yaml
+
+    from bgflow_mini.md import resolve_settings
+    from bgflow_mini.systems import load_system
+
+    root = Path(__file__).resolve().parents[1]
+    settings = yaml.safe_load((root / "configs" / "md" / "remd_1fs.yaml").read_text())
+    aldp = load_system("aldp_vacuum")
+    resolved = resolve_settings(settings, aldp.temperature)
+    key = data.cache_key("aldp_vacuum", resolved, data.system_fingerprint(aldp))
+    assert key == "b482787ea09c6e2c"
+    default = yaml.safe_load((root / "configs" / "md" / "remd.yaml").read_text())
+    assert (
+        data.cache_key(
+            "aldp_vacuum", resolve_settings(default, 300.0), data.system_fingerprint(aldp)
+        )
+        != key
+    )

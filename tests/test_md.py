@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -261,8 +262,56 @@ def test_repartitioned_masses_at_2fs_sample_the_same_energy() -> None:
     assert se < 2.0
     assert abs(u1.mean() - u2.mean()) < 4 * se, (u1.mean(), u2.mean(), se)
     assert r2.info["hydrogen_mass"] == 4.0 and r1.info["hydrogen_mass"] is None
-    t_kin = 2 * r2.kinetic_energies[0] / (63 * MOLAR_GAS_CONSTANT)
+    dof = r2.info["degrees_of_freedom"]
+    t_kin = 2 * r2.kinetic_energies[0] / (dof * MOLAR_GAS_CONSTANT)
     assert abs(t_kin.mean() - 300.0) < 4 * block_se(t_kin) + 0.02 * 300.0
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_simulate_hands_the_repartitioned_system_to_the_replicas(
+    monkeypatch: pytest.MonkeyPatch, n_workers: int
+) -> None:
+    """The System that reaches run_replicas (which serialises it for worker processes)
+    carries the 4-amu hydrogens; the caller's System keeps its masses."""
+    systems = pytest.importorskip("bgflow_mini.systems")
+    import bgflow_mini.md as md
+
+    aldp = systems.load_system("aldp_vacuum")
+    seen = {}
+
+    def fake_run_replicas(system, *args, **kwargs):
+        seen["masses"], seen["n_workers"] = _masses(system), kwargs["n_workers"]
+        raise _Captured
+
+    monkeypatch.setattr(md, "run_replicas", fake_run_replicas)
+    with pytest.raises(_Captured):
+        simulate(aldp, 10, timestep=0.002, hydrogen_mass=4.0, n_workers=n_workers)
+    is_h = np.array([a.element.symbol == "H" for a in aldp.topology.atoms()])
+    np.testing.assert_allclose(seen["masses"][is_h], 4.0)
+    assert seen["n_workers"] == n_workers
+    assert _masses(aldp.system)[is_h] == pytest.approx(1.008, abs=1e-3)
+
+
+def test_long_timestep_without_heavier_hydrogens_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    systems = pytest.importorskip("bgflow_mini.systems")
+    import bgflow_mini.md as md
+
+    def fake_run_replicas(*args, **kwargs):
+        raise _Captured
+
+    monkeypatch.setattr(md, "run_replicas", fake_run_replicas)
+    aldp = systems.load_system("aldp_vacuum")
+    with pytest.warns(UserWarning, match="hydrogen_mass=4.0"), pytest.raises(_Captured):
+        simulate(aldp, 10, timestep=0.002)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 1 fs, or 2 fs with heavier hydrogens: no warning
+        for kwargs in ({"timestep": 0.001}, {"timestep": 0.002, "hydrogen_mass": 4.0}):
+            with pytest.raises(_Captured):
+                simulate(aldp, 10, **kwargs)
 
 
 def test_aldp_kinetic_temperature() -> None:

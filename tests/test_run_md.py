@@ -39,6 +39,7 @@ def _run(tmp_path: Path, *overrides: str) -> str:
 def test_run_md_generates_then_hits_cache(tmp_path: Path) -> None:
     out1 = _run(tmp_path)
     assert "(generated)" in out1 and "swap acceptance: 300-330 K" in out1
+    assert "timestep:        2 fs, hydrogens 4 amu" in out1
     entries = list((tmp_path / "data" / "aldp_vacuum").iterdir())
     assert len(entries) == 1
     entry = entries[0]
@@ -47,6 +48,9 @@ def test_run_md_generates_then_hits_cache(tmp_path: Path) -> None:
     meta = json.loads((entry / "meta.json").read_text())
     assert meta["settings"]["n_frames"] == 10 and len(meta["settings"]["temperatures"]) == 2
     assert meta["info"]["n_frames"] == 10 and "phi_positive_fraction" in meta["info"]
+    # md=remd: 2 fs steps with 4-amu hydrogens, recorded in the settings (the cache key)
+    assert meta["settings"]["hydrogen_mass"] == 4.0 and meta["settings"]["timestep"] == 0.002
+    assert meta["info"]["hydrogen_mass"] == 4.0
     mtime = (entry / "traj.h5").stat().st_mtime_ns
 
     out2 = _run(tmp_path)

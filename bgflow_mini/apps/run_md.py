@@ -36,6 +36,8 @@ def summary(entry: CacheEntry, elapsed: float) -> str:
         f"frames:          {info['n_frames']} every {s['save_every'] * s['timestep']:.3g} ps "
         f"({info['ns_per_replica']:.3g} ns per replica)",
         f"temperatures:    {', '.join(f'{t:.0f}' for t in temps)} K",
+        f"timestep:        {s['timestep'] * 1000:g} fs, hydrogens "
+        + (f"{s['hydrogen_mass']:g} amu" if s.get("hydrogen_mass") else "of the force field"),
         f"MD wall time:    {info['wall_time_s']:.1f} s "
         f"({info['ns_per_day']:.0f} ns/day per replica, {info['n_workers']} worker(s), "
         f"{info['platform']})",
