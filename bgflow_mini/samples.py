@@ -196,13 +196,10 @@ def save_sample_set(
     u: np.ndarray,
     formats: list[str] | tuple[str, ...] = ("h5",),
     extra: Mapping | None = None,
-    wall_time_s: float | None = None,
 ) -> dict:
     """Write samples already in memory (``x`` ``(n, dim)``, ``log_q``, ``u`` in kT) as a
-    sample folder, the same layout as :func:`write_samples`; returns the summary.
-
-    ``wall_time_s``: seconds it took to draw and weight them, when the caller timed it
-    (the summary's ``wall_time_s`` and ``samples_per_s`` are ``null`` otherwise)."""
+    sample folder, the same layout as :func:`write_samples`; returns the summary (its
+    ``wall_time_s`` and ``samples_per_s`` are ``null``: drawing them was not timed here)."""
     target, out = as_target(target), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     x = np.asarray(x, dtype=np.float64)
@@ -212,7 +209,7 @@ def save_sample_set(
         files = writer.finish()
     finally:
         writer.close()
-    return _finish(out, target, np.asarray(log_q), np.asarray(u), files, wall_time_s, extra)
+    return _finish(out, target, np.asarray(log_q), np.asarray(u), files, None, extra)
 
 
 @dataclass
