@@ -17,6 +17,7 @@ from bgflow_mini.flows import (
     Permutation,
     Scaling,
     Sequential,
+    SplineCoupling,
     circular_spline,
     coupling_flow,
     n_circular_spline_params,
@@ -41,13 +42,16 @@ FACTORIES = {
     "nice_stack": lambda: coupling_flow(DIM, 2, hidden=HIDDEN, kind="nice", circular=CIRC),
     "rnvp_stack_plain": lambda: coupling_flow(DIM, 2, hidden=HIDDEN, kind="rnvp"),
     "scaling_circ": lambda: Scaling(DIM, circular=CIRC),
+    "spline": lambda: SplineCoupling(DIM, HALF, hidden=HIDDEN, n_bins=4, tail_bound=2.0),
+    "spline_circ": lambda: SplineCoupling(DIM, HALF, hidden=HIDDEN, circular=CIRC, n_bins=3),
+    "spline_stack": lambda: coupling_flow(DIM, 2, hidden=HIDDEN, kind="spline", circular=CIRC),
     "nice_stack_unscaled": lambda: coupling_flow(
         DIM, 2, hidden=HIDDEN, kind="nice", circular=CIRC, scale=False
     ),
 }
 NAMES = list(FACTORIES)
 HAS_CIRC = {
-    n: n.endswith("circ") or n in ("rnvp_stack", "nice_stack", "nice_stack_unscaled") for n in NAMES
+    n: n.endswith("circ") or n in ("rnvp_stack", "nice_stack", "nice_stack_unscaled", "spline_stack") for n in NAMES
 }
 
 
@@ -130,8 +134,8 @@ def test_fresh_flow_is_identity(name):
     z = sample(32, HAS_CIRC[name])
     x, ld = flow(z)
     z2, ld_inv = flow.inverse(z)
-    if HAS_CIRC[name] and ("affine" in name or "rnvp" in name):
-        # circular spline with uniform bins/unit slopes: identity up to rounding
+    if "spline" in name or (HAS_CIRC[name] and ("affine" in name or "rnvp" in name)):
+        # splines with uniform bins/unit slopes: identity up to rounding
         tol = 1e-14
     else:
         tol = 0.0  # bit-exact
@@ -295,7 +299,7 @@ def test_coupling_density_continuous_across_cut():
     assert (g10 <= 0.02 * g8 + 1e-11).all()
 
 
-@pytest.mark.parametrize("cls", [AffineCoupling, AdditiveCoupling])
+@pytest.mark.parametrize("cls", [AffineCoupling, AdditiveCoupling, SplineCoupling])
 def test_conditioner_periodic_in_circular_inputs(cls):
     flow = cls(DIM, HALF, hidden=HIDDEN, circular=CIRC).double()
     with torch.no_grad():
@@ -366,8 +370,12 @@ def test_bad_arguments():
         AffineCoupling(1, [True])
     with pytest.raises(ValueError, match="dim >= 2"):
         coupling_flow(1, 2)
-    with pytest.raises(ValueError, match=r"\['rnvp', 'nice'\]"):
-        coupling_flow(4, 2, kind="spline")
+    with pytest.raises(ValueError, match=r"\['rnvp', 'nice', 'spline'\]"):
+        coupling_flow(4, 2, kind="glow")
+    with pytest.raises(ValueError, match="n_bins"):
+        coupling_flow(4, 2, kind="spline", n_bins=0)
+    with pytest.raises(ValueError, match="tail_bound"):
+        SplineCoupling(4, [0, 1], tail_bound=0.0)
     with pytest.raises(ValueError, match="n_blocks"):
         coupling_flow(4, 0)
     with pytest.raises(ValueError, match="some but not all"):

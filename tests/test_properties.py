@@ -34,7 +34,7 @@ def flow_cases(draw) -> dict:
     return {
         "dim": dim,
         "circular": draw(st.lists(st.booleans(), min_size=dim, max_size=dim)),
-        "kind": draw(st.sampled_from(["rnvp", "nice"])),
+        "kind": draw(st.sampled_from(["rnvp", "nice", "spline"])),
         "n_blocks": draw(st.integers(1, 2)),
         "n_bins": draw(st.integers(1, 6)),
         "seed": draw(SEEDS),
@@ -85,7 +85,7 @@ def test_coupling_flow_roundtrip_and_logdets(case: dict) -> None:
     torch.testing.assert_close(ld_inv, -ld_fwd, atol=1e-9, rtol=0)
     if case["kind"] == "nice":  # additive couplings + diagonal scaling: a constant log-det
         assert (ld_fwd - ld_fwd[0]).abs().max() < 1e-12
-    elif case["noise"] > 0.1:  # a perturbed RealNVP changes volume
+    elif case["noise"] > 0.1:  # a perturbed RealNVP or spline flow changes volume
         assert ld_fwd.abs().max() > 1e-6
 
 

@@ -3,10 +3,11 @@
 from .base import Flow, Inverse, Sequential, check_batch
 from .circular import circular_spline, n_circular_spline_params
 from .compiled import compile_flow, compile_generator, is_compiled
-from .coupling import AdditiveCoupling, AffineCoupling, as_mask, coupling_flow
+from .coupling import AdditiveCoupling, AffineCoupling, SplineCoupling, as_mask, coupling_flow
 from .nets import MLP
 from .permutation import Permutation
 from .scaling import Scaling
+from .spline import bounded_spline, n_bounded_spline_params
 
 __all__ = [
     "Flow",
@@ -16,6 +17,7 @@ __all__ = [
     "MLP",
     "AffineCoupling",
     "AdditiveCoupling",
+    "SplineCoupling",
     "Permutation",
     "Scaling",
     "coupling_flow",
@@ -25,4 +27,6 @@ __all__ = [
     "as_mask",
     "circular_spline",
     "n_circular_spline_params",
+    "bounded_spline",
+    "n_bounded_spline_params",
 ]

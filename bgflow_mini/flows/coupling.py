@@ -1,4 +1,4 @@
-"""Coupling layers (RealNVP affine, NICE additive) with optional circular features.
+"""Coupling layers (RealNVP affine, NICE additive, neural spline) with circular features.
 
 A coupling layer splits features by a boolean ``mask``: ``True`` = transformed
 (``b``), ``False`` = conditioning (``a``, passed through unchanged). A conditioner
@@ -19,7 +19,9 @@ Circular features (angles on ``[-pi, pi)``, e.g. torsions) are marked by
 
 Non-circular transformed features: affine ``x_b = z_b * exp(s) + t`` with the
 log-scale kept tame by ``s = a * tanh(raw)`` (``a`` a learnable per-feature
-bound, initialised to 1), or additive ``x_b = z_b + t``. The conditioner's last
+bound, initialised to 1), additive ``x_b = z_b + t``, or (:class:`SplineCoupling`) a
+rational-quadratic spline on ``[-B, B]`` with identity tails
+(:func:`~bgflow_mini.flows.spline.bounded_spline`). The conditioner's last
 layer is zero at initialisation, so every fresh layer is the identity.
 
 Masks (not permutations) are used, so features keep their positions and the
@@ -28,6 +30,7 @@ circular mask stays valid through a whole stack built by :func:`coupling_flow`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -37,10 +40,11 @@ from ..units import wrap_angle
 from .base import Flow, Sequential, check_batch
 from .circular import circular_spline, n_circular_spline_params
 from .nets import MLP
+from .spline import bounded_spline, n_bounded_spline_params
 
-__all__ = ["AffineCoupling", "AdditiveCoupling", "coupling_flow", "as_mask"]
+__all__ = ["AffineCoupling", "AdditiveCoupling", "SplineCoupling", "coupling_flow", "as_mask"]
 
-_KINDS = ("rnvp", "nice")
+_KINDS = ("rnvp", "nice", "spline")
 
 
 def as_mask(spec: Sequence[bool] | Sequence[int] | Tensor | None, dim: int, name: str) -> Tensor:
@@ -69,6 +73,12 @@ def as_mask(spec: Sequence[bool] | Sequence[int] | Tensor | None, dim: int, name
     m = torch.zeros(dim, dtype=torch.bool)
     m[t] = True
     return m
+
+
+def _check_bins(n_bins: int, who: str) -> int:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or not 1 <= n_bins <= 512:
+        raise ValueError(f"{who} n_bins must be an int in 1..512, got {n_bins!r}")
+    return n_bins
 
 
 def _check_dim(dim: int, who: str) -> int:
@@ -205,9 +215,7 @@ class AffineCoupling(_Coupling):
         circular: Sequence[bool] | Sequence[int] | Tensor | None = None,
         n_bins: int = 8,
     ) -> None:
-        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or not 1 <= n_bins <= 512:
-            raise ValueError(f"AffineCoupling n_bins must be an int in 1..512, got {n_bins!r}")
-        n_circ = n_circular_spline_params(n_bins)
+        n_circ = n_circular_spline_params(_check_bins(n_bins, "AffineCoupling"))
         super().__init__(dim, mask, hidden, activation, circular, 2, n_circ)
         self.n_bins = n_bins
         self.scale_bound = nn.Parameter(torch.ones(self.idx_linear.numel()))
@@ -250,6 +258,47 @@ class AdditiveCoupling(_Coupling):
         return wrap_angle(z - t if inverse else z + t), torch.zeros_like(z)
 
 
+class SplineCoupling(_Coupling):
+    """Neural-spline coupling: every transformed feature goes through a rational-quadratic
+    spline whose knots the conditioner sets from the untransformed features.
+
+    Non-circular features: :func:`~bgflow_mini.flows.spline.bounded_spline` on
+    ``[-tail_bound, tail_bound]`` (identity outside); circular ones: the circular spline
+    plus rotation of :class:`AffineCoupling`. Both with ``n_bins`` bins.
+
+    Arguments as :class:`AffineCoupling`, plus ``tail_bound``: half-width ``B > 0`` of the
+    spline interval in feature units (the features the flow sees are standardised, so the
+    default 5 covers all but ~1e-6 of a unit Gaussian).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mask: Sequence[bool] | Sequence[int] | Tensor,
+        hidden: Sequence[int] = (64, 64),
+        activation: str | Callable[[], nn.Module] = nn.SiLU,
+        circular: Sequence[bool] | Sequence[int] | Tensor | None = None,
+        n_bins: int = 8,
+        tail_bound: float = 5.0,
+    ) -> None:
+        _check_bins(n_bins, "SplineCoupling")
+        if isinstance(tail_bound, bool) or not float(tail_bound) > 0:
+            raise ValueError(f"SplineCoupling tail_bound must be > 0, got {tail_bound!r}")
+        n_lin, n_circ = n_bounded_spline_params(n_bins), n_circular_spline_params(n_bins)
+        super().__init__(dim, mask, hidden, activation, circular, n_lin, n_circ)
+        self.n_bins = n_bins
+        self.tail_bound = float(tail_bound)
+
+    def _linear(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        return bounded_spline(z, p, self.tail_bound, inverse=inverse)
+
+    def _circular(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        return circular_spline(z, p, inverse=inverse)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, n_bins={self.n_bins}, tail_bound={self.tail_bound}"
+
+
 def coupling_flow(
     dim: int,
     n_blocks: int,
@@ -260,6 +309,7 @@ def coupling_flow(
     n_bins: int = 8,
     seed: int | None = None,
     scale: bool | None = None,
+    tail_bound: float = 5.0,
 ) -> Sequential:
     """A stack of ``2 * n_blocks`` coupling layers.
 
@@ -267,20 +317,25 @@ def coupling_flow(
     interleaved mask (even indices) for odd ``i``; each block is a coupling with
     the mask followed by one with its complement, so every feature is transformed
     in every block. ``kind="rnvp"`` uses :class:`AffineCoupling`, ``"nice"``
-    :class:`AdditiveCoupling`. ``seed`` (if given) fixes the conditioner
+    :class:`AdditiveCoupling`, ``"spline"`` :class:`SplineCoupling` (with ``tail_bound``,
+    which the other kinds ignore). ``seed`` (if given) fixes the conditioner
     initialisation without touching the global RNG state.
 
     ``scale`` appends a learnable diagonal scaling of the non-circular features
     (:class:`~bgflow_mini.flows.scaling.Scaling`) on the data side; ``None`` means on for
     NICE, as in Dinh et al. (2015) (additive couplings alone are volume preserving and
-    cannot adapt the width of a fixed prior), and off for RNVP (affine couplings scale).
+    cannot adapt the width of a fixed prior), and off for RNVP and splines (they scale).
     """
     if kind not in _KINDS:
         raise ValueError(f"coupling_flow kind must be one of {list(_KINDS)}, got {kind!r}")
     _check_dim(dim, "coupling_flow")
     if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
         raise ValueError(f"coupling_flow n_blocks must be a positive int, got {n_blocks!r}")
-    layer = AffineCoupling if kind == "rnvp" else AdditiveCoupling
+    if kind == "spline":
+        _check_bins(n_bins, "coupling_flow")  # checked here: layers are built under fork_rng
+        layer = functools.partial(SplineCoupling, tail_bound=tail_bound)
+    else:
+        layer = AffineCoupling if kind == "rnvp" else AdditiveCoupling
     idx = torch.arange(dim)
     patterns = (idx < dim // 2, idx % 2 == 0)
 
