@@ -51,7 +51,9 @@ FACTORIES = {
 }
 NAMES = list(FACTORIES)
 HAS_CIRC = {
-    n: n.endswith("circ") or n in ("rnvp_stack", "nice_stack", "nice_stack_unscaled", "spline_stack") for n in NAMES
+    n: n.endswith("circ")
+    or n in ("rnvp_stack", "nice_stack", "nice_stack_unscaled", "spline_stack")
+    for n in NAMES
 }
 
 
