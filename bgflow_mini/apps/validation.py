@@ -104,7 +104,7 @@ def list_of(rule: Rule, min_len: int = 0, length: int | None = None) -> Rule:
 BOOL = Rule("true or false", lambda v: isinstance(v, bool))
 TEXT = Rule("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip()))
 DTYPES = ("float32", "float64")
-FLOW_KINDS = ("rnvp", "nice")
+FLOW_KINDS = ("rnvp", "nice", "spline")
 FORMATS = ("h5", "dcd", "pdb")
 _CUDA = re.compile(r"cuda(:\d+)?")
 DEVICE = Rule(
@@ -193,6 +193,7 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
     *rows(one_of(FLOW_KINDS), "flow.kind"),
     *rows(list_of(POS_INT, min_len=1), "flow.hidden"),
     *rows(integer(2), "flow.n_bins"),
+    *rows(POS, "flow.tail_bound"),
     *rows(ACTIVATION, "flow.activation"),
 ]
 SAMPLE: Rules = [
