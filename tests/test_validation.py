@@ -170,7 +170,7 @@ TRAIN_BAD = [
     (["flow.hidden=[]"], ["flow.hidden=[]", "non-empty list, each an integer >= 1"]),
     (["flow.hidden=[64,0]"], ["flow.hidden=[64, 0]", "integer >= 1"]),
     (["flow.kind=maf"], ["flow.kind='maf'", "['nice', 'rnvp', 'spline']"]),
-    (["flow.tail_bound=0"], ["flow.tail_bound=0", "> 0"]),
+    (["flow=spline", "flow.tail_bound=0"], ["flow.tail_bound=0", "> 0"]),
     (["ring_coordinates=mixed"], ["ring_coordinates='mixed'", "['cartesian', 'internal']"]),
     (["bounded_ics=boxed"], ["bounded_ics='boxed'", "true, false or box"]),
     (["training.max_skipped=0"], ["training.max_skipped=0", "(0, 1]"]),
