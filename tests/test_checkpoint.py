@@ -25,20 +25,22 @@ from bgflow_mini.training import Phase, Trainer
 FLOW = functools.partial(coupling_flow, kind="rnvp", n_blocks=2, hidden=[16], n_bins=4)
 
 
-def _trained(target, data: torch.Tensor, dtype: torch.dtype, steps: int = 15):
+def _trained(target, data: torch.Tensor, dtype: torch.dtype, steps: int = 15, flow=FLOW):
     torch.manual_seed(0)
-    gen = target.generator(data, FLOW, target.energy(None)).to(dtype=dtype)
+    gen = target.generator(data, flow, target.energy(None)).to(dtype=dtype)
     Trainer(gen, lr=3e-3, batch_size=64, progress=False).fit_phases(
         [Phase(steps, w_ml=1.0)], data=data
     )
     return gen.eval()
 
 
+@pytest.mark.parametrize("kind", ["rnvp", "spline"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_toy_generator_round_trip_is_exact(tmp_path: Path, dtype: torch.dtype) -> None:
+def test_toy_generator_round_trip_is_exact(tmp_path: Path, dtype: torch.dtype, kind: str) -> None:
     target = as_target(DoubleWell())
     data = DoubleWell().sample(512, seed=1)
-    gen = _trained(target, data, dtype)
+    flow = functools.partial(FLOW, kind=kind, tail_bound=3.0)
+    gen = _trained(target, data, dtype, flow=flow)
     save_generator(gen, tmp_path / "a" / "model.pt")
     alone = tmp_path / "b"  # no config file, no data: the checkpoint only
     alone.mkdir()
@@ -51,6 +53,7 @@ def test_toy_generator_round_trip_is_exact(tmp_path: Path, dtype: torch.dtype) -
     assert loaded.energy is None and not loaded.training
     spec = read_checkpoint(alone / "model.pt")["spec"]
     assert spec["target"]["kind"] == "toy" and spec["version"] == bg.__version__
+    assert spec["flow"]["kwargs"]["kind"] == kind and spec["flow"]["kwargs"]["tail_bound"] == 3.0
 
 
 def test_molecular_generator_round_trip_is_exact(tmp_path: Path) -> None:
