@@ -376,8 +376,13 @@ def test_bad_arguments():
         coupling_flow(4, 2, kind="glow")
     with pytest.raises(ValueError, match="n_bins"):
         coupling_flow(4, 2, kind="spline", n_bins=0)
-    with pytest.raises(ValueError, match="tail_bound"):
-        SplineCoupling(4, [0, 1], tail_bound=0.0)
+    for bound in (0.0, float("inf"), True):
+        with pytest.raises(ValueError, match="tail_bound"):
+            SplineCoupling(4, [0, 1], tail_bound=bound)
+    with pytest.raises(ValueError, match="one bin is the identity"):
+        SplineCoupling(4, [0, 1], n_bins=1)
+    with pytest.raises(ValueError, match="for kind='spline' only"):
+        coupling_flow(4, 2, kind="rnvp", tail_bound=3.0)
     with pytest.raises(ValueError, match="n_blocks"):
         coupling_flow(4, 0)
     with pytest.raises(ValueError, match="some but not all"):

@@ -31,12 +31,13 @@ def flow_cases(draw) -> dict:
     """A tiny coupling flow with random dim, circular mask, kind, bins, seed and a scale
     for the noise added to every parameter (fresh conditioners are the identity)."""
     dim = draw(st.integers(2, 6))
+    kind = draw(st.sampled_from(["rnvp", "nice", "spline"]))
     return {
         "dim": dim,
         "circular": draw(st.lists(st.booleans(), min_size=dim, max_size=dim)),
-        "kind": draw(st.sampled_from(["rnvp", "nice", "spline"])),
+        "kind": kind,
         "n_blocks": draw(st.integers(1, 2)),
-        "n_bins": draw(st.integers(1, 6)),
+        "n_bins": draw(st.integers(2 if kind == "spline" else 1, 6)),
         "seed": draw(SEEDS),
         "noise": draw(st.floats(0.05, 0.3)),
     }

@@ -63,10 +63,36 @@ def test_monotone_and_continuous_at_the_bounds():
 
 
 def test_parameter_gradients():
-    x = torch.linspace(-2, 2, 7, dtype=DT)
+    # inside, exactly at +-B and in both tails (identity there: zero parameter gradients)
+    x = torch.tensor([-4.0, -2.5, -1.3, 0.0, 0.7, 2.5, 3.1], dtype=DT)
     p = _params(7, 3, 0.7).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda q: bounded_spline(x, q, 2.5), (p,))
     assert torch.autograd.gradcheck(lambda q: bounded_spline(x, q, 2.5, inverse=True), (p,))
+
+
+def test_float32_steep_bins_keep_tail_gradients_finite():
+    """Steep last bins in float32: tail points get zero, finite parameter gradients (they
+    are evaluated at -B, where the inverse's discriminant cannot cancel)."""
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    x = 6 * torch.rand(n, generator=g) + 5.0 + 1e-3  # all in the upper tail
+    p = (20 * torch.randn(n, n_bounded_spline_params(8), generator=g)).requires_grad_(True)
+    for inverse in (False, True):
+        y, ld = bounded_spline(x, p, 5.0, inverse=inverse)
+        (grad,) = torch.autograd.grad((y + ld).sum(), p)
+        assert torch.isfinite(grad).all()
+        assert torch.equal(y, x) and (grad == 0).all()
+
+
+def test_float32_round_trip():
+    x = torch.linspace(-6, 6, 1001)
+    p = _params(1001, 8, 1.0).float()
+    y, ld = bounded_spline(x, p, 5.0)
+    x0, ld0 = bounded_spline(y, p, 5.0, inverse=True)
+    assert y.dtype == ld.dtype == torch.float32
+    # float32 rounding of y, magnified by 1 / f' where the spline is flat (f' down to e^-10)
+    assert ((x0 - x).abs() * ld.exp()).max() < 1e-5
+    assert (ld + ld0).abs()[ld > -3].max() < 1e-4
 
 
 def test_bad_arguments():
@@ -75,8 +101,9 @@ def test_bad_arguments():
         bounded_spline(x, torch.zeros(3, 3, dtype=DT))
     with pytest.raises(ValueError, match="does not match"):
         bounded_spline(x, torch.zeros(4, 5, dtype=DT))
-    with pytest.raises(ValueError, match="bound"):
-        bounded_spline(x, torch.zeros(3, 5, dtype=DT), bound=0.0)
+    for bound in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="bound"):
+            bounded_spline(x, torch.zeros(3, 5, dtype=DT), bound=bound)
 
 
 def _bimodal(n: int, g: torch.Generator) -> torch.Tensor:

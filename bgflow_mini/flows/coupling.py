@@ -31,6 +31,7 @@ circular mask stays valid through a whole stack built by :func:`coupling_flow`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -79,6 +80,13 @@ def _check_bins(n_bins: int, who: str) -> int:
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or not 1 <= n_bins <= 512:
         raise ValueError(f"{who} n_bins must be an int in 1..512, got {n_bins!r}")
     return n_bins
+
+
+def _check_tail(tail_bound: float, who: str) -> float:
+    ok = isinstance(tail_bound, (int, float)) and not isinstance(tail_bound, bool)
+    if not (ok and math.isfinite(tail_bound) and tail_bound > 0):
+        raise ValueError(f"{who} tail_bound must be a finite number > 0, got {tail_bound!r}")
+    return float(tail_bound)
 
 
 def _check_dim(dim: int, who: str) -> int:
@@ -266,9 +274,10 @@ class SplineCoupling(_Coupling):
     ``[-tail_bound, tail_bound]`` (identity outside); circular ones: the circular spline
     plus rotation of :class:`AffineCoupling`. Both with ``n_bins`` bins.
 
-    Arguments as :class:`AffineCoupling`, plus ``tail_bound``: half-width ``B > 0`` of the
-    spline interval in feature units (the features the flow sees are standardised, so the
-    default 5 covers all but ~1e-6 of a unit Gaussian).
+    Arguments as :class:`AffineCoupling` (``n_bins >= 2``: one bin of the bounded spline is
+    the identity), plus ``tail_bound``: finite half-width ``B > 0`` of the spline interval in
+    feature units (the features the flow sees are standardised, so the default 5 covers all
+    but ~1e-6 of a unit Gaussian).
     """
 
     def __init__(
@@ -281,9 +290,9 @@ class SplineCoupling(_Coupling):
         n_bins: int = 8,
         tail_bound: float = 5.0,
     ) -> None:
-        _check_bins(n_bins, "SplineCoupling")
-        if isinstance(tail_bound, bool) or not float(tail_bound) > 0:
-            raise ValueError(f"SplineCoupling tail_bound must be > 0, got {tail_bound!r}")
+        _check_tail(tail_bound, "SplineCoupling")
+        if _check_bins(n_bins, "SplineCoupling") < 2:
+            raise ValueError("SplineCoupling n_bins must be >= 2 (one bin is the identity)")
         n_lin, n_circ = n_bounded_spline_params(n_bins), n_circular_spline_params(n_bins)
         super().__init__(dim, mask, hidden, activation, circular, n_lin, n_circ)
         self.n_bins = n_bins
@@ -318,13 +327,15 @@ def coupling_flow(
     the mask followed by one with its complement, so every feature is transformed
     in every block. ``kind="rnvp"`` uses :class:`AffineCoupling`, ``"nice"``
     :class:`AdditiveCoupling`, ``"spline"`` :class:`SplineCoupling` (with ``tail_bound``,
-    which the other kinds ignore). ``seed`` (if given) fixes the conditioner
+    which only the spline kind uses; the other kinds refuse a value other than the
+    default). ``seed`` (if given) fixes the conditioner
     initialisation without touching the global RNG state.
 
     ``scale`` appends a learnable diagonal scaling of the non-circular features
     (:class:`~bgflow_mini.flows.scaling.Scaling`) on the data side; ``None`` means on for
     NICE, as in Dinh et al. (2015) (additive couplings alone are volume preserving and
-    cannot adapt the width of a fixed prior), and off for RNVP and splines (they scale).
+    cannot adapt the width of a fixed prior), and off for RNVP (affine couplings scale)
+    and splines (they reshape within ``tail_bound`` of the standardised features).
     """
     if kind not in _KINDS:
         raise ValueError(f"coupling_flow kind must be one of {list(_KINDS)}, got {kind!r}")
@@ -332,8 +343,9 @@ def coupling_flow(
     if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
         raise ValueError(f"coupling_flow n_blocks must be a positive int, got {n_blocks!r}")
     if kind == "spline":
-        _check_bins(n_bins, "coupling_flow")  # checked here: layers are built under fork_rng
         layer = functools.partial(SplineCoupling, tail_bound=tail_bound)
+    elif tail_bound != 5.0:
+        raise ValueError(f"coupling_flow tail_bound is for kind='spline' only, got kind={kind!r}")
     else:
         layer = AffineCoupling if kind == "rnvp" else AdditiveCoupling
     idx = torch.arange(dim)

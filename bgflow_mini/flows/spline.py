@@ -52,10 +52,15 @@ def n_bounded_spline_params(n_bins: int) -> int:
 
 
 def knot_positions(raw_wh: Tensor, half_width: float) -> Tensor:
-    """Raw widths and heights ``(..., 2 K)`` -> x and y knots ``(..., 2, K + 1)``.
+    """Knots of an RQ spline on ``[-half_width, half_width]``.
 
-    The knots run from ``-half_width`` to ``half_width`` (both ends exact); each bin is at
-    least ``MIN_BIN`` of the interval wide and high.
+    Arguments:
+        raw_wh: raw bin widths then heights, ``(..., 2 K)``.
+        half_width: half the interval (feature units).
+
+    Returns:
+        x knots and y knots ``(..., 2, K + 1)``, from ``-half_width`` to ``half_width`` (both
+        ends exact); each bin is at least ``MIN_BIN`` of the interval wide and high.
     """
     k = raw_wh.shape[-1] // 2
     frac = torch.softmax(raw_wh.unflatten(-1, (2, k)), dim=-1).mul(1.0 - MIN_BIN * k).add_(MIN_BIN)
@@ -65,16 +70,27 @@ def knot_positions(raw_wh: Tensor, half_width: float) -> Tensor:
 
 
 def knot_derivatives(raw_d: Tensor) -> Tensor:
-    """Positive knot derivatives ``MIN_DERIV + (1 - MIN_DERIV) softplus(raw) / log 2``."""
+    """Positive knot derivatives ``MIN_DERIV + (1 - MIN_DERIV) softplus(raw) / log 2``, same
+    shape as ``raw_d`` (1 at ``raw = 0``).
+
+    ``MIN_DERIV`` bounds the derivatives at the knots only: inside a bin the slope of the
+    rational quadratic can fall lower when neighbouring bins differ greatly in slope.
+    """
     return F.softplus(raw_d).mul(_DERIV_GAIN).add_(MIN_DERIV)
 
 
 def rq_spline(x: Tensor, table: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-    """Monotone RQ spline with knot ``table`` ``(..., 3, K + 1)`` (rows: x knots, y knots,
-    derivatives).
+    """Monotone RQ spline, elementwise.
 
-    ``x``: ``(...)`` inside the table's interval. Returns ``(y, log f'(z))`` where ``z`` is
-    the point in the spline's domain (the input if forward, the output if inverse).
+    Arguments:
+        x: points ``(...)`` inside the table's interval (the domain if forward, the range
+            if inverse).
+        table: knots ``(..., 3, K + 1)``; rows x knots, y knots, derivatives.
+        inverse: apply the inverse map.
+
+    Returns:
+        ``(y, log f'(z))``, both ``(...)``, where ``z`` is the point in the spline's domain
+        (the input if forward, the output if inverse).
     """
     search = table.detach()[..., 1 if inverse else 0, 1:-1]
     idx = (x.detach().unsqueeze(-1) >= search).sum(dim=-1, keepdim=True)  # (..., 1)
@@ -113,10 +129,15 @@ def bounded_spline(
 ) -> tuple[Tensor, Tensor]:
     """RQ spline on ``[-bound, bound]``, identity outside, applied elementwise.
 
+    With ``K = 1`` the single bin spans the interval with slope 1 at both ends: the
+    identity, whatever the parameters (so :class:`~bgflow_mini.flows.SplineCoupling` asks
+    for ``K >= 2``).
+
     Arguments:
         x: real features, shape ``(...)`` (e.g. standardised bonds and angles).
-        params: raw parameters, shape ``(..., 3 K - 1)`` (layout in the module docstring).
-        bound: half-width ``B > 0`` of the interval the spline acts on (feature units).
+        params: raw parameters, shape ``(..., 3 K - 1)``, the dtype of ``x`` (layout in the
+            module docstring).
+        bound: finite half-width ``B > 0`` of the interval the spline acts on (feature units).
         inverse: apply the inverse map instead.
 
     Returns:
@@ -131,14 +152,18 @@ def bounded_spline(
             f"bounded_spline params shape {tuple(params.shape)} does not match "
             f"x shape {tuple(x.shape)} + (3K-1,)"
         )
-    if not bound > 0:
-        raise ValueError(f"bounded_spline bound must be > 0, got {bound!r}")
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"bounded_spline bound must be finite and > 0, got {bound!r}")
     k = (p + 1) // 3
     raw_wh, raw_d = params.split([2 * k, k - 1], dim=-1)
     d = F.pad(knot_derivatives(raw_d), (1, 1), value=1.0)  # slope 1 at both ends: C^1 tails
     table = torch.cat([knot_positions(raw_wh, bound), d.unsqueeze(-2)], dim=-2)
     inside = (x >= -bound) & (x <= bound)
-    y, logderiv = rq_spline(x.clamp(-bound, bound), table, inverse)
+    # tail points are evaluated at -B, where the inverse's quadratic has c = 0 (at +B a steep
+    # last bin can cancel its discriminant to 0 in float32: an infinite sqrt gradient that
+    # torch.where would turn into NaN parameter gradients); their values are discarded
+    x_in = torch.where(inside, x, torch.full_like(x, -bound))
+    y, logderiv = rq_spline(x_in, table, inverse)
     y = torch.where(inside, y, x)
     logderiv = torch.where(inside, logderiv, torch.zeros_like(logderiv))
     return y, (-logderiv if inverse else logderiv)
