@@ -73,6 +73,7 @@ SUBMODULES = (
     "sampling",
     "schedules",
     "sharded_draws",
+    "symmetry",
     "system_builder",
     "systems",
     "targets",

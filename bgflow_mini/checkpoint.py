@@ -151,6 +151,10 @@ def build_generator(spec: Mapping[str, Any]) -> BoltzmannGenerator:
     else:
         raise ValueError(f"unknown generator kind {spec['kind']!r}")
     gen.spec = dict(spec)
+    if spec.get("symmetries"):
+        from .symmetry import SymmetrizedGenerator
+
+        gen = SymmetrizedGenerator(gen, spec["symmetries"])
     return gen.double()
 
 

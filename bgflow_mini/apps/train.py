@@ -189,6 +189,12 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         # runs from before ring support have no key: they used internal coordinates
         ring_coordinates=str(cfg.get("ring_coordinates", "internal")),
     )
+    if cfg.get("symmetrize", False):
+        from ..symmetry import symmetrize
+
+        generator = symmetrize(generator, target.system.mdtraj_topology)
+        n_sym = len(generator.spec.get("symmetries", []))
+        log.info("symmetrize: %d side-chain flip(s), %d flow passes per density", n_sym, 2**n_sym)
     generator = generator.to(device=device, dtype=dtype)
     compiled = compile_generator(generator) if tc.get("compile") else []  # at the 1st step
     total = sum(p.steps for p in phases)

@@ -190,6 +190,7 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
     *rows(BOOL, "training.iw_truncate", "training.compile"),
     *rows(Rule("true, false or box", lambda v: isinstance(v, bool) or v == "box"), "bounded_ics"),
     *rows(one_of(("cartesian", "internal")), "ring_coordinates"),
+    *rows(BOOL, "symmetrize"),
     *rows(one_of(FLOW_KINDS), "flow.kind"),
     *rows(list_of(POS_INT, min_len=1), "flow.hidden"),
     *rows(integer(2), "flow.n_bins"),
@@ -414,6 +415,8 @@ def validate_train_config(cfg: DictConfig | Mapping, target: Any = None) -> None
     lines = _apply(d, TRAIN) + _apply(d, OPTIONAL_TRAIN, absent_ok=True)
     lines += _cuda(d) + _phases(d) + _md(d)
     lines += _state_choice(d, ("evaluation.state_a", "evaluation.state_b"), target, {})
+    if d.get("symmetrize") is True and getattr(target, "kind", "molecular") != "molecular":
+        lines.append("symmetrize=true: for molecules only (atom flips of symmetric side chains)")
     if getattr(target, "kind", None) == "molecular" and not isinstance(d.get("md"), Mapping):
         lines.append(f"md={_show(d.get('md'))}: a molecule needs MD settings (md=remd or md=plain)")
     lines += _sync_every(d)
