@@ -53,6 +53,7 @@ RESIDUE_FLIPS: dict[str, tuple[tuple[str, str], ...]] = {
     "TYR": _RING,
     "ASP": (("OD1", "OD2"),),  # carboxylate (charged form; ASH is not symmetric)
     "GLU": (("OE1", "OE2"),),
+    "ARG": (("NH1", "NH2"), ("HH11", "HH21"), ("HH12", "HH22")),  # guanidinium ends
 }
 """Atom-name pairs swapped by the symmetry flip of each residue (amber/PDB names)."""
 
@@ -64,8 +65,12 @@ def flip_permutations(topology: Any) -> list[np.ndarray]:
     """One atom permutation ``(n_atoms,)`` per symmetric residue of an mdtraj topology.
 
     ``perm[i]`` is the atom whose position atom ``i`` takes (an involution: each flip
-    swaps pairs). A residue of :data:`RESIDUE_FLIPS` missing one of its atoms raises.
+    swaps pairs). Each flip is checked to map elements to elements and bonds to bonds (an
+    automorphism of the molecular graph); a residue of :data:`RESIDUE_FLIPS` missing one of
+    its atoms, or whose flip is not an automorphism, raises.
     """
+    bonds = {frozenset((b[0].index, b[1].index)) for b in topology.bonds}
+    elements = [a.element.symbol if a.element is not None else a.name for a in topology.atoms]
     n = topology.n_atoms
     out = []
     for res in topology.residues:
@@ -81,6 +86,13 @@ def flip_permutations(topology: Any) -> list[np.ndarray]:
                     f"flip {list(pairs)}"
                 )
             perm[names[a]], perm[names[b]] = names[b], names[a]
+        moved = {frozenset((int(perm[i]), int(perm[j]))) for i, j in map(tuple, bonds)}
+        same = all(elements[i] == elements[perm[i]] for i in range(n))
+        if moved != bonds or not same:
+            raise ValueError(
+                f"the symmetry flip {list(pairs)} of residue {res} does not map its "
+                "bonds onto bonds and elements onto elements"
+            )
         out.append(perm)
     return out
 

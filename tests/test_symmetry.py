@@ -185,3 +185,41 @@ def test_symmetrized_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(
             loaded.log_prob(data[:20]), gen.log_prob(data[:20]), atol=1e-9, rtol=0
         )
+
+
+def _arg_fragment(swap_bond: bool = False):
+    """The guanidinium end of an ARG residue as an mdtraj topology."""
+    import mdtraj as mdt
+
+    top = mdt.Topology()
+    res = top.add_residue("ARG", top.add_chain())
+    el = mdt.element
+    atoms = {
+        name: top.add_atom(
+            name,
+            el.nitrogen if name.startswith("N") else el.carbon if name == "CZ" else el.hydrogen,
+            res,
+        )
+        for name in ("NE", "CZ", "NH1", "NH2", "HH11", "HH12", "HH21", "HH22")
+    }
+    pairs = [
+        ("NE", "CZ"),
+        ("CZ", "NH1"),
+        ("CZ", "NH2"),
+        ("NH1", "HH11"),
+        ("NH1", "HH12"),
+        ("NH2", "HH21"),
+        ("NH2", "HH22"),
+    ]
+    if swap_bond:  # a mislabelled hydrogen: HH12 on NH2 and HH21 on NH1
+        pairs[4], pairs[5] = ("NH1", "HH21"), ("NH2", "HH12")
+    for a, b in pairs:
+        top.add_bond(atoms[a], atoms[b])
+    return top
+
+
+def test_flips_must_be_graph_automorphisms():
+    (perm,) = flip_permutations(_arg_fragment())
+    assert sorted(np.flatnonzero(perm != np.arange(8)).tolist()) == [2, 3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="does not map its bonds onto bonds"):
+        flip_permutations(_arg_fragment(swap_bond=True))
