@@ -4,11 +4,14 @@ For every run folder given (its ``model.pt``), draws ``--draws`` independent set
 samples at each latent temperature ``--temperatures`` (``log q`` is that of the tempered
 model, so the weights stay exact), weights them with ``TorchForceField`` (float32, the run's
 own system), and prints one row per model and temperature with the normalised Kish ESS of
-every set. With heavy-tailed weights the ESS of one set is a noisy statistic.
+every set. With heavy-tailed weights the ESS of one set is a noisy statistic. With
+``--symmetrize`` each model is also measured as the mixture over its side-chain flips
+(:func:`bgflow_mini.symmetry.symmetrize`; a row per variant, ``sym`` marks the mixture).
 
 Usage::
 
     python benchmarks/ess_spread.py outputs/run_a outputs/run_b --temperatures 1.0 1.1
+    python benchmarks/ess_spread.py outputs/phe_run --temperatures 1.0 --symmetrize
 """
 
 from __future__ import annotations
@@ -29,11 +32,19 @@ from bgflow_mini.systems import load_system
 __all__ = ["main", "spread"]
 
 
-def spread(run: Path, temperature: float, draws: int, n: int) -> list[float]:
-    """ESS/N of ``draws`` fresh sets of ``n`` samples of ``run``'s model at ``temperature``."""
+def spread(
+    run: Path, temperature: float, draws: int, n: int, symmetrized: bool = False
+) -> list[float]:
+    """ESS/N of ``draws`` fresh sets of ``n`` samples of ``run``'s model at ``temperature``
+    (with ``symmetrized``, of the model's mixture over its side-chain flips)."""
+    from bgflow_mini.symmetry import symmetrize
+
     gen = load_generator(run / "model.pt")
     name = gen.spec["target"]["name"]
-    gen.energy = TorchForceField.from_openmm(load_system(name)).float()
+    system = load_system(name)
+    if symmetrized:
+        gen = symmetrize(gen, system.mdtraj_topology)
+    gen.energy = TorchForceField.from_openmm(system).float()
     out = []
     for draw in range(draws):
         torch.manual_seed(draw)
@@ -49,18 +60,22 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--symmetrize", action="store_true", help="also the mixture over flips")
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads)
     print(f"## ESS of fresh sample sets ({datetime.date.today()}, {cpu_model()})\n")
     print(f"{args.draws} sets of {args.n:,} samples per model and latent temperature\n")
     print("| run | T | ESS of each set | min | median |")
     print("| --- | ---: | --- | ---: | ---: |")
+    variants = (False, True) if args.symmetrize else (False,)
     for run in args.runs:
         for t in args.temperatures:
-            ess = spread(run, t, args.draws, args.n)
-            each = " / ".join(f"{e:.4f}" for e in ess)
-            med = statistics.median(ess)
-            print(f"| {run.name} | {t:g} | {each} | {min(ess):.4f} | {med:.4f} |", flush=True)
+            for sym in variants:
+                ess = spread(run, t, args.draws, args.n, symmetrized=sym)
+                each = " / ".join(f"{e:.4f}" for e in ess)
+                med = statistics.median(ess)
+                name = f"{run.name}{' (sym)' if sym else ''}"
+                print(f"| {name} | {t:g} | {each} | {min(ess):.4f} | {med:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
