@@ -189,6 +189,8 @@ class SymmetrizedGenerator(BoltzmannGenerator):
 
 def symmetrize(generator: BoltzmannGenerator, topology: Any) -> BoltzmannGenerator:
     """``generator`` as a :class:`SymmetrizedGenerator` over the flips of ``topology``'s
-    symmetric residues, or unchanged when it has none."""
+    symmetric residues, or unchanged when it has none or is symmetrised already."""
+    if isinstance(generator, SymmetrizedGenerator):
+        return generator
     flips = flip_permutations(topology)
     return SymmetrizedGenerator(generator, flips) if flips else generator

@@ -422,3 +422,21 @@ def test_delta_f_states_that_can_overlap_are_refused():
     raises(validate_free_energy_config, load("free_energy", bad), "can overlap", target=PEPTIDE)
     ok = ["samples=x", "+states.g={chi1_1: [-2.1, -1.0]}", "state_a=g", "state_b=chi1_1_trans"]
     validate_free_energy_config(load("free_energy", ok), target=PEPTIDE)
+
+
+def test_symmetrize_checks_the_flips_before_any_work(monkeypatch):
+    from bgflow_mini import symmetry
+    from bgflow_mini.targets import as_target
+
+    phe = as_target("phe_dipeptide_vacuum")
+    cfg = load("train", ["system=phe_dipeptide_vacuum"])
+    validate_train_config(cfg, target=phe)  # one ring flip: fine (the default)
+    monkeypatch.setattr(symmetry, "MAX_FLIPS", 0)
+    raises(validate_train_config, cfg, "symmetrize=true: 1 symmetric side chains", target=phe)
+    validate_train_config(
+        load("train", ["system=phe_dipeptide_vacuum", "symmetrize=false"]), target=phe
+    )
+    from bgflow_mini.energies import DoubleWell
+
+    toy = as_target(DoubleWell())  # nothing to flip: symmetrize=true (the default) is a no-op
+    validate_train_config(load("train", ["system=double_well"]), target=toy)

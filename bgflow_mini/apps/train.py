@@ -189,7 +189,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         # runs from before ring support have no key: they used internal coordinates
         ring_coordinates=str(cfg.get("ring_coordinates", "internal")),
     )
-    if cfg.get("symmetrize", False):
+    if cfg.get("symmetrize", False) and target.kind == "molecular":
         from ..symmetry import symmetrize
 
         generator = symmetrize(generator, target.system.mdtraj_topology)

@@ -404,6 +404,26 @@ def _sync_every(d: Mapping) -> list[str]:
     return []
 
 
+def _symmetrize(d: Mapping, target: Any) -> list[str]:
+    """``symmetrize=true`` on a molecule: its side-chain flips are valid and few enough
+    (toys and molecules without symmetric side chains have nothing to symmetrise)."""
+    topology = getattr(target, "topology", None)
+    if d.get("symmetrize") is not True or topology is None:
+        return []
+    from ..symmetry import MAX_FLIPS, flip_permutations
+
+    try:
+        n = len(flip_permutations(topology))
+    except ValueError as err:
+        return [f"symmetrize=true: {err}; set symmetrize=false"]
+    if n > MAX_FLIPS:
+        return [
+            f"symmetrize=true: {n} symmetric side chains would need 2^{n} flow passes per "
+            f"density (at most {MAX_FLIPS} flips); set symmetrize=false"
+        ]
+    return []
+
+
 def validate_train_config(cfg: DictConfig | Mapping, target: Any = None) -> None:
     """Check a composed ``configs/train.yaml``; ``target`` (the loaded system, with
     ``name``, ``cvs`` and ``states``) also checks the evaluation states.
@@ -415,8 +435,7 @@ def validate_train_config(cfg: DictConfig | Mapping, target: Any = None) -> None
     lines = _apply(d, TRAIN) + _apply(d, OPTIONAL_TRAIN, absent_ok=True)
     lines += _cuda(d) + _phases(d) + _md(d)
     lines += _state_choice(d, ("evaluation.state_a", "evaluation.state_b"), target, {})
-    if d.get("symmetrize") is True and getattr(target, "kind", "molecular") != "molecular":
-        lines.append("symmetrize=true: for molecules only (atom flips of symmetric side chains)")
+    lines += _symmetrize(d, target)
     if getattr(target, "kind", None) == "molecular" and not isinstance(d.get("md"), Mapping):
         lines.append(f"md={_show(d.get('md'))}: a molecule needs MD settings (md=remd or md=plain)")
     lines += _sync_every(d)
