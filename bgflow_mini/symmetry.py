@@ -29,6 +29,7 @@ Which atoms: :data:`RESIDUE_FLIPS` lists, per residue name, the atom pairs one f
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,6 +115,13 @@ def group_elements(flips: Sequence[Sequence[int]], n_atoms: int) -> Tensor:
     return torch.as_tensor(np.stack(rows), dtype=torch.long)
 
 
+def _outside_is_zero(lq: Tensor) -> Tensor:
+    """``log q`` of flipped copies, non-finite -> ``-inf``: a flipped copy can leave the
+    flow's domain (``bounded_ics: box`` inverts to NaN outside its box), where the model has
+    no density; the unflipped term decides then."""
+    return torch.where(torch.isfinite(lq), lq, torch.full_like(lq, -math.inf))
+
+
 class SymmetrizedGenerator(BoltzmannGenerator):
     """The mixture ``q_G(x) = mean_g q(g x)`` of a generator over a group of atom flips.
 
@@ -164,6 +172,7 @@ class SymmetrizedGenerator(BoltzmannGenerator):
         batch = x.shape[0]
         moved = x[:, self.group].transpose(0, 1).reshape(-1, x.shape[1])  # (|G| batch, d)
         lq = super().log_prob(moved).reshape(self.n_elements, batch)
+        lq = torch.cat([lq[:1], _outside_is_zero(lq[1:])], dim=0)
         return torch.logsumexp(lq, dim=0) - torch.log(lq.new_tensor(float(self.n_elements)))
 
     def sample(
@@ -183,7 +192,7 @@ class SymmetrizedGenerator(BoltzmannGenerator):
         moved = x0[:, self.group[1:]].transpose(0, 1).reshape(-1, x0.shape[1])
         z, logdet = self.flow.inverse(moved)
         lq_rest = (self.prior.log_prob(z, temperature=temperature) + logdet).reshape(k - 1, batch)
-        lq_all = torch.cat([lq[None], lq_rest], dim=0)
+        lq_all = torch.cat([lq[None], _outside_is_zero(lq_rest)], dim=0)
         return x, torch.logsumexp(lq_all, dim=0) - torch.log(lq.new_tensor(float(k)))
 
 

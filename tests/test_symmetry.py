@@ -223,3 +223,29 @@ def test_flips_must_be_graph_automorphisms():
     assert sorted(np.flatnonzero(perm != np.arange(8)).tolist()) == [2, 3, 4, 5, 6, 7]
     with pytest.raises(ValueError, match="does not map its bonds onto bonds"):
         flip_permutations(_arg_fragment(swap_bond=True))
+
+
+def test_flipped_copies_outside_the_domain_count_as_zero_density(monkeypatch):
+    """A flipped copy the flow cannot invert (NaN, e.g. outside a SoftBox) adds no density:
+    q_G = q / |G| there, finite, instead of a NaN weight."""
+    base = _toy()
+    sym = SymmetrizedGenerator(base, [[1, 0]])
+    x = torch.randn(8, 6, dtype=DT)
+    with torch.no_grad():
+        want = base.log_prob(x) - math.log(2)
+        inverse = base.flow.inverse
+
+        def broken(v):  # rows past the first 8 are the flipped copies
+            z, ld = inverse(v)
+            return z, torch.where(torch.arange(len(v)) >= 8, torch.nan, ld)
+
+        monkeypatch.setattr(base.flow, "inverse", broken)
+        torch.testing.assert_close(sym.log_prob(x), want, atol=1e-12, rtol=0)
+        torch.manual_seed(5)
+        _, lq0 = base.sample(8, with_log_prob=True)
+        monkeypatch.setattr(
+            base.flow, "inverse", lambda v: (v, torch.full_like(v[:, 0], torch.nan))
+        )
+        torch.manual_seed(5)
+        _, lq = sym.sample(8, with_log_prob=True)  # sample inverts only the flipped copies
+        torch.testing.assert_close(lq, lq0 - math.log(2), atol=1e-12, rtol=0)
