@@ -178,6 +178,10 @@ def test_symmetrized_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         for p in gen.flow.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    # the molecular flow (ring atoms in their Cartesian frame): sample's density = log_prob's
+    with torch.no_grad():
+        xs, lq = gen.sample(64, with_log_prob=True)
+        torch.testing.assert_close(lq, gen.log_prob(xs), atol=1e-6, rtol=0)
     save_generator(gen, tmp_path / "model.pt")
     loaded = load_generator(tmp_path / "model.pt", target=target)
     assert isinstance(loaded, SymmetrizedGenerator)
