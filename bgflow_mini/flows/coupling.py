@@ -41,7 +41,7 @@ from ..units import wrap_angle
 from .base import Flow, Sequential, check_batch
 from .circular import circular_spline, n_circular_spline_params
 from .nets import MLP
-from .spline import bounded_spline, n_bounded_spline_params
+from .spline import TAIL_BOUND, bounded_spline, n_bounded_spline_params
 
 __all__ = ["AffineCoupling", "AdditiveCoupling", "SplineCoupling", "coupling_flow", "as_mask"]
 
@@ -162,7 +162,8 @@ class _Coupling(Flow):
         raise NotImplementedError  # pragma: no cover
 
     def _circular(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError  # pragma: no cover
+        """Circular spline plus rotation (affine and spline couplings; NICE overrides)."""
+        return circular_spline(z, p, inverse=inverse)
 
     def _couple(self, z: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         check_batch(z, self.dim, f"{type(self).__name__} input")
@@ -235,9 +236,6 @@ class AffineCoupling(_Coupling):
             return (z - t) * torch.exp(-s), -s
         return z * torch.exp(s) + t, s
 
-    def _circular(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        return circular_spline(z, p, inverse=inverse)
-
 
 class AdditiveCoupling(_Coupling):
     """NICE coupling ``x_b = z_b + t(z_a)`` (circular: ``wrap_angle(z_b + t(z_a))``); logdet 0.
@@ -288,7 +286,7 @@ class SplineCoupling(_Coupling):
         activation: str | Callable[[], nn.Module] = nn.SiLU,
         circular: Sequence[bool] | Sequence[int] | Tensor | None = None,
         n_bins: int = 8,
-        tail_bound: float = 5.0,
+        tail_bound: float = TAIL_BOUND,
     ) -> None:
         _check_tail(tail_bound, "SplineCoupling")
         if _check_bins(n_bins, "SplineCoupling") < 2:
@@ -300,9 +298,6 @@ class SplineCoupling(_Coupling):
 
     def _linear(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         return bounded_spline(z, p, self.tail_bound, inverse=inverse)
-
-    def _circular(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        return circular_spline(z, p, inverse=inverse)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, n_bins={self.n_bins}, tail_bound={self.tail_bound}"
@@ -318,7 +313,7 @@ def coupling_flow(
     n_bins: int = 8,
     seed: int | None = None,
     scale: bool | None = None,
-    tail_bound: float = 5.0,
+    tail_bound: float = TAIL_BOUND,
 ) -> Sequential:
     """A stack of ``2 * n_blocks`` coupling layers.
 
@@ -344,7 +339,7 @@ def coupling_flow(
         raise ValueError(f"coupling_flow n_blocks must be a positive int, got {n_blocks!r}")
     if kind == "spline":
         layer = functools.partial(SplineCoupling, tail_bound=tail_bound)
-    elif tail_bound != 5.0:
+    elif tail_bound != TAIL_BOUND:
         raise ValueError(f"coupling_flow tail_bound is for kind='spline' only, got kind={kind!r}")
     else:
         layer = AffineCoupling if kind == "rnvp" else AdditiveCoupling

@@ -37,12 +37,15 @@ __all__ = [
     "rq_spline",
     "MIN_BIN",
     "MIN_DERIV",
+    "TAIL_BOUND",
 ]
 
 MIN_BIN = 2.0**-10
 """Smallest bin width/height as a fraction of the interval."""
 MIN_DERIV = 2.0**-10
 """Smallest knot derivative of a spline."""
+TAIL_BOUND = 5.0
+"""Default half-width of the bounded spline's interval (standardised feature units)."""
 _DERIV_GAIN = (1.0 - MIN_DERIV) / math.log(2.0)  # softplus(0) = log 2
 
 
@@ -125,7 +128,7 @@ def rq_spline(x: Tensor, table: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
 
 
 def bounded_spline(
-    x: Tensor, params: Tensor, bound: float = 5.0, inverse: bool = False
+    x: Tensor, params: Tensor, bound: float = TAIL_BOUND, inverse: bool = False
 ) -> tuple[Tensor, Tensor]:
     """RQ spline on ``[-bound, bound]``, identity outside, applied elementwise.
 
