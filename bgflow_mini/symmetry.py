@@ -115,11 +115,21 @@ def group_elements(flips: Sequence[Sequence[int]], n_atoms: int) -> Tensor:
     return torch.as_tensor(np.stack(rows), dtype=torch.long)
 
 
-def _outside_is_zero(lq: Tensor) -> Tensor:
-    """``log q`` of flipped copies, non-finite -> ``-inf``: a flipped copy can leave the
-    flow's domain (``bounded_ics: box`` inverts to NaN outside its box), where the model has
-    no density; the unflipped term decides then."""
-    return torch.where(torch.isfinite(lq), lq, torch.full_like(lq, -math.inf))
+def _copies(x: Tensor, group: Tensor) -> Tensor:
+    """``g x`` for every row ``g`` of ``group`` ``(m, d)``, stacked ``(m * batch, d)``."""
+    return x[:, group].transpose(0, 1).reshape(-1, x.shape[1])
+
+
+def _log_mean(lq: Tensor, lq_flipped: Tensor) -> Tensor:
+    """``log q_G`` ``(batch,)`` from ``log q(x)`` ``(batch,)`` and ``log q(g x)`` of the
+    other ``|G| - 1`` elements ``(|G| - 1, batch)``. A flipped copy's non-finite ``log q``
+    counts as ``-inf``: it can leave the flow's domain (``bounded_ics: box`` inverts to NaN
+    outside its box), where the model has no density; the unflipped term decides then."""
+    rest = torch.where(
+        torch.isfinite(lq_flipped), lq_flipped, torch.full_like(lq_flipped, -math.inf)
+    )
+    lq_all = torch.cat([lq[None], rest], dim=0)
+    return torch.logsumexp(lq_all, dim=0) - math.log(lq_all.shape[0])
 
 
 class SymmetrizedGenerator(BoltzmannGenerator):
@@ -169,11 +179,8 @@ class SymmetrizedGenerator(BoltzmannGenerator):
         """``log q_G(x)`` ``(batch,)``: log-mean-exp of ``log q(g x)`` over the group."""
         check_batch(x, name="x")
         self._check_width(x)
-        batch = x.shape[0]
-        moved = x[:, self.group].transpose(0, 1).reshape(-1, x.shape[1])  # (|G| batch, d)
-        lq = super().log_prob(moved).reshape(self.n_elements, batch)
-        lq = torch.cat([lq[:1], _outside_is_zero(lq[1:])], dim=0)
-        return torch.logsumexp(lq, dim=0) - torch.log(lq.new_tensor(float(self.n_elements)))
+        lq = super().log_prob(_copies(x, self.group)).reshape(self.n_elements, x.shape[0])
+        return _log_mean(lq[0], lq[1:])
 
     def sample(
         self, n: int, temperature: float = 1.0, with_log_prob: bool = False
@@ -188,12 +195,9 @@ class SymmetrizedGenerator(BoltzmannGenerator):
             return x
         # the flips commute and are involutions, so {g' x : g' in G} = {g x0 : g in G}: the
         # mixture density needs log q_T(g x0) for g != identity (|G| - 1 inversions)
-        k, batch = self.n_elements, x0.shape[0]
-        moved = x0[:, self.group[1:]].transpose(0, 1).reshape(-1, x0.shape[1])
-        z, logdet = self.flow.inverse(moved)
-        lq_rest = (self.prior.log_prob(z, temperature=temperature) + logdet).reshape(k - 1, batch)
-        lq_all = torch.cat([lq[None], _outside_is_zero(lq_rest)], dim=0)
-        return x, torch.logsumexp(lq_all, dim=0) - torch.log(lq.new_tensor(float(k)))
+        z, logdet = self.flow.inverse(_copies(x0, self.group[1:]))
+        lq_rest = self.prior.log_prob(z, temperature=temperature) + logdet
+        return x, _log_mean(lq, lq_rest.reshape(self.n_elements - 1, x0.shape[0]))
 
 
 def symmetrize(generator: BoltzmannGenerator, topology: Any) -> BoltzmannGenerator:

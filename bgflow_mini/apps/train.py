@@ -192,7 +192,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
     if cfg.get("symmetrize", False) and target.kind == "molecular":
         from ..symmetry import symmetrize
 
-        generator = symmetrize(generator, target.system.mdtraj_topology)
+        generator = symmetrize(generator, target.topology)
         n_sym = len(generator.spec.get("symmetries", []))
         log.info("symmetrize: %d side-chain flip(s), %d flow passes per density", n_sym, 2**n_sym)
     generator = generator.to(device=device, dtype=dtype)
