@@ -14,7 +14,10 @@ printed, so a faster step is shown to compute the same model. With ``--compile``
 comparison is this tree eager against this tree with the coupling flow compiled
 (``bgflow_mini.flows.compile_generator``), or with ``--baseline`` too, the baseline eager
 against this tree compiled; the warm-up line gives the time the first steps took (the
-compilation).
+compilation). With ``--iw`` a step is the default recipe's mixed phase instead: ML, reverse
+KL and importance-weighted ML on ``batch`` draws from the model's own weighted samples
+(buffer of 8,192 refilled every 50 steps, its energies included), so samples/s =
+``3 * batch * steps / s``.
 
 Usage::
 
@@ -22,6 +25,7 @@ Usage::
     python benchmarks/generator_step.py --baseline /tmp/bgflow_old
     python benchmarks/generator_step.py --batch 256 1024 --seconds 10 --rounds 3
     python benchmarks/generator_step.py --compile --batch 256 1024 --rounds 1
+    python benchmarks/generator_step.py --iw --baseline /tmp/bgflow_old --batch 128 256
 """
 
 from __future__ import annotations
@@ -88,16 +92,20 @@ def measure(args: argparse.Namespace) -> dict:
     if args.compiled:
         compile_generator(gen)
     rates, warmup = {}, {}
+    terms = {"w_ml": 1.0, "w_kl": 1.0, "w_iw": 1.0 if args.iw else 0.0}
+    per_step = 3 if args.iw else 2  # batches per step
     for bs in args.batch:
-        trainer = Trainer(gen, lr=1e-4, batch_size=bs, kl_batch_size=bs, progress=False)
+        trainer = Trainer(
+            gen, lr=1e-4, batch_size=bs, kl_batch_size=bs, progress=False, iw_truncate=True
+        )
         t0 = time.perf_counter()
-        trainer.fit(args.warmup, data=train, w_ml=1.0, w_kl=1.0)
+        trainer.fit(args.warmup, data=train, **terms)
         warmup[str(bs)] = time.perf_counter() - t0
         steps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < args.seconds or steps < 3:
-            trainer.fit(1, data=train, w_ml=1.0, w_kl=1.0)
+            trainer.fit(1, data=train, **terms)
             steps += 1
-        rates[str(bs)] = 2 * bs * steps / (time.perf_counter() - t0)
+        rates[str(bs)] = per_step * bs * steps / (time.perf_counter() - t0)
     out["samples_per_s"] = rates
     out["warmup_s"] = warmup
     return out
@@ -111,6 +119,7 @@ def _run(tree: Path | None, args: argparse.Namespace, batch: int, compiled: bool
         cmd += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
         cmd += ["--torch-threads", str(args.torch_threads), "--data-dir", args.data_dir]
         cmd += ["--compiled"] if compiled else []
+        cmd += ["--iw"] if args.iw else []
         env = dict(os.environ, PYTHONPATH=str(tree or ROOT))
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
         return json.loads(result.read_text())
@@ -140,7 +149,8 @@ def compare(args: argparse.Namespace) -> None:
     print(f"## Default generator training step ({datetime.date.today()})\n")
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, ")
     print(f"{args.torch_threads} torch thread(s); best of {args.rounds} round(s) of ")
-    print(f">= {args.seconds} s per case; ML + reverse KL, TorchForceField float32\n")
+    step = "ML + reverse KL + importance-weighted ML" if args.iw else "ML + reverse KL"
+    print(f">= {args.seconds} s per case; {step}, TorchForceField float32\n")
     for name in trees:
         print(f"- {name}: {logq[name]['source']}")
     head = "| batch | " + " | ".join(f"{n} samples/s" for n in trees)
@@ -168,6 +178,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="compare eager and compiled")
+    ap.add_argument("--iw", action="store_true", help="the default mixed phase (w_iw = 1)")
     ap.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # worker
     ap.add_argument("--data-dir", default=os.environ.get("BGFLOW_DATA", str(ROOT / "data")))
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: write results here

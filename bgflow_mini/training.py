@@ -416,14 +416,21 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = p.new_zeros(())
         terms: dict[str, Tensor] = {}
+        ml_terms: list[tuple[str, float, Tensor]] = []  # maximum-likelihood batches
         if w_iw > 0:
-            l_iw = nll(gen, self.draws.buffer_batch(self.buffer, bs, self.step).detach())
-            loss = loss + w_iw * l_iw
-            terms["nll_iw"] = l_iw
+            buffered = self.draws.buffer_batch(self.buffer, bs, self.step).detach()
+            ml_terms.append(("nll_iw", w_iw, buffered))
         if w_ml > 0:
-            l_ml = nll(gen, self.draws.data_batch(data, bs, self.step))
-            loss = loss + w_ml * l_ml
-            terms["nll"] = l_ml
+            ml_terms.append(("nll", w_ml, self.draws.data_batch(data, bs, self.step)))
+        if ml_terms:
+            # one flow pass for all of them: the maps act per sample, so the values are
+            # those of separate passes, at the per-call cost of one (issue 14)
+            sizes = [len(b) for _, _, b in ml_terms]
+            both = torch.cat([b for _, _, b in ml_terms])
+            for (key, w, _), v in zip(ml_terms, nll(gen, both, "none").split(sizes), strict=True):
+                term = v.mean()
+                loss = loss + w * term
+                terms[key] = term
         if w_kl > 0:
             vals = self.draws.kl_values(kl_bs, temperature, self.step)
             finite = torch.isfinite(vals)
