@@ -47,7 +47,22 @@ __all__ = ["main", "measure", "compare"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _generator(data_dir: str):
+def _frames(data_dir: str, path: Path) -> None:
+    """The default MD data (this tree's pipeline: generated or found in the cache), its
+    training and test frames saved to ``path``, so that every tree measures on the same
+    frames even where an older tree could not read today's MD settings."""
+    from omegaconf import OmegaConf
+
+    from bgflow_mini import pipeline
+    from bgflow_mini.systems import load_system
+
+    md = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "md" / "remd.yaml"))
+    system = load_system("aldp_vacuum")
+    data = pipeline.molecular_data(system, md, data_dir, progress=False, log=None)
+    torch.save({"train": data.train.float(), "test": data.test.float()}, path)
+
+
+def _generator(frames: str):
     """The default generator (float32, TorchForceField) and its float32 training frames."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -57,12 +72,11 @@ def _generator(data_dir: str):
     from bgflow_mini.systems import load_system
 
     system = load_system("aldp_vacuum")
-    md = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "md" / "remd.yaml"))
-    data = pipeline.molecular_data(system, md, data_dir, progress=False, log=None)
+    data = torch.load(frames)
     factory = instantiate(OmegaConf.load(ROOT / "configs" / "flow" / "rnvp.yaml"))
     energy = TorchForceField.from_openmm(system).float()
-    gen = pipeline.molecular_generator(system, data.train, factory, energy).float()
-    return gen, data.train.float(), data.test.float()
+    gen = pipeline.molecular_generator(system, data["train"], factory, energy).float()
+    return gen, data["train"], data["test"]
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -74,7 +88,7 @@ def measure(args: argparse.Namespace) -> dict:
         from bgflow_mini.flows import compile_generator
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
-    gen, train, test = _generator(args.data_dir)
+    gen, train, test = _generator(args.frames)
     if args.compiled:
         compile_generator(gen)
     out: dict = {"source": str(Path(bgflow_mini.__file__).resolve().parents[1])}
@@ -88,16 +102,15 @@ def measure(args: argparse.Namespace) -> dict:
     out["log_q_samples"] = log_q.detach().tolist()
     out["log_q_data"] = gen.log_prob(test[:1024]).detach().tolist()
     torch.manual_seed(0)
-    gen, train, _ = _generator(args.data_dir)  # fresh weights for the timing
+    gen, train, _ = _generator(args.frames)  # fresh weights for the timing
     if args.compiled:
         compile_generator(gen)
     rates, warmup = {}, {}
     terms = {"w_ml": 1.0, "w_kl": 1.0, "w_iw": 1.0 if args.iw else 0.0}
     per_step = 3 if args.iw else 2  # batches per step
     for bs in args.batch:
-        trainer = Trainer(
-            gen, lr=1e-4, batch_size=bs, kl_batch_size=bs, progress=False, iw_truncate=True
-        )
+        extra = {"iw_truncate": True} if args.iw else {}  # (older trees lack the option)
+        trainer = Trainer(gen, lr=1e-4, batch_size=bs, kl_batch_size=bs, progress=False, **extra)
         t0 = time.perf_counter()
         trainer.fit(args.warmup, data=train, **terms)
         warmup[str(bs)] = time.perf_counter() - t0
@@ -117,7 +130,7 @@ def _run(tree: Path | None, args: argparse.Namespace, batch: int, compiled: bool
         result = Path(tmp) / "out.json"
         cmd = [sys.executable, __file__, "--worker", str(result), "--batch", str(batch)]
         cmd += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
-        cmd += ["--torch-threads", str(args.torch_threads), "--data-dir", args.data_dir]
+        cmd += ["--torch-threads", str(args.torch_threads), "--frames", args.frames]
         cmd += ["--compiled"] if compiled else []
         cmd += ["--iw"] if args.iw else []
         env = dict(os.environ, PYTHONPATH=str(tree or ROOT))
@@ -182,10 +195,14 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # worker
     ap.add_argument("--data-dir", default=os.environ.get("BGFLOW_DATA", str(ROOT / "data")))
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: write results here
+    ap.add_argument("--frames", help=argparse.SUPPRESS)  # internal: the saved MD frames
     args = ap.parse_args()
     if args.worker:
         Path(args.worker).write_text(json.dumps(measure(args)))
-    else:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        args.frames = str(Path(tmp) / "frames.pt")
+        _frames(args.data_dir, Path(args.frames))
         compare(args)
 
 
