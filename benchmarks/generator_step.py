@@ -59,7 +59,7 @@ def _frames(data_dir: str, path: Path) -> None:
     md = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "md" / "remd.yaml"))
     system = load_system("aldp_vacuum")
     data = pipeline.molecular_data(system, md, data_dir, progress=False, log=None)
-    torch.save({"train": data.train.float(), "test": data.test.float()}, path)
+    torch.save({"train": data.train, "test": data.test}, path)
 
 
 def _generator(frames: str):
@@ -72,11 +72,12 @@ def _generator(frames: str):
     from bgflow_mini.systems import load_system
 
     system = load_system("aldp_vacuum")
-    data = torch.load(frames)
+    data = torch.load(frames, weights_only=True)
     factory = instantiate(OmegaConf.load(ROOT / "configs" / "flow" / "rnvp.yaml"))
     energy = TorchForceField.from_openmm(system).float()
+    # fitted to the frames as the pipeline has them (float64), then run in float32
     gen = pipeline.molecular_generator(system, data["train"], factory, energy).float()
-    return gen, data["train"], data["test"]
+    return gen, data["train"].float(), data["test"].float()
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -44,6 +44,7 @@ from .annealing import ImportanceBuffer
 from .averaging import WeightAverage
 from .checkpoint import _alternative, full_spec
 from .fileio import load_torch, save_torch
+from .flows.compiled import is_compiled
 from .losses import nll
 from .records import read_back
 from .reweighting import effective_sample_size, ess_tensor
@@ -51,6 +52,11 @@ from .schedules import Phase, cosine_schedule
 from .sharded_draws import ShardedDraws, check_divisible, check_global_batches
 
 __all__ = ["Trainer", "TrainingStalled", "Phase", "cosine_schedule", "check_global_batches"]
+
+
+def _has_compiled_flow(generator: torch.nn.Module) -> bool:
+    """Whether any flow of ``generator`` runs compiled (:func:`~.flows.compile_flow`)."""
+    return any(is_compiled(m) for m in generator.modules())
 
 
 class TrainingStalled(RuntimeError):
@@ -422,15 +428,19 @@ class Trainer:
             ml_terms.append(("nll_iw", w_iw, buffered))
         if w_ml > 0:
             ml_terms.append(("nll", w_ml, self.draws.data_batch(data, bs, self.step)))
-        if ml_terms:
-            # one flow pass for all of them: the maps act per sample, so the values are
-            # those of separate passes, at the per-call cost of one (issue 14)
+        if len(ml_terms) > 1 and not _has_compiled_flow(gen):
+            # one flow pass for both: the maps act per sample, so the values are those of
+            # separate passes, at the per-call cost of one (issue 14); a compiled flow keeps
+            # the batch size it was compiled for (another size would compile again)
             sizes = [len(b) for _, _, b in ml_terms]
             both = torch.cat([b for _, _, b in ml_terms])
-            for (key, w, _), v in zip(ml_terms, nll(gen, both, "none").split(sizes), strict=True):
-                term = v.mean()
-                loss = loss + w * term
-                terms[key] = term
+            values = nll(gen, both, "none").split(sizes)
+        else:
+            values = [nll(gen, b, "none") for _, _, b in ml_terms]
+        for (key, w, _), v in zip(ml_terms, values, strict=True):
+            term = v.mean()
+            loss = loss + w * term
+            terms[key] = term
         if w_kl > 0:
             vals = self.draws.kl_values(kl_bs, temperature, self.step)
             finite = torch.isfinite(vals)

@@ -28,10 +28,10 @@ from bgflow_mini.training import Phase, Trainer, check_global_batches
 
 ROOT = Path(__file__).parents[1]
 
-PHASES = [  # 50 steps: ML only, reverse KL only, ML + KL, importance-weighted ML
+PHASES = [  # 50 steps: ML only, reverse KL only, ML + KL + weighted ML, weighted ML
     Phase(15, w_ml=1.0, lr=3e-3, name="ml"),
     Phase(10, w_ml=0.0, w_kl=1.0, name="kl"),
-    Phase(15, w_ml=0.5, w_kl=1.0, lr=1e-3, name="mixed"),
+    Phase(15, w_ml=0.5, w_kl=1.0, w_iw=0.5, lr=1e-3, resample_every=5, name="mixed"),
     Phase(10, w_ml=0.0, w_iw=1.0, temperature=2.0, resample_every=5, name="iw"),
 ]
 
@@ -143,8 +143,9 @@ def test_two_ranks_match_one_process_drawing_both_shards(tmp_path):
     for key in ("n_nonfinite", "n_capped", "skipped"):
         assert [r.get(key) for r in hist] == [r.get(key) for r in ref], key
     assert ranks[0]["best_step"] == single["best_step"]
-    # global counts: 25 KL steps x 64, 2 refills x 256, 5 ESS estimates x 101
-    assert ranks[0]["energy_evaluations"] == single["energy_evaluations"] == 25 * 64 + 2 * 256 + 505
+    # global counts: 25 KL steps x 64, 5 refills x 256 (3 in "mixed", 2 in "iw"), 5 ESS
+    # estimates x 101
+    assert ranks[0]["energy_evaluations"] == single["energy_evaluations"] == 25 * 64 + 5 * 256 + 505
     # the shards are what matters, not the processes: one shard is another run
     other = summary(fit(shards=None))
     assert not torch.allclose(other["params"][0], single["params"][0])

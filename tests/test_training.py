@@ -322,17 +322,22 @@ def test_sync_every_changes_nothing_but_when_records_arrive():
     assert torch.equal(p1, p5) and lr1 == lr5
 
 
-def test_ml_and_weighted_ml_batches_share_one_flow_pass():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_ml_and_weighted_ml_batches_share_one_flow_pass(compiled):
     """The data batch and the importance-buffer batch go through the flow together (one
-    ``log_prob`` call per step), with the values separate passes give."""
+    ``log_prob`` call per step), with the values separate passes give; a compiled flow
+    keeps two passes of the batch size it was compiled for."""
+    from bgflow_mini.flows import compile_flow
     from bgflow_mini.losses import nll
 
     torch.manual_seed(0)
     flow = coupling_flow(2, 2, hidden=(16, 16), kind="rnvp")
     bg = BoltzmannGenerator(StandardNormal(2), flow, shifted_gaussian).double()
+    if compiled:
+        compile_flow(bg.flow, backend="eager")
     x = data().double()
     trainer = Trainer(bg, lr=1e-3, batch_size=64, buffer_size=256, progress=False)
-    trainer.fit(1, data=x, w_ml=1.0, w_iw=1.0)  # fills the buffer (step 0)
+    trainer.fit(1, data=x, w_ml=1.0, w_iw=0.5)  # fills the buffer (step 0)
     rng = trainer.draws.batch_rng
     state = rng.get_state()
     with torch.no_grad():  # the draws of step 1, one pass each
@@ -342,8 +347,9 @@ def test_ml_and_weighted_ml_batches_share_one_flow_pass():
     calls = []
     plain = bg.log_prob
     bg.log_prob = lambda y: calls.append(len(y)) or plain(y)
-    rec = trainer.fit(1, data=x, w_ml=1.0, w_iw=1.0)[0]
-    assert calls == [128]  # 64 buffer + 64 data rows in one pass
+    rec = trainer.fit(1, data=x, w_ml=1.0, w_iw=0.5)[0]
+    assert calls == ([64, 64] if compiled else [128])  # buffer and data rows
     assert rec["nll_iw"] == pytest.approx(want_iw, rel=1e-12, abs=1e-12)
     assert rec["nll"] == pytest.approx(want_ml, rel=1e-12, abs=1e-12)
+    assert rec["loss"] == pytest.approx(0.5 * want_iw + want_ml, rel=1e-12, abs=1e-12)
     assert want_iw != pytest.approx(want_ml)  # two different batches
