@@ -303,6 +303,27 @@ class SplineCoupling(_Coupling):
         return f"{super().extra_repr()}, n_bins={self.n_bins}, tail_bound={self.tail_bound}"
 
 
+_MASKS = ("alternate", "random")
+
+
+def _block_masks(dim: int, n_blocks: int, masks: str, mask_seed: int) -> list[Tensor]:
+    """One boolean mask ``(dim,)`` per block (see :func:`coupling_flow`'s ``masks``)."""
+    if masks not in _MASKS:
+        raise ValueError(f"coupling_flow masks must be one of {list(_MASKS)}, got {masks!r}")
+    idx = torch.arange(dim)
+    if masks == "alternate":
+        return [(idx < dim // 2) if i % 2 == 0 else (idx % 2 == 0) for i in range(n_blocks)]
+    if isinstance(mask_seed, bool) or not isinstance(mask_seed, int):
+        raise ValueError(f"coupling_flow mask_seed must be an int, got {mask_seed!r}")
+    g = torch.Generator().manual_seed(mask_seed)
+    out = []
+    for _ in range(n_blocks):
+        m = torch.zeros(dim, dtype=torch.bool)
+        m[torch.randperm(dim, generator=g)[: dim // 2]] = True
+        out.append(m)
+    return out
+
+
 def coupling_flow(
     dim: int,
     n_blocks: int,
@@ -314,13 +335,21 @@ def coupling_flow(
     seed: int | None = None,
     scale: bool | None = None,
     tail_bound: float = TAIL_BOUND,
+    masks: str = "alternate",
+    mask_seed: int = 0,
 ) -> Sequential:
     """A stack of ``2 * n_blocks`` coupling layers.
 
-    Block ``i`` uses a half mask (first ``dim // 2`` features) for even ``i`` and an
-    interleaved mask (even indices) for odd ``i``; each block is a coupling with
-    the mask followed by one with its complement, so every feature is transformed
-    in every block. ``kind="rnvp"`` uses :class:`AffineCoupling`, ``"nice"``
+    Each block is a coupling with a mask followed by one with its complement, so every
+    feature is transformed in every block. ``masks="alternate"`` uses a half mask (first
+    ``dim // 2`` features) for even blocks and an interleaved mask (even indices) for odd
+    ones: two features of the same half and parity (e.g. two torsions of a side chain) are
+    then never on opposite sides, and each sees the other only through third features.
+    ``masks="random"`` gives block ``i`` a random half of the features instead, drawn from
+    ``mask_seed`` alone (the global RNG is untouched, so a checkpoint rebuilds the same
+    masks): any two features are split in half of the blocks on average.
+
+    ``kind="rnvp"`` uses :class:`AffineCoupling`, ``"nice"``
     :class:`AdditiveCoupling`, ``"spline"`` :class:`SplineCoupling` (with ``tail_bound``,
     which only the spline kind uses; the other kinds refuse a value other than the
     default). ``seed`` (if given) fixes the conditioner
@@ -343,8 +372,7 @@ def coupling_flow(
         raise ValueError(f"coupling_flow tail_bound is for kind='spline' only, got kind={kind!r}")
     else:
         layer = AffineCoupling if kind == "rnvp" else AdditiveCoupling
-    idx = torch.arange(dim)
-    patterns = (idx < dim // 2, idx % 2 == 0)
+    patterns = _block_masks(dim, n_blocks, masks, mask_seed)
 
     scale = (kind == "nice") if scale is None else bool(scale)
 
@@ -352,8 +380,7 @@ def coupling_flow(
         from .scaling import Scaling
 
         layers: list[Flow] = []
-        for i in range(n_blocks):
-            m = patterns[i % 2]
+        for m in patterns:
             for mask in (m, ~m):
                 layers.append(layer(dim, mask, hidden, activation, circular, n_bins))
         if scale:
