@@ -347,7 +347,7 @@ def coupling_flow(
     then never on opposite sides, and each sees the other only through third features.
     ``masks="random"`` gives block ``i`` a random half of the features instead, drawn from
     ``mask_seed`` alone (the global RNG is untouched, so a checkpoint rebuilds the same
-    masks): any two features are split in half of the blocks on average.
+    masks): any two features are split in about half of the blocks.
 
     ``kind="rnvp"`` uses :class:`AffineCoupling`, ``"nice"``
     :class:`AdditiveCoupling`, ``"spline"`` :class:`SplineCoupling` (with ``tail_bound``,
