@@ -363,7 +363,7 @@ def test_coupling_flow_structure_and_seed():
     assert all(f.circular.tolist() == [True, False, False, True] for f in rnvp.flows)
 
 
-def test_random_masks_split_every_pair_and_rebuild_from_the_seed():
+def test_random_masks_split_more_pairs_and_rebuild_from_the_seed():
     """``masks="random"``: a fixed function of ``mask_seed`` (global RNG untouched), every
     block transforms each feature once, and (unlike the alternating masks, where features 1
     and 3 of 8 are never on opposite sides) pairs of features meet across a coupling."""
