@@ -21,6 +21,7 @@ __all__ = [
     "state_masks",
     "block_free_energy",
     "generator_samples",
+    "largest_weights",
     "EVALUATION_STREAM",
 ]
 
@@ -36,6 +37,68 @@ def _norm_weights(log_w, n: int) -> np.ndarray:
         raise ValueError("all log weights are -inf/NaN: no sample carries weight")
     w = np.exp(lw - lw.max())
     return w / w.sum()
+
+
+def largest_weights(
+    log_w,
+    u,
+    cv_values: Mapping[str, np.ndarray] | None = None,
+    cvs: Mapping[str, Mapping] | None = None,
+    k: int = 5,
+) -> list[dict]:
+    """Where the importance weight concentrates: the ``k`` largest weights of a sample set.
+
+    A low ESS usually comes from a few samples where the generator's density is far below
+    the target's; their CV values say which region the flow has too thin. For each of the
+    ``k`` largest weights (largest first):
+
+    * ``index``: the sample's position in the set;
+    * ``share``: its fraction of the total weight;
+    * ``log_w_above_median``: ``log w`` minus the median of the finite ``log w`` (nats);
+    * ``u_above_median``: its reduced energy minus the median finite energy (kT);
+    * ``cvs``: the value of every CV in ``cv_values`` at that sample, torsions and
+      angles in degrees (their specs in ``cvs`` say which; without ``cvs``, raw values),
+      distances in nm.
+
+    Arguments:
+        log_w: log importance weights ``(n,)`` (non-finite ones carry no weight).
+        u: reduced energies ``(n,)``, kT.
+        cv_values: CV name -> values ``(n,)`` (radians / nm), e.g. from
+            :func:`bgflow_mini.cv.compute_cvs`.
+        cvs: CV specs (``{"type": "torsion", ...}``) used for the units.
+        k: how many weights (fewer when fewer samples carry weight).
+    """
+    lw = np.asarray(log_w, dtype=np.float64).ravel()
+    uu = np.asarray(u, dtype=np.float64).ravel()
+    if uu.shape != lw.shape:
+        raise ValueError(f"u has shape {uu.shape}, log_w {lw.shape}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    finite = np.isfinite(lw)
+    if not finite.any():
+        return []
+    w = _norm_weights(lw, lw.size)
+    order = np.argsort(-w, kind="stable")[: min(k, int(finite.sum()))]
+    lw_med = float(np.median(lw[finite]))
+    u_fin = np.isfinite(uu)
+    u_med = float(np.median(uu[u_fin])) if u_fin.any() else math.nan
+    angular = {n for n, s in (cvs or {}).items() if s.get("type") in ("torsion", "angle")}
+    out = []
+    for i in order:
+        values = {}
+        for name, v in (cv_values or {}).items():
+            x = float(np.asarray(v)[i])
+            values[name] = math.degrees(x) if name in angular else x
+        out.append(
+            {
+                "index": int(i),
+                "share": float(w[i]),
+                "log_w_above_median": float(lw[i] - lw_med),
+                "u_above_median": float(uu[i] - u_med),
+                "cvs": values,
+            }
+        )
+    return out
 
 
 def histogram_kl(p_hist: np.ndarray, q_hist: np.ndarray, eps: float = 1e-10) -> float:

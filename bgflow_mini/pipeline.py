@@ -26,7 +26,7 @@ from . import cv as cvmod
 from . import free_energy as fe
 from .coordinates import InternalCoordinates, build_zmatrix, ic_transform
 from .distributions import DiagonalNormal, NormalUniform
-from .evaluation import generator_samples, ramachandran_kl
+from .evaluation import generator_samples, largest_weights, ramachandran_kl
 from .flows import Sequential
 from .generator import BoltzmannGenerator
 from .reweighting import block_ess, effective_sample_size
@@ -248,6 +248,9 @@ def evaluate(
 
     Metrics besides ESS, NLL and the main ΔF (all free energies in kT):
 
+    * ``ess_blocks``: the ESS of 5 disjoint blocks of the samples (min / median / max);
+    * ``largest_weights``: the 5 largest weights, their share, energy and CV values
+      (:func:`~bgflow_mini.evaluation.largest_weights`): where the flow is too thin;
     * ``state_populations``: raw and reweighted fraction of samples in every state;
     * ``state_delta_f``: for every pair of states ``<cv>_negative`` / ``<cv>_positive``
       (e.g. each residue's phi > 0 state), ``{cv: {"state_a", "state_b",
@@ -301,6 +304,7 @@ def evaluate(
         "n_samples": int(n_samples),
         "ess": effective_sample_size(log_w),
         "ess_blocks": block_ess(log_w, 5) if len(log_w) >= 5 else None,
+        "largest_weights": largest_weights(log_w, u, values, cvs, k=5),
         "finite_energy_fraction": float(finite.mean()),
         "n_nonfinite_energies": int((~finite).sum()),
         "test_nll": test_nll(generator, data.test),

@@ -55,6 +55,8 @@ def summary_table(metrics: Mapping) -> str:
                     f"min / median / max | {blocks['min']:.4f} / {blocks['median']:.4f} / "
                     f"{blocks['max']:.4f} |"
                 )
+            if key == "ess":
+                lines += _largest_weight_rows(metrics.get("largest_weights") or [])
     for res in metrics.get("ramachandran_residues") or []:
         kl, floor = (metrics.get(f"ramachandran_kl{k}_{res}") for k in ("", "_md_train"))
         if kl is not None:
@@ -110,6 +112,20 @@ def summary_table(metrics: Mapping) -> str:
     for line in metrics.get("overfit_warnings") or []:
         lines.append(f"| OVERFITTING | {line} |")
     return "\n".join(lines)
+
+
+def _largest_weight_rows(heavy: list, n: int = 3) -> list[str]:
+    """Rows for the ``n`` largest importance weights: share, energy, CV values."""
+    rows = []
+    for rank, h in enumerate(heavy[:n], 1):
+        where = ", ".join(f"{k} {v:.3g}" for k, v in h["cvs"].items())
+        rows.append(
+            f"| largest weight {rank}: share, u - median u, CVs (degrees, nm) | "
+            f"{100 * h['share']:.2f} %, {h['u_above_median']:+.1f} kT"
+            + (f", {where}" if where else "")
+            + " |"
+        )
+    return rows
 
 
 def _pm(value: float, err: float | None) -> str:

@@ -185,6 +185,14 @@ def test_evaluate_with_any_named_cvs_and_several_residues(peptide):
     assert 0 < blocks["min"] <= blocks["median"] <= blocks["max"] <= 1
     assert f"ESS of 5 blocks of {blocks['block_size']:,} samples" in table
     assert "chi1_negative -> chi1_positive" in table and "residue 2" in table
+    # the largest weights: the samples' own weights, energies and CVs (torsions in degrees)
+    heavy = m["largest_weights"]
+    assert len(heavy) == 5 and "largest weight 1" in table
+    w = np.exp(s["log_w"] - s["log_w"].max())
+    top = int(np.argmax(w))
+    assert heavy[0]["index"] == top and heavy[0]["share"] == pytest.approx(w[top] / w.sum())
+    assert heavy[0]["cvs"]["psi"] == pytest.approx(math.degrees(v["psi"][top]))
+    assert heavy[0]["cvs"]["d_hb"] == pytest.approx(v["d_hb"][top])
 
     # the main ΔF between rotamer states, one of them across the cut
     m2, _ = pipeline.evaluate(
