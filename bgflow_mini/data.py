@@ -5,6 +5,8 @@ Cache layout (one folder per settings hash)::
     <data_dir>/<system name>/<key>/traj.h5              # target-temperature frames (mdtraj HDF5)
                                    energies.npy         # kJ/mol, (n_frames,)
                                    replica_energies.npy # kJ/mol, (n_replicas, n_frames)
+                                   replica_traj.h5      # only with keep_replicas = k > 1: the
+                                                        # frames of replicas 1..k-1, replica-major
                                    meta.json            # settings, MD info, file checksums
 
 ``key`` is a SHA-256 prefix of the canonical JSON of: the system name, a fingerprint of
@@ -57,6 +59,7 @@ __all__ = [
 
 DATA_VERSION = 1
 FILES = ("traj.h5", "energies.npy", "replica_energies.npy")
+REPLICA_TRAJ = "replica_traj.h5"
 
 
 class CacheError(RuntimeError):
@@ -212,6 +215,13 @@ def generate_or_load(
         result.trajectory.save_hdf5(str(tmp / "traj.h5"))
         np.save(tmp / "energies.npy", result.energies)
         np.save(tmp / "replica_energies.npy", result.replica_energies)
+        files = FILES
+        keep = int(resolved.get("keep_replicas", 1))
+        if keep > 1:  # the hotter kept replicas, one trajectory of (keep - 1) * n_frames frames
+            xyz = result.replica_positions[1:keep]
+            hot = mdtraj.Trajectory(xyz.reshape(-1, *xyz.shape[2:]), result.trajectory.topology)
+            hot.save_hdf5(str(tmp / REPLICA_TRAJ))
+            files = (*FILES, REPLICA_TRAJ)
         meta = {
             "data_version": DATA_VERSION,
             "key": key,
@@ -222,7 +232,7 @@ def generate_or_load(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "versions": {"bgflow_mini": bgflow_mini.__version__, "openmm": openmm.__version__},
             "files": {
-                f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES
+                f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files
             },
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -334,6 +344,13 @@ class MDDataset:
     topology: mdtraj.Topology
     stride: int = 1
     positions: torch.Tensor | None = None  # all (strided) frames in time order
+    # replicas > 1 (load_dataset): the training-time frames of the k lowest temperatures,
+    # replica-major (replica 0's are ``train``), with each frame's replica index, the
+    # ladder (K) and each frame's potential energy (kJ/mol)
+    pool: torch.Tensor | None = None
+    pool_replica: np.ndarray | None = None
+    pool_energies: np.ndarray | None = None
+    temperatures: np.ndarray | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -352,15 +369,24 @@ def load_dataset(
     dtype: torch.dtype = torch.float32,
     shuffle: bool = False,
     verify: bool = True,
+    replicas: int = 1,
 ) -> MDDataset:
     """Load cached MD data (entry, cache folder or ``.h5`` file) and split it.
 
     Every ``stride``-th frame is kept before splitting; indices refer to the strided
     frames. The split is in contiguous time blocks (see :func:`split_indices`).
     ``energies`` (kJ/mol, strided) is None for a bare ``.h5`` without a sidecar.
+
+    ``replicas = k > 1`` (a replica-exchange entry made with ``keep_replicas >= k``) also
+    fills ``pool``: the frames of the k lowest temperatures at the training times (the
+    same time block in every replica, so validation and test stay later than any pooled
+    frame), with their replica index and potential energy, for
+    :func:`bgflow_mini.replica_pool.pool_log_weights`.
     """
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
     traj = load_trajectory(source, verify=verify)[::stride]
     folder = source.path if isinstance(source, CacheEntry) else Path(source)
     e_path = (folder if folder.is_dir() else folder.parent) / "energies.npy"
@@ -369,4 +395,29 @@ def load_dataset(
         energies = None  # sidecar belongs to another file
     x = trajectory_to_tensor(traj, dtype)
     tr, va, te = split_indices(traj.n_frames, fractions, seed, shuffle)
-    return MDDataset(x[tr], x[va], x[te], tr, va, te, energies, traj.topology, stride, x)
+    ds = MDDataset(x[tr], x[va], x[te], tr, va, te, energies, traj.topology, stride, x)
+    if replicas > 1:
+        _load_pool(ds, folder, replicas, stride, dtype)
+    return ds
+
+
+def _load_pool(ds: MDDataset, folder: Path, k: int, stride: int, dtype: torch.dtype) -> None:
+    """Fill ``ds.pool*`` from a cache folder's ``replica_traj.h5`` (see :func:`load_dataset`)."""
+    meta = _read_meta(folder) if (folder / "meta.json").is_file() else {}
+    kept = int(meta.get("settings", {}).get("keep_replicas", 1))
+    if kept < k:
+        raise CacheError(
+            f"replicas={k} needs the positions of {k} replicas, but {folder} kept {kept} "
+            f"(MD setting keep_replicas); set md.keep_replicas={k} (a new MD run)"
+        )
+    temps = np.asarray(meta["settings"]["temperatures"], dtype=float)[:k]
+    u_all = np.load(folder / "replica_energies.npy")
+    n = u_all.shape[1]
+    hot = load_trajectory(folder / REPLICA_TRAJ, verify=False)
+    xyz = hot.xyz.reshape(kept - 1, n, -1)[: k - 1, ::stride]
+    tr = ds.train_idx  # indices of the strided frames, the same times in every replica
+    parts = [ds.train] + [torch.as_tensor(xyz[r][tr], dtype=dtype) for r in range(k - 1)]
+    ds.pool = torch.cat(parts)
+    ds.pool_replica = np.repeat(np.arange(k), len(tr))
+    ds.pool_energies = np.concatenate([u_all[r, ::stride][tr] for r in range(k)])
+    ds.temperatures = temps

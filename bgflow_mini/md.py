@@ -63,6 +63,7 @@ MD_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "platform": "Reference",
     "hydrogen_mass": None,  # amu; None: the force field's masses (see repartition_hydrogen_mass)
+    "keep_replicas": 1,  # positions saved for the k lowest temperatures (1: the target's only)
 }
 
 
@@ -376,6 +377,13 @@ def resolve_settings(settings: dict[str, Any], system_temperature: float) -> dic
     extra = {}  # set only when used, so caches made before the option keep their keys
     if s["hydrogen_mass"] is not None:
         extra["hydrogen_mass"] = float(s["hydrogen_mass"])
+    keep = s["keep_replicas"]
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= n_rep:
+        raise ValueError(
+            f"keep_replicas must be an int in 1..{n_rep} (the number of replicas), got {keep!r}"
+        )
+    if keep > 1:
+        extra["keep_replicas"] = keep
     return {
         "n_frames": int(s["n_frames"]),
         "save_every": int(s["save_every"]),
@@ -398,14 +406,20 @@ def simulate_from_settings(
     progress: bool = True,
     platform_properties: dict[str, str] | None = None,
 ) -> MDResult:
-    """Run :func:`simulate` from a settings dict (keys of :data:`MD_DEFAULTS`)."""
+    """Run :func:`simulate` from a settings dict (keys of :data:`MD_DEFAULTS`).
+
+    With ``keep_replicas > 1`` the result's ``replica_positions`` holds every replica
+    (the cache keeps the ``keep_replicas`` lowest temperatures).
+    """
     s = resolve_settings(settings, system.temperature)
     temps = s.pop("temperatures")
+    keep = s.pop("keep_replicas", 1)
     return simulate(
         system,
         temperatures=temps,
         n_workers=n_workers,
         progress=progress,
         platform_properties=platform_properties,
+        keep_all=keep > 1,
         **s,
     )

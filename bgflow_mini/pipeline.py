@@ -45,13 +45,26 @@ __all__ = [
 
 @dataclass
 class DataSplit:
-    """Train/val/test configurations ``(n, dim)`` plus the full reference in time order."""
+    """Train/val/test configurations ``(n, dim)`` plus the full reference in time order.
+
+    ``pool`` / ``pool_log_weights`` (``replicas > 1`` in :func:`molecular_data`): the
+    frames the maximum-likelihood term draws from instead of ``train`` (several
+    temperatures' training-time frames) and their log weights ``(n_pool,)``.
+    """
 
     train: Tensor
     val: Tensor
     test: Tensor
     reference: Tensor
     info: dict = field(default_factory=dict)
+    pool: Tensor | None = None
+    pool_log_weights: Tensor | None = None
+
+    def ml_data(self) -> tuple[Tensor, Tensor | None]:
+        """The maximum-likelihood rows and their draw weights (None: uniform draws)."""
+        if self.pool is None:
+            return self.train, None
+        return self.pool, torch.exp(self.pool_log_weights - self.pool_log_weights.max())
 
 
 def molecular_data(
@@ -63,6 +76,8 @@ def molecular_data(
     n_workers: int | None = None,
     progress: bool = True,
     log: Callable | None = print,
+    replicas: int = 1,
+    replica_weights: str = "mbar",
 ) -> DataSplit:
     """MD data of ``system`` from the cache in ``data_dir`` (generated on a miss).
 
@@ -71,20 +86,47 @@ def molecular_data(
     validation and test are its first, middle and last contiguous blocks, so the
     test frames are not near-copies of training frames. ``reference`` holds all
     (strided) frames in time order for block-bootstrap reference values.
+
+    ``replicas = k > 1`` (replica exchange with ``keep_replicas >= k``) also pools the
+    training-time frames of the ``k`` lowest temperatures for the maximum-likelihood term,
+    weighted by ``replica_weights`` (:func:`bgflow_mini.replica_pool.pool_log_weights`);
+    ``info["replica_pool"]`` records the pool's size, Kish effective size and the weight
+    share of each temperature. Validation, test and reference stay target-temperature frames.
     """
     from .data import generate_or_load, load_dataset
+    from .replica_pool import WEIGHTINGS, kish_size, pool_log_weights
 
+    if replica_weights not in WEIGHTINGS:  # before any MD
+        raise ValueError(
+            f"replica_weights must be one of {list(WEIGHTINGS)}, got {replica_weights!r}"
+        )
     entry = generate_or_load(
         system, dict(md_settings), data_dir, n_workers=n_workers, progress=progress, log=log
     )
-    ds = load_dataset(entry, fractions=tuple(fractions), stride=stride, dtype=torch.float64)
+    ds = load_dataset(
+        entry, fractions=tuple(fractions), stride=stride, dtype=torch.float64, replicas=replicas
+    )
     info = {
         "cache_path": str(entry.path),
         "cache_key": entry.key,
         "split": "contiguous time blocks (train, val, test)",
         **dict(entry.meta.get("info", {})),
     }
-    return DataSplit(ds.train, ds.val, ds.test, ds.positions, info)
+    split = DataSplit(ds.train, ds.val, ds.test, ds.positions, info)
+    if ds.pool is not None:
+        lw = pool_log_weights(ds.pool_energies, ds.pool_replica, ds.temperatures, replica_weights)
+        w = np.exp(lw)
+        info["replica_pool"] = {
+            "replicas": int(replicas),
+            "weighting": replica_weights,
+            "temperatures": ds.temperatures.tolist(),
+            "n_frames": int(len(lw)),
+            "target_frames": int(ds.train.shape[0]),
+            "kish_frames": kish_size(lw),
+            "weight_share": [float(w[ds.pool_replica == r].sum()) for r in range(replicas)],
+        }
+        split.pool, split.pool_log_weights = ds.pool, torch.as_tensor(lw)
+    return split
 
 
 def toy_data(

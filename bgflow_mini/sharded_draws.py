@@ -109,16 +109,24 @@ class ShardedDraws:
             lqs.append(log_q)
         return torch.cat(xs), torch.cat(lqs)
 
-    def data_batch(self, data: Tensor, bs: int, step: int) -> Tensor:
-        """This rank's share of a data batch of ``bs`` rows, on the model's device/dtype."""
+    def data_batch(self, data: Tensor, bs: int, step: int, cdf: Tensor | None = None) -> Tensor:
+        """This rank's share of a data batch of ``bs`` rows, on the model's device/dtype.
+
+        Rows are drawn uniformly with replacement, or, given ``cdf`` (the normalised
+        cumulative row weights ``(n,)`` float64, last entry 1), with probability
+        proportional to the weights.
+        """
+
+        def draw(m: int, g: torch.Generator) -> Tensor:
+            if cdf is None:
+                return torch.randint(data.shape[0], (m,), generator=g)
+            u = torch.rand(m, generator=g, dtype=torch.float64)
+            return torch.searchsorted(cdf, u, right=True).clamp_(max=data.shape[0] - 1)
+
         if self.shards == 1:
-            idx = torch.randint(data.shape[0], (bs,), generator=self.batch_rng)
+            idx = draw(bs, self.batch_rng)
         else:
-            draws = [
-                torch.randint(data.shape[0], (m,), generator=self._rng(s, DATA, step))
-                for s, m in self.parts(bs)
-            ]
-            idx = torch.cat(draws)
+            idx = torch.cat([draw(m, self._rng(s, DATA, step)) for s, m in self.parts(bs)])
         p = self._param
         batch = data[idx]
         if p.device.type == "cuda":  # a copy that does not wait for the device

@@ -156,7 +156,8 @@ class MolecularTarget(Target):
 
     def data(self, *, seed: int = 0, progress: bool = True, **settings: Any):
         """MD data from the cache (generated on a miss): ``md`` (settings), ``data_dir``,
-        ``fractions``, ``stride``, ``n_workers``; other settings are ignored."""
+        ``fractions``, ``stride``, ``n_workers``, ``replicas``, ``replica_weights`` (see
+        :func:`~bgflow_mini.pipeline.molecular_data`); other settings are ignored."""
         from .pipeline import molecular_data
 
         return molecular_data(
@@ -167,6 +168,8 @@ class MolecularTarget(Target):
             stride=int(settings.get("stride", 1)),
             n_workers=settings.get("n_workers"),
             progress=progress,
+            replicas=int(settings.get("replicas") or 1),
+            replica_weights=str(settings.get("replica_weights") or "mbar"),
         )
 
     def _build(

@@ -59,6 +59,17 @@ def _has_compiled_flow(generator: torch.nn.Module) -> bool:
     return any(is_compiled(m) for m in generator.modules())
 
 
+def _weights_cdf(weights: Tensor, data: Tensor) -> Tensor:
+    """Normalised cumulative weights ``(n,)`` float64 (CPU) of the ``n`` data rows."""
+    w = torch.as_tensor(weights).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    if w.numel() != data.shape[0]:
+        raise ValueError(f"data_weights has {w.numel()} entries for {data.shape[0]} data rows")
+    if not torch.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise ValueError("data_weights must be finite, non-negative and not all zero")
+    cdf = torch.cumsum(w, 0)
+    return cdf / cdf[-1]
+
+
 class TrainingStalled(RuntimeError):
     """Nearly every recent step was skipped (non-finite loss or gradient): the weights
     stopped changing, so running on would only waste time."""
@@ -274,13 +285,16 @@ class Trainer:
         w_iw: float = 0.0,
         temperature: float = 1.0,
         resample_every: int | None = None,
+        data_weights: Tensor | None = None,
     ) -> list[dict]:
         """Run ``steps`` optimisation steps; returns the history records of those steps.
 
         ``data`` ``(n, dim)`` is required when the ML weight is positive; NaN/inf rows
-        raise ``ValueError``. Weights, learning rate and batch sizes default to the
-        trainer's settings; ``w_iw``, ``temperature`` and ``resample_every`` are those of
-        :class:`Phase`.
+        raise ``ValueError``. ``data_weights`` ``(n,)`` (non-negative, not all 0; e.g.
+        :func:`~bgflow_mini.replica_pool.pool_log_weights` exponentiated) draws data rows
+        with probability proportional to them instead of uniformly. Weights, learning
+        rate and batch sizes default to the trainer's settings; ``w_iw``, ``temperature``
+        and ``resample_every`` are those of :class:`Phase`.
         """
         w_ml = self.w_ml if w_ml is None else float(w_ml)
         w_kl = self.w_kl if w_kl is None else float(w_kl)
@@ -298,6 +312,7 @@ class Trainer:
             if data is None:
                 raise ValueError("w_ml > 0 needs data: fit(steps, data=...)")
             data = self._check_data(data)
+        cdf = None if data_weights is None or w_ml == 0 else _weights_cdf(data_weights, data)
         if (w_kl > 0 or self.ess_every > 0) and self.generator.energy is None:
             raise ValueError("reverse KL and ESS need a generator with an energy")
         if lr is not None:
@@ -311,7 +326,7 @@ class Trainer:
         start = len(self.history)
         bar = tqdm(range(int(steps)), disable=not self.progress, desc=name or "train")
         for _ in bar:
-            record = self._train_step(data, w_ml, w_kl, bs, kl_bs, anneal)
+            record = self._train_step((data, cdf), w_ml, w_kl, bs, kl_bs, anneal)
             record["phase"] = name
             checked = self._periodic(record)
             self._pending.append(record)
@@ -365,8 +380,14 @@ class Trainer:
             "start, or a lower learning rate"
         )
 
-    def fit_phases(self, phases: Sequence[Phase], data: Tensor | None = None) -> list[dict]:
-        """Run a schedule of :class:`Phase` objects, continuing from ``self.step``.
+    def fit_phases(
+        self,
+        phases: Sequence[Phase],
+        data: Tensor | None = None,
+        data_weights: Tensor | None = None,
+    ) -> list[dict]:
+        """Run a schedule of :class:`Phase` objects, continuing from ``self.step``
+        (``data_weights`` as in :meth:`fit`).
 
         Steps already done (e.g. after :meth:`load_checkpoint`) are not repeated, so
         calling this again with the same phases resumes an interrupted schedule. Every
@@ -391,12 +412,13 @@ class Trainer:
                     w_iw=phase.w_iw,
                     temperature=phase.temperature,
                     resample_every=phase.resample_every,
+                    data_weights=data_weights,
                 )
             done = end
         return records
 
     # ------------------------------------------------------------------ one step
-    def _train_step(self, data, w_ml: float, w_kl: float, bs: int, kl_bs: int, anneal) -> dict:
+    def _train_step(self, weighted, w_ml: float, w_kl: float, bs: int, kl_bs: int, anneal) -> dict:
         """One optimisation step.
 
         With several ranks every loss term below is this rank's *contribution*: the mean
@@ -427,7 +449,8 @@ class Trainer:
             buffered = self.draws.buffer_batch(self.buffer, bs, self.step).detach()
             ml_terms.append(("nll_iw", w_iw, buffered))
         if w_ml > 0:
-            ml_terms.append(("nll", w_ml, self.draws.data_batch(data, bs, self.step)))
+            data, cdf = weighted
+            ml_terms.append(("nll", w_ml, self.draws.data_batch(data, bs, self.step, cdf)))
         if len(ml_terms) > 1 and not _has_compiled_flow(gen):
             # one flow pass for both: the maps act per sample, so the values are those of
             # separate passes, at the per-call cost of one (issue 14); a compiled flow keeps

@@ -201,3 +201,44 @@ def test_remd_1fs_config_keeps_the_cache_key_of_the_earlier_default() -> None:
         )
         != key
     )
+
+
+def test_kept_replicas_are_cached_and_pooled(tmp_path: Path) -> None:
+    """``keep_replicas = k`` saves the positions of the k lowest temperatures (a new cache
+    key; k = 1 keeps the old one); ``load_dataset(replicas=k)`` pools their training-time
+    frames with each frame's replica index and energy."""
+    from bgflow_mini.md import resolve_settings, simulate_from_settings
+
+    settings = {**SETTINGS, "n_replicas": 3}
+    plain = resolve_settings(settings, 300.0)
+    assert resolve_settings({**settings, "keep_replicas": 1}, 300.0) == plain
+    assert resolve_settings({**settings, "keep_replicas": 2}, 300.0)["keep_replicas"] == 2
+    for bad in (0, 4, True, 1.5):
+        with pytest.raises(ValueError, match="keep_replicas"):
+            resolve_settings({**settings, "keep_replicas": bad}, 300.0)
+
+    entry = run(tmp_path, n_replicas=3, keep_replicas=2)
+    assert (entry.path / "replica_traj.h5").is_file()
+    assert "replica_traj.h5" in entry.meta["files"]
+    assert run(tmp_path, n_replicas=3).key != entry.key  # keep_replicas = 1: another entry
+    assert not (run(tmp_path, n_replicas=3).path / "replica_traj.h5").exists()
+
+    # the saved hot frames are the MD's replica 1 (same seed and workers: same trajectory)
+    md = simulate_from_settings(
+        toy_system(), {**settings, "keep_replicas": 2}, n_workers=1, progress=False
+    )
+    assert md.replica_positions.shape == (3, 40, 2, 3)
+    ds = load_dataset(entry, fractions=(0.5, 0.25, 0.25), stride=2, replicas=2)
+    n_tr = len(ds.train_idx)
+    assert ds.pool.shape == (2 * n_tr, 6)
+    assert torch.equal(ds.pool[:n_tr], ds.train)
+    hot = md.replica_positions[1, ::2][ds.train_idx].reshape(n_tr, 6)
+    np.testing.assert_allclose(ds.pool[n_tr:].numpy(), hot, atol=1e-6)
+    assert ds.pool_replica.tolist() == [0] * n_tr + [1] * n_tr
+    np.testing.assert_allclose(ds.pool_energies[n_tr:], md.replica_energies[1, ::2][ds.train_idx])
+    np.testing.assert_allclose(ds.temperatures, entry.meta["settings"]["temperatures"][:2])
+    assert load_dataset(entry).pool is None  # replicas = 1: the target's frames only
+    with pytest.raises(CacheError, match="keep_replicas=3"):
+        load_dataset(entry, replicas=3)
+    with pytest.raises(ValueError, match="replicas"):
+        load_dataset(entry, replicas=0)

@@ -267,3 +267,43 @@ def test_summary_says_why_there_is_no_md_reference():
     assert "inf" not in table and table.count("do not visit both states") == 3
     row = "| dF phi_2_negative -> phi_2_positive (kT): reweighted / reference | 9.000 ± 2.700"
     assert row in table
+
+
+def test_molecular_data_pools_replicas_with_their_weights(tmp_path):
+    """``replicas=2``: the ML rows are both temperatures' training frames, weighted by MBAR
+    (or equally); validation, test and the reference stay at the target temperature."""
+    from test_data import SETTINGS, toy_system
+
+    from bgflow_mini.pipeline import molecular_data
+    from bgflow_mini.replica_pool import pool_log_weights
+
+    settings = {**SETTINGS, "n_replicas": 3, "keep_replicas": 2}
+    kw = dict(fractions=(0.5, 0.25, 0.25), n_workers=1, progress=False, log=None)
+    plain = molecular_data(toy_system(), settings, tmp_path, **kw)
+    assert plain.pool is None and "replica_pool" not in plain.info
+    rows, weights = plain.ml_data()
+    assert rows is plain.train and weights is None
+    split = molecular_data(toy_system(), settings, tmp_path, replicas=2, **kw)
+    torch.testing.assert_close(split.test, plain.test)
+    rows, weights = split.ml_data()
+    n = plain.train.shape[0]
+    assert rows.shape == (2 * n, 6) and torch.equal(rows[:n], plain.train)
+    pool = split.info["replica_pool"]
+    assert pool["n_frames"] == 2 * n and pool["target_frames"] == n
+    assert sum(pool["weight_share"]) == pytest.approx(1.0)
+    assert pool["weight_share"][0] > pool["weight_share"][1] > 0  # the hotter replica counts less
+    expect = pool_log_weights(
+        np.load(split.info["cache_path"] + "/replica_energies.npy")[:2, :n].reshape(-1),
+        np.repeat([0, 1], n),
+        np.array(pool["temperatures"]),
+    )
+    torch.testing.assert_close(weights / weights.sum(), torch.as_tensor(np.exp(expect)))
+    equal = molecular_data(
+        toy_system(), settings, tmp_path, replicas=2, replica_weights="equal", **kw
+    )
+    _, w_eq = equal.ml_data()
+    assert torch.all(w_eq == w_eq[0]) and equal.info["replica_pool"][
+        "kish_frames"
+    ] == pytest.approx(2 * n)
+    with pytest.raises(ValueError, match="replica_weights"):
+        molecular_data(toy_system(), settings, tmp_path, replicas=2, replica_weights="kish", **kw)

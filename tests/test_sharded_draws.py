@@ -60,3 +60,15 @@ def test_buffer_batch_draws_from_the_buffer():
         batch = ShardedDraws(_Gen(), 0, shards).buffer_batch(buf, 6, step=0)
         assert batch.shape == (6, 2)
         assert all((row == buf.x).all(1).any() for row in batch)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_weighted_data_batches_follow_the_weights(shards):
+    data = torch.arange(4, dtype=torch.float64)[:, None].repeat(1, 2)
+    w = torch.tensor([0.0, 1.0, 3.0, 0.0], dtype=torch.float64)
+    cdf = torch.cumsum(w, 0) / w.sum()
+    draws = ShardedDraws(_Gen(), 0, shards)
+    rows = torch.cat([draws.data_batch(data, 400, step=s, cdf=cdf)[:, 0] for s in range(10)])
+    counts = torch.bincount(rows.long(), minlength=4)
+    assert counts[0] == 0 and counts[3] == 0  # zero weight: never drawn
+    assert counts[2] / counts.sum() == pytest.approx(0.75, abs=0.03)  # 4,000 draws: 3 sigma

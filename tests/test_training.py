@@ -353,3 +353,32 @@ def test_ml_and_weighted_ml_batches_share_one_flow_pass(compiled):
     assert rec["nll"] == pytest.approx(want_ml, rel=1e-12, abs=1e-12)
     assert rec["loss"] == pytest.approx(0.5 * want_iw + want_ml, rel=1e-12, abs=1e-12)
     assert want_iw != pytest.approx(want_ml)  # two different batches
+
+
+def test_data_weights_choose_which_rows_are_fitted():
+    """Weighted rows: the ML fit follows the weights (zero-weight rows are ignored)."""
+    g = torch.Generator().manual_seed(3)
+    good = torch.randn(256, 2, generator=g) + 1.0
+    far = torch.randn(256, 2, generator=g) - 5.0
+    rows = torch.cat([good, far])
+    weights = torch.cat([torch.ones(256), torch.zeros(256)])
+    fit = {}
+    for name, w in (("weighted", weights), ("uniform", None)):
+        bg = make_bg(seed=0)
+        Trainer(bg, lr=1e-2, batch_size=128, progress=False).fit(
+            200, data=rows, w_ml=1.0, data_weights=w
+        )
+        with torch.no_grad():
+            fit[name] = (bg.sample(4000).mean(0), bg.log_prob(good).mean())
+    # the best possible mean log density of N(1, I) samples is -(1 + ln 2 pi) = -2.84
+    assert torch.all((fit["weighted"][0] - 1.0).abs() < 0.3)
+    assert fit["weighted"][1] > -2.95
+    assert torch.all(fit["uniform"][0] < -0.5)  # the pooled rows' mean is -2
+    assert fit["uniform"][1] < -3.3  # half the mass spent on the far rows: about -2.84 - ln 2
+    trainer = Trainer(make_bg(), progress=False)
+    with pytest.raises(ValueError, match="512 data rows"):
+        trainer.fit(1, data=rows, data_weights=torch.ones(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        trainer.fit(1, data=rows, data_weights=-weights)
+    with pytest.raises(ValueError, match="non-negative"):
+        trainer.fit(1, data=rows, data_weights=torch.zeros(512))

@@ -173,11 +173,25 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         fractions=list(cfg.data.fractions),
         stride=cfg.data.stride,
         n_workers=resources.md_workers,
+        replicas=cfg.data.get("replicas", 1),
+        replica_weights=cfg.data.get("replica_weights", "mbar"),
         seed=int(cfg.seed),
         progress=bool(cfg.progress) and main,
     )
     if main:
         ctx.barrier()
+    pool = data.info.get("replica_pool")
+    if pool and main:
+        log.info(
+            "ML data: %d frames of the %d lowest temperatures (%s weights; Kish effective "
+            "%.0f frames, target temperature alone %d); weight shares %s",
+            pool["n_frames"],
+            pool["replicas"],
+            pool["weighting"],
+            pool["kish_frames"],
+            pool["target_frames"],
+            " / ".join(f"{s:.3f}" for s in pool["weight_share"]),
+        )
     tc = cfg.training
     energy = target.energy(instantiate(cfg.energy, **resources.energy_kwargs()))
     train_energy = instantiate(tc.regularization)(energy) if tc.regularization else energy
@@ -256,7 +270,8 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         overfit.replay(trainer.history)
     t_train, steps_before = time.time(), trainer.step
     try:
-        trainer.fit_phases(phases, data=data.train)
+        ml_rows, ml_weights = data.ml_data()  # replica pool (data.replicas > 1) or train
+        trainer.fit_phases(phases, data=ml_rows, data_weights=ml_weights)
         train_time = time.time() - t_train
         trainer.save_checkpoint(latest, extra)  # the last step's state, for resuming (rank 0)
         selected = trainer.finalize(str(tc.get("select", "last")))  # the weights to evaluate

@@ -140,7 +140,7 @@ RUNTIME: Rules = [  # every app
     *rows(BOOL, "progress"),
 ]
 MD: Rules = [  # absent keys take bgflow_mini.md.MD_DEFAULTS
-    *rows(POS_INT, "n_frames", "save_every", "n_replicas", "swap_every"),
+    *rows(POS_INT, "n_frames", "save_every", "n_replicas", "swap_every", "keep_replicas"),
     *rows(POS, "timestep", "t_max"),
     *rows(number(ge=0), "friction"),
     *rows(optional(POS), "temperature", "hydrogen_mass"),
@@ -196,6 +196,8 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
     *rows(integer(2), "flow.n_bins"),
     *rows(POS, "flow.tail_bound"),
     *rows(ACTIVATION, "flow.activation"),
+    *rows(POS_INT, "data.replicas"),
+    *rows(one_of(("mbar", "equal")), "data.replica_weights"),
 ]
 SAMPLE: Rules = [
     *RUNTIME,
@@ -304,7 +306,27 @@ def _md(d: Mapping) -> list[str]:
         return [f"md={_show(md)}: must be a mapping of MD settings"]
     from bgflow_mini.md import MD_DEFAULTS  # imports OpenMM: only when there is an md section
 
-    return _unknown(md, MD_DEFAULTS, "md") + _apply(md, MD, "md.", absent_ok=True)
+    lines = _unknown(md, MD_DEFAULTS, "md") + _apply(md, MD, "md.", absent_ok=True)
+    return lines + _replicas(d, md, MD_DEFAULTS)
+
+
+def _replicas(d: Mapping, md: Mapping, defaults: Mapping) -> list[str]:
+    """``data.replicas`` pools saved replicas: at most ``md.keep_replicas`` of the ladder."""
+    k = _get(d, "data.replicas")
+    keep = md.get("keep_replicas", defaults["keep_replicas"])
+    temps = md.get("temperatures")
+    n_rep = len(temps) if isinstance(temps, list) else md.get("n_replicas", 1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (keep, n_rep)):
+        return []  # reported by the rules above
+    lines = []
+    if keep > n_rep:
+        lines.append(f"md.keep_replicas={keep}: at most the {n_rep} replicas the MD runs")
+    if isinstance(k, int) and not isinstance(k, bool) and k > keep:
+        lines.append(
+            f"data.replicas={k}: pools the frames of {k} replicas, but md.keep_replicas={keep} "
+            f"saves {keep}; set md.keep_replicas={k} (the MD keeps the {k} lowest temperatures)"
+        )
+    return lines
 
 
 def _state_problems(states: Mapping, cvs: Mapping | None, where: str) -> list[str]:
