@@ -445,3 +445,17 @@ def test_symmetrize_checks_the_flips_before_any_work(monkeypatch):
 
     toy = as_target(DoubleWell())  # nothing to flip: symmetrize=true (the default) is a no-op
     validate_train_config(load("train", ["system=double_well"]), target=toy)
+
+
+def test_replica_pool_checks_pymbar_before_any_md(monkeypatch):
+    """MBAR weights need pymbar: without it the config is refused before any MD is run;
+    equal weights do not need it."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "pymbar" else real(name, *a)
+    )
+    pooled = ["md.keep_replicas=2", "data.replicas=2"]
+    raises(validate_train_config, load("train", pooled), "data.replicas=2", "bgflow_mini[mbar]")
+    validate_train_config(load("train", [*pooled, "data.replica_weights=equal"]))
