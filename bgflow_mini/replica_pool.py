@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 
 import numpy as np
@@ -37,10 +38,23 @@ WEIGHTINGS = ("mbar", "equal")
 R_KJ = 8.314462618e-3  # kJ/(mol K)
 
 
-def _pymbar():
-    """``pymbar`` (the ``mbar`` extra), imported quietly (its import prints notices)."""
+@contextlib.contextmanager
+def _quiet():
+    """Silence pymbar's import notices (stdout) and its solver log (the ``pymbar`` logger)."""
+    logger = logging.getLogger("pymbar")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _pymbar():
+    """``pymbar`` (the ``mbar`` extra)."""
+    try:
+        with _quiet():
             import pymbar
     except ImportError as err:  # pragma: no cover - the test extra installs it
         raise ImportError(
@@ -83,7 +97,9 @@ def temperature_log_weights(
     u_kn = u[None, :] / (R_KJ * temps[:, None])
     # frames in ladder order, as pymbar expects; weights are returned in the input order
     order = np.argsort(rep, kind="stable")
-    mbar = _pymbar().MBAR(u_kn[:, order], n_k, initialize="BAR" if len(temps) > 1 else "zeros")
+    pymbar = _pymbar()
+    with _quiet():
+        mbar = pymbar.MBAR(u_kn[:, order], n_k, initialize="BAR" if len(temps) > 1 else "zeros")
     f = np.asarray(mbar.f_k, dtype=np.float64)
     log_denominator = logsumexp(f[:, None] - u_kn, b=n_k[:, None].astype(float), axis=0)
     log_w = f[target] - u_kn[target] - log_denominator
