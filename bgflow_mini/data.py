@@ -351,6 +351,10 @@ class MDDataset:
     pool_replica: np.ndarray | None = None
     pool_energies: np.ndarray | None = None
     temperatures: np.ndarray | None = None
+    # ... and every (strided) frame of those replicas in time order, (k, n, n_atoms * 3) nm,
+    # with their potential energies (k, n) kJ/mol (replica 0's are ``positions``)
+    replica_positions: torch.Tensor | None = None
+    replica_energies: np.ndarray | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -416,8 +420,9 @@ def _load_pool(ds: MDDataset, folder: Path, k: int, stride: int, dtype: torch.dt
     hot = load_trajectory(folder / REPLICA_TRAJ, verify=False)
     xyz = hot.xyz.reshape(kept - 1, n, -1)[: k - 1, ::stride]
     tr = ds.train_idx  # indices of the strided frames, the same times in every replica
-    parts = [ds.train] + [torch.as_tensor(xyz[r][tr], dtype=dtype) for r in range(k - 1)]
-    ds.pool = torch.cat(parts)
+    ds.replica_positions = torch.cat([ds.positions[None], torch.as_tensor(xyz, dtype=dtype)])
+    ds.replica_energies = u_all[:k, ::stride]
+    ds.pool = ds.replica_positions[:, tr].reshape(k * len(tr), -1)
     ds.pool_replica = np.repeat(np.arange(k), len(tr))
-    ds.pool_energies = np.concatenate([u_all[r, ::stride][tr] for r in range(k)])
+    ds.pool_energies = ds.replica_energies[:, tr].reshape(-1)
     ds.temperatures = temps

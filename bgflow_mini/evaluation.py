@@ -142,31 +142,45 @@ def state_masks(
 
 
 def block_free_energy(
-    in_a, in_b, n_blocks: int = 20, n_bootstrap: int = 500, seed: int = 0
+    in_a,
+    in_b,
+    n_blocks: int = 20,
+    n_bootstrap: int = 500,
+    seed: int = 0,
+    weights=None,
 ) -> tuple[float, float]:
     """ΔF = -ln(P_b / P_a) of a time series of state labels, with a block-bootstrap error.
 
-    ``in_a``, ``in_b``: boolean masks ``(n_frames,)`` in time order (e.g. MD frames).
-    The series is cut into ``n_blocks`` contiguous blocks that are resampled with
-    replacement, so correlated frames do not shrink the error. Returns ``(dF, stderr)``
-    in kT; a state never visited gives ``inf`` and a replicate without a visit is
-    dropped from the error estimate.
+    ``in_a``, ``in_b``: boolean masks ``(n_frames,)`` in time order (e.g. MD frames), or
+    ``(n_series, n_frames)`` for several series sampled at the same times (e.g. the
+    replicas of a replica exchange). The time axis is cut into ``n_blocks`` contiguous
+    blocks (the same times in every series) that are resampled with replacement, so
+    correlated frames do not shrink the error. ``weights`` (same shape, non-negative;
+    e.g. MBAR weights of pooled replicas) weight each frame; default 1. Returns
+    ``(dF, stderr)`` in kT; a state never visited gives ``inf`` and a replicate without
+    a visit is dropped from the error estimate.
     """
     a = np.asarray(in_a, dtype=bool)
     b = np.asarray(in_b, dtype=bool)
-    if a.shape != b.shape or a.ndim != 1:
+    if a.shape != b.shape or a.ndim not in (1, 2):
         raise ValueError(
-            f"in_a and in_b must be 1-D masks of equal length, got {a.shape}, {b.shape}"
+            f"in_a and in_b must be 1-D (or series x time) masks of equal shape, got "
+            f"{a.shape}, {b.shape}"
         )
-    if n_blocks < 2 or a.size < n_blocks:
-        raise ValueError(f"need 2 <= n_blocks <= n_frames, got {n_blocks} for {a.size} frames")
-    na, nb = a.sum(), b.sum()
+    w = np.ones(a.shape) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != a.shape or not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"weights must be finite, non-negative, of shape {a.shape}")
+    a, b, w = np.atleast_2d(a), np.atleast_2d(b), np.atleast_2d(w)
+    n_time = a.shape[1]
+    if n_blocks < 2 or n_time < n_blocks:
+        raise ValueError(f"need 2 <= n_blocks <= n_frames, got {n_blocks} for {n_time} frames")
+    na, nb = (w * a).sum(), (w * b).sum()
     if na == 0 or nb == 0:
         return (math.inf if nb == 0 else -math.inf), math.inf
     dF = -math.log(nb / na)
-    blocks = np.array_split(np.arange(a.size), n_blocks)
-    ca = np.array([a[i].sum() for i in blocks], dtype=float)
-    cb = np.array([b[i].sum() for i in blocks], dtype=float)
+    blocks = np.array_split(np.arange(n_time), n_blocks)
+    ca = np.array([(w[:, i] * a[:, i]).sum() for i in blocks], dtype=float)
+    cb = np.array([(w[:, i] * b[:, i]).sum() for i in blocks], dtype=float)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n_blocks, size=(n_bootstrap, n_blocks))
     sa, sb = ca[idx].sum(1), cb[idx].sum(1)

@@ -322,23 +322,38 @@ def md_delta_f(
     n_blocks: int = 20,
     n_bootstrap: int = 200,
     seed: int = 0,
+    log_w: np.ndarray | None = None,
+    n_series: int = 1,
 ) -> dict:
     """ΔF = F_b - F_a (kT) of MD frames in time order, with block-bootstrap stderr.
 
+    ``n_series > 1``: the frames are that many series of equal length sampled at the same
+    times, series after series (e.g. replicas of a replica exchange), and blocks of time
+    are resampled in all of them at once. ``log_w`` (frames,) weights the frames (e.g. MBAR
+    weights of pooled replicas for the target temperature).
+
     Returns ``{"dF", "stderr", "n_a", "n_b", "population_a", "population_b", "ess"}``
-    (``ess`` is 1: the frames are counted, not weighted).
+    (``ess``: the Kish effective fraction of the weights, 1 for counted frames).
     """
     a, b = _disjoint_masks(cv_values, states, cvs, state_a, state_b)
-    n_blocks = min(n_blocks, len(a))
-    dF, err = block_free_energy(a, b, n_blocks=n_blocks, n_bootstrap=n_bootstrap, seed=seed)
+    if n_series < 1 or len(a) % n_series:
+        raise ValueError(f"{len(a)} frames do not split into n_series={n_series} equal series")
+    w = np.ones(len(a)) if log_w is None else np.exp(log_w - np.max(log_w))
+    if w.shape != a.shape:
+        raise ValueError(f"log_w has shape {w.shape}, expected {a.shape}")
+    shape = (n_series, len(a) // n_series)
+    n_blocks = min(n_blocks, shape[1])
+    dF, err = block_free_energy(
+        a.reshape(shape), b.reshape(shape), n_blocks, n_bootstrap, seed, w.reshape(shape)
+    )
     return {
         "dF": dF,
         "stderr": err,
-        "ess": 1.0,
+        "ess": float(w.sum() ** 2 / (len(w) * (w**2).sum())),
         "n_a": int(a.sum()),
         "n_b": int(b.sum()),
-        "population_a": float(a.mean()),
-        "population_b": float(b.mean()),
+        "population_a": float((w * a).sum() / w.sum()),
+        "population_b": float((w * b).sum() / w.sum()),
     }
 
 

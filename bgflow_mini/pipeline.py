@@ -49,7 +49,10 @@ class DataSplit:
 
     ``pool`` / ``pool_log_weights`` (``replicas > 1`` in :func:`molecular_data`): the
     frames the maximum-likelihood term draws from instead of ``train`` (several
-    temperatures' training-time frames) and their log weights ``(n_pool,)``.
+    temperatures' training-time frames) and their log weights ``(n_pool,)``;
+    ``reference_pool`` / ``reference_pool_log_weights``: every frame of those temperatures
+    (replica after replica, each in time order) with MBAR weights for the target
+    temperature, the evaluation's main MD reference (``"md_mbar"``).
     """
 
     train: Tensor
@@ -59,6 +62,8 @@ class DataSplit:
     info: dict = field(default_factory=dict)
     pool: Tensor | None = None
     pool_log_weights: Tensor | None = None
+    reference_pool: Tensor | None = None
+    reference_pool_log_weights: Tensor | None = None
 
     def ml_data(self) -> tuple[Tensor, Tensor | None]:
         """The maximum-likelihood rows and their draw weights (None: uniform draws)."""
@@ -126,6 +131,16 @@ def molecular_data(
             "weight_share": [float(w[ds.pool_replica == r].sum()) for r in range(replicas)],
         }
         split.pool, split.pool_log_weights = ds.pool, torch.as_tensor(lw)
+        k = int(replicas)
+        split.reference_pool = ds.replica_positions.reshape(-1, ds.replica_positions.shape[-1])
+        ref_lw = pool_log_weights(
+            ds.replica_energies.reshape(-1),
+            np.repeat(np.arange(k), ds.replica_energies.shape[1]),
+            ds.temperatures,
+            "mbar",
+        )
+        split.reference_pool_log_weights = torch.as_tensor(ref_lw)
+        info["replica_pool"]["reference_kish_frames"] = kish_size(ref_lw)
     return split
 
 
@@ -335,11 +350,11 @@ def evaluate(
     ref_values = None
     pairs = [(state_a, state_b), *fe.sign_state_pairs(states).values()]
     if any(target.reference_delta_f(a, b) is None for a, b in pairs):
-        ref_values = cvmod.compute_cvs(data.reference.numpy(), cvs, needed)
+        ref_values = _md_references(data, cvs, needed)
     args = (states, cvs, state_a, state_b)
     rw = fe.state_delta_f(values, *args, log_w, n_bootstrap, seed)
     raw = fe.state_delta_f({k: v[finite] for k, v in values.items()}, *args, None, n_bootstrap)
-    ref, ref_err, ref_kind = _reference_delta_f(
+    ref, ref_err, ref_kind, ref_extra = _reference_delta_f(
         target, ref_values, states, cvs, state_a, state_b, n_blocks, n_bootstrap, seed
     )
     metrics = {
@@ -359,6 +374,7 @@ def evaluate(
         "dF_reference": ref,
         "dF_reference_stderr": ref_err,
         "dF_reference_kind": ref_kind,
+        **ref_extra,
         "dF_error": rw["dF"] - ref if math.isfinite(rw["dF"]) else math.inf,
         "state_populations": _populations(values, states, cvs, log_w, finite),
         "state_delta_f": _state_delta_fs(
@@ -390,15 +406,38 @@ def _needed_cvs(cvs: Mapping, states: Mapping) -> list[str]:
     return list(names)
 
 
+def _md_references(data: DataSplit, cvs: Mapping, needed: list[str]) -> list[tuple]:
+    """MD references ``(kind, cv values, log weights, n_series)``, the main one first:
+    ``"md_mbar"`` (every frame of the pooled replicas, MBAR-weighted) when the data has a
+    replica pool, then ``"md"`` (the target temperature's frames)."""
+    refs = [("md", cvmod.compute_cvs(data.reference.numpy(), cvs, needed), None, 1)]
+    if data.reference_pool is not None:
+        values = cvmod.compute_cvs(data.reference_pool.numpy(), cvs, needed)
+        lw = data.reference_pool_log_weights.numpy()
+        n_series = data.reference_pool.shape[0] // data.reference.shape[0]
+        refs.insert(0, ("md_mbar", values, lw, n_series))
+    return refs
+
+
 def _reference_delta_f(
-    target, ref_values, states, cvs, state_a, state_b, n_blocks, n_bootstrap, seed
-) -> tuple[float, float, str]:
-    """``(dF, stderr, kind)``: the target's exact ΔF, else that of the MD frames."""
+    target, refs, states, cvs, state_a, state_b, n_blocks, n_bootstrap, seed
+) -> tuple[float, float, str, dict]:
+    """``(dF, stderr, kind, extra)``: the target's exact ΔF, else that of the main MD
+    reference (:func:`_md_references`); ``extra`` holds the others as
+    ``dF_reference_<kind>`` and ``dF_reference_<kind>_stderr``."""
     exact = target.reference_delta_f(state_a, state_b)
     if exact is not None:
-        return float(exact), 0.0, "exact"
-    md = fe.md_delta_f(ref_values, states, cvs, state_a, state_b, n_blocks, n_bootstrap, seed)
-    return md["dF"], md["stderr"], "md"
+        return float(exact), 0.0, "exact", {}
+    out = []
+    for kind, values, lw, n_series in refs:
+        md = fe.md_delta_f(
+            values, states, cvs, state_a, state_b, n_blocks, n_bootstrap, seed, lw, n_series
+        )
+        out.append((md["dF"], md["stderr"], kind))
+    extra = {}
+    for dF, err, kind in out[1:]:
+        extra[f"dF_reference_{kind}"], extra[f"dF_reference_{kind}_stderr"] = dF, err
+    return (*out[0], extra)
 
 
 def _state_delta_fs(target, values, ref_values, log_w, n_blocks, n_bootstrap, seed) -> dict:
@@ -412,7 +451,7 @@ def _state_delta_fs(target, values, ref_values, log_w, n_blocks, n_bootstrap, se
     for name, (a, b) in fe.sign_state_pairs(states).items():
         try:
             rw = fe.state_delta_f(values, states, cvs, a, b, log_w, n_bootstrap, seed)
-            ref, ref_err, kind = _reference_delta_f(
+            ref, ref_err, kind, extra = _reference_delta_f(
                 target, ref_values, states, cvs, a, b, n_blocks, n_bootstrap, seed
             )
         except ValueError as err:
@@ -426,6 +465,7 @@ def _state_delta_fs(target, values, ref_values, log_w, n_blocks, n_bootstrap, se
             "dF_reference": ref,
             "reference_stderr": ref_err,
             "reference_kind": kind,
+            **{k.replace("dF_reference", "reference"): v for k, v in extra.items()},
             "error": rw["dF"] - ref if math.isfinite(rw["dF"]) else math.inf,
         }
     return out

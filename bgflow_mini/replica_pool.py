@@ -58,8 +58,7 @@ def _pymbar():
             import pymbar
     except ImportError as err:  # pragma: no cover - the test extra installs it
         raise ImportError(
-            "pooling replica frames with MBAR weights needs pymbar: pip install "
-            "'bgflow_mini[mbar]' (or data.replica_weights=equal)"
+            "MBAR weights of pooled replica frames need pymbar: pip install 'bgflow_mini[mbar]'"
         ) from err
     return pymbar
 

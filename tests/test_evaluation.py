@@ -48,3 +48,24 @@ def test_largest_weights_edge_cases():
         largest_weights([0.0, 1.0], [0.0])
     with pytest.raises(ValueError, match="positive int"):
         largest_weights([0.0], [0.0], k=0)
+
+
+def test_block_free_energy_with_series_and_weights():
+    """Series sampled at the same times are blocked together; weights count frames."""
+    from bgflow_mini.evaluation import block_free_energy
+
+    rng = np.random.default_rng(0)
+    a = rng.random((2, 400)) < 0.7
+    b = ~a
+    one = block_free_energy(a.ravel(), b.ravel(), 10, 50, 0)
+    ones = block_free_energy(a, b, 10, 50, 0, weights=np.ones(a.shape))
+    assert ones[0] == pytest.approx(-math.log(b.sum() / a.sum())) == pytest.approx(one[0])
+    w = np.where(a, 2.0, 1.0)  # doubling the weight of state a moves dF by ln 2
+    assert block_free_energy(a, b, 10, 50, 0, weights=w)[0] == pytest.approx(ones[0] + math.log(2))
+    w0 = np.stack([np.ones(400), np.zeros(400)])  # the second series weighs nothing
+    solo = block_free_energy(a[0], b[0], 10, 50, 0)
+    assert block_free_energy(a, b, 10, 50, 0, weights=w0) == pytest.approx(solo)
+    with pytest.raises(ValueError, match="non-negative"):
+        block_free_energy(a, b, 10, 50, 0, weights=-w)
+    with pytest.raises(ValueError, match="shape"):
+        block_free_energy(a, b, 10, 50, 0, weights=np.ones(3))

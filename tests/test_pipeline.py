@@ -298,6 +298,16 @@ def test_molecular_data_pools_replicas_with_their_weights(tmp_path):
         np.array(pool["temperatures"]),
     )
     torch.testing.assert_close(weights / weights.sum(), torch.as_tensor(np.exp(expect)))
+    # the evaluation's reference: every frame of both temperatures, MBAR-weighted
+    n_all = plain.reference.shape[0]
+    assert split.reference_pool.shape == (2 * n_all, 6)
+    assert torch.equal(split.reference_pool[:n_all], plain.reference)
+    u_all = np.load(split.info["cache_path"] + "/replica_energies.npy")[:2]
+    expect_all = pool_log_weights(
+        u_all.reshape(-1), np.repeat([0, 1], n_all), np.array(pool["temperatures"])
+    )
+    torch.testing.assert_close(split.reference_pool_log_weights, torch.as_tensor(expect_all))
+    assert n_all < pool["reference_kish_frames"] < 2 * n_all
     equal = molecular_data(
         toy_system(), settings, tmp_path, replicas=2, replica_weights="equal", **kw
     )
@@ -307,3 +317,36 @@ def test_molecular_data_pools_replicas_with_their_weights(tmp_path):
     ] == pytest.approx(2 * n)
     with pytest.raises(ValueError, match="replica_weights"):
         molecular_data(toy_system(), settings, tmp_path, replicas=2, replica_weights="kish", **kw)
+
+
+def test_evaluate_uses_the_pooled_mbar_reference_first(peptide):
+    """With a replica pool the main MD reference is the MBAR-weighted pool ("md_mbar");
+    the target temperature's frames alone stay in the metrics as ``dF_reference_md``."""
+    target, data, bg, energy = peptide
+    kw = dict(energy=energy, n_samples=1000, batch_size=1000, n_bootstrap=20, n_blocks=10)
+    ref = data.reference
+    # two series: the MD itself with weight 1 and a shuffled copy with weight 0, so the
+    # weighted reference must reproduce the plain one exactly
+    shuffled = ref[torch.randperm(ref.shape[0], generator=torch.Generator().manual_seed(0))]
+    lw = torch.cat([torch.zeros(ref.shape[0]), torch.full((ref.shape[0],), -torch.inf)])
+    pooled = copy.copy(data)
+    pooled.reference_pool = torch.cat([ref, shuffled])
+    pooled.reference_pool_log_weights = lw
+    m, _ = pipeline.evaluate(bg, target, pooled, progress=False, **kw)
+    plain, _ = pipeline.evaluate(bg, target, data, progress=False, **kw)
+    assert m["dF_reference_kind"] == "md_mbar" and plain["dF_reference_kind"] == "md"
+    assert m["dF_reference"] == pytest.approx(plain["dF_reference"])
+    assert m["dF_reference_md"] == plain["dF_reference"]
+    assert m["dF_reference_md_stderr"] == plain["dF_reference_stderr"]
+    chi = m["state_delta_f"]["chi1"]
+    assert chi["reference_kind"] == "md_mbar" and chi["reference_md"] == pytest.approx(
+        chi["dF_reference"]
+    )
+    # equal weights on the shuffled copy move the reference to the mean of the two
+    pooled.reference_pool_log_weights = torch.zeros(2 * ref.shape[0])
+    m_eq, _ = pipeline.evaluate(bg, target, pooled, progress=False, **kw)
+    assert m_eq["dF_reference"] == pytest.approx(plain["dF_reference"])  # same frames, twice
+    # ... but time blocks of the shuffled copy hold frames from all times: a smaller error
+    chi_eq, chi_plain = m_eq["state_delta_f"]["chi1"], plain["state_delta_f"]["chi1"]
+    assert chi_eq["dF_reference"] == pytest.approx(chi_plain["dF_reference"])
+    assert 0 < chi_eq["reference_stderr"] < chi_plain["reference_stderr"] < math.inf

@@ -448,8 +448,8 @@ def test_symmetrize_checks_the_flips_before_any_work(monkeypatch):
 
 
 def test_replica_pool_checks_pymbar_before_any_md(monkeypatch):
-    """MBAR weights need pymbar: without it the config is refused before any MD is run;
-    equal weights do not need it."""
+    """Pooled replicas need pymbar (MBAR weights for training and the MD reference):
+    without it the config is refused before any MD is run."""
     import importlib.util
 
     real = importlib.util.find_spec
@@ -458,4 +458,6 @@ def test_replica_pool_checks_pymbar_before_any_md(monkeypatch):
     )
     pooled = ["md.keep_replicas=2", "data.replicas=2"]
     raises(validate_train_config, load("train", pooled), "data.replicas=2", "bgflow_mini[mbar]")
-    validate_train_config(load("train", [*pooled, "data.replica_weights=equal"]))
+    equal = load("train", [*pooled, "data.replica_weights=equal"])
+    raises(validate_train_config, equal, "data.replicas=2", "bgflow_mini[mbar]")
+    validate_train_config(load("train", ["md.keep_replicas=2"]))  # saving them needs nothing

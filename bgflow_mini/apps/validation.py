@@ -327,13 +327,11 @@ def _replicas(d: Mapping, md: Mapping, defaults: Mapping) -> list[str]:
             f"data.replicas={k}: pools the frames of {k} replicas, but md.keep_replicas={keep} "
             f"saves {keep}; set md.keep_replicas={k} (the MD keeps the {k} lowest temperatures)"
         )
-    weighting = _get(d, "data.replica_weights")
-    if isinstance(k, int) and k > 1 and weighting in (_ABSENT, "mbar"):
-        if importlib.util.find_spec("pymbar") is None:
-            lines.append(
-                f"data.replicas={k}: MBAR weights need pymbar: pip install 'bgflow_mini[mbar]' "
-                "(or data.replica_weights=equal)"
-            )
+    if isinstance(k, int) and k > 1 and importlib.util.find_spec("pymbar") is None:
+        lines.append(
+            f"data.replicas={k}: the MBAR weights of pooled replicas (training weights and the "
+            "evaluation's MD reference) need pymbar: pip install 'bgflow_mini[mbar]'"
+        )
     return lines
 
 
