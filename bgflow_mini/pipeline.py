@@ -96,7 +96,9 @@ def molecular_data(
     training-time frames of the ``k`` lowest temperatures for the maximum-likelihood term,
     weighted by ``replica_weights`` (:func:`bgflow_mini.replica_pool.pool_log_weights`);
     ``info["replica_pool"]`` records the pool's size, Kish effective size and the weight
-    share of each temperature. Validation, test and reference stay target-temperature frames.
+    share of each temperature. Validation, test and ``reference`` stay target-temperature
+    frames; ``reference_pool`` adds every frame of the pooled temperatures with MBAR
+    weights for the target temperature (the evaluation's ``"md_mbar"`` reference).
     """
     from .data import generate_or_load, load_dataset
     from .replica_pool import WEIGHTINGS, kish_size, pool_log_weights

@@ -418,7 +418,7 @@ class Trainer:
         return records
 
     # ------------------------------------------------------------------ one step
-    def _train_step(self, weighted, w_ml: float, w_kl: float, bs: int, kl_bs: int, anneal) -> dict:
+    def _train_step(self, rows, w_ml: float, w_kl: float, bs: int, kl_bs: int, anneal) -> dict:
         """One optimisation step.
 
         With several ranks every loss term below is this rank's *contribution*: the mean
@@ -449,7 +449,7 @@ class Trainer:
             buffered = self.draws.buffer_batch(self.buffer, bs, self.step).detach()
             ml_terms.append(("nll_iw", w_iw, buffered))
         if w_ml > 0:
-            data, cdf = weighted
+            data, cdf = rows  # the data rows and their cumulative draw weights (or None)
             ml_terms.append(("nll", w_ml, self.draws.data_batch(data, bs, self.step, cdf)))
         if len(ml_terms) > 1 and not _has_compiled_flow(gen):
             # one flow pass for both: the maps act per sample, so the values are those of
