@@ -349,7 +349,7 @@ def md_delta_f(
     return {
         "dF": dF,
         "stderr": err,
-        "ess": float(w.sum() ** 2 / (len(w) * (w**2).sum())),
+        "ess": 1.0 if log_w is None else effective_sample_size(log_w),
         "n_a": int(a.sum()),
         "n_b": int(b.sum()),
         "population_a": float((w * a).sum() / w.sum()),

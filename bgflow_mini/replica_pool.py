@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
+from .reweighting import effective_sample_size
+
 __all__ = ["WEIGHTINGS", "temperature_log_weights", "pool_log_weights", "kish_size"]
 
 WEIGHTINGS = ("mbar", "equal")
@@ -124,5 +126,4 @@ def pool_log_weights(
 
 def kish_size(log_w: np.ndarray | torch.Tensor) -> float:
     """Kish effective number of frames ``(sum w)^2 / sum w^2`` of log weights ``(N,)``."""
-    lw = torch.as_tensor(log_w, dtype=torch.float64)
-    return float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)))
+    return effective_sample_size(log_w) * len(log_w)
