@@ -65,6 +65,7 @@ SUBMODULES = (
     "plotting",
     "records",
     "replica",
+    "replica_pool",
     "report",
     "reweighting",
     "ring_geometry",
