@@ -33,11 +33,11 @@ import torch
 from scipy.special import logsumexp
 
 from .reweighting import effective_sample_size
+from .units import kt_kjmol
 
 __all__ = ["WEIGHTINGS", "temperature_log_weights", "pool_log_weights", "kish_size"]
 
 WEIGHTINGS = ("mbar", "equal")
-R_KJ = 8.314462618e-3  # kJ/(mol K)
 
 
 @contextlib.contextmanager
@@ -95,7 +95,8 @@ def temperature_log_weights(
         )
     if not 0 <= target < len(temps):
         raise ValueError(f"target must be in 0..{len(temps) - 1}, got {target}")
-    u_kn = u[None, :] / (R_KJ * temps[:, None])
+    kt = np.array([kt_kjmol(float(t)) for t in temps])  # kJ/mol
+    u_kn = u[None, :] / kt[:, None]
     # frames in ladder order, as pymbar expects; weights are returned in the input order
     order = np.argsort(rep, kind="stable")
     pymbar = _pymbar()

@@ -7,12 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from bgflow_mini.replica_pool import (
-    R_KJ,
-    kish_size,
-    pool_log_weights,
-    temperature_log_weights,
-)
+from bgflow_mini.replica_pool import kish_size, pool_log_weights, temperature_log_weights
+from bgflow_mini.units import MOLAR_GAS_CONSTANT as R_KJ  # kJ/(mol K)
 
 K_SPRING = 100.0  # kJ/(mol nm^2)
 DIM = 6
