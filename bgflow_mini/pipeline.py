@@ -51,8 +51,8 @@ class DataSplit:
     frames the maximum-likelihood term draws from instead of ``train`` (several
     temperatures' training-time frames) and their log weights ``(n_pool,)``;
     ``reference_pool`` / ``reference_pool_log_weights``: every frame of those temperatures
-    (replica after replica, each in time order) with MBAR weights for the target
-    temperature, the evaluation's main MD reference (``"md_mbar"``).
+    (replica after replica, each in time order, the first being ``reference``) with MBAR
+    weights for the target temperature, the evaluation's main MD reference (``"md_mbar"``).
     """
 
     train: Tensor
@@ -412,13 +412,14 @@ def _md_references(data: DataSplit, cvs: Mapping, needed: list[str]) -> list[tup
     """MD references ``(kind, cv values, log weights, n_series)``, the main one first:
     ``"md_mbar"`` (every frame of the pooled replicas, MBAR-weighted) when the data has a
     replica pool, then ``"md"`` (the target temperature's frames)."""
-    refs = [("md", cvmod.compute_cvs(data.reference.numpy(), cvs, needed), None, 1)]
-    if data.reference_pool is not None:
-        values = cvmod.compute_cvs(data.reference_pool.numpy(), cvs, needed)
-        lw = data.reference_pool_log_weights.numpy()
-        n_series = data.reference_pool.shape[0] // data.reference.shape[0]
-        refs.insert(0, ("md_mbar", values, lw, n_series))
-    return refs
+    if data.reference_pool is None:
+        return [("md", cvmod.compute_cvs(data.reference.numpy(), cvs, needed), None, 1)]
+    # the pool's first series is the target temperature's reference: one CV computation
+    values = cvmod.compute_cvs(data.reference_pool.numpy(), cvs, needed)
+    n = data.reference.shape[0]
+    lw = data.reference_pool_log_weights.numpy()
+    target_only = {name: v[:n] for name, v in values.items()}
+    return [("md_mbar", values, lw, len(lw) // n), ("md", target_only, None, 1)]
 
 
 def _reference_delta_f(
