@@ -31,9 +31,10 @@ from . import free_energy_io as fe_io
 from .fileio import save_json
 from .reweighting import effective_sample_size
 
-__all__ = ["AnalysisSettings", "resolve_analysis", "analyse"]
+__all__ = ["AnalysisSettings", "MDReference", "resolve_analysis", "analyse"]
 
 SOURCES = ("md", "unweighted", "reweighted")
+TARGET_ONLY = "md_target_temperature"  # ΔF of the first MD series beside MBAR-weighted ones
 UNITS = {"torsion": "rad", "angle": "rad", "distance": "nm"}
 
 
@@ -56,6 +57,40 @@ class AnalysisSettings:
     plots: bool = True
     plot_max_f: float | None = 15.0
     plot_max_stderr: float | None = 5.0
+
+
+@dataclass
+class MDReference:
+    """MD reference frames for :func:`analyse`.
+
+    ``positions``: ``(n, dim)`` nm, in time order; with ``n_series > 1`` that many series
+    of equal length sampled at the same times, series after series (the replicas of a
+    replica exchange, the target temperature first), weighted to the target temperature
+    by ``log_w`` ``(n,)`` (MBAR: :func:`bgflow_mini.replica_pool.series_log_weights`).
+    ``temperatures``: K per series, for the record."""
+
+    positions: np.ndarray
+    path: str
+    log_w: np.ndarray | None = None
+    n_series: int = 1
+    temperatures: Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.positions)
+        if self.n_series < 1 or n % self.n_series:
+            raise ValueError(f"{n} MD frames do not split into {self.n_series} equal series")
+        if self.log_w is not None and np.shape(self.log_w) != (n,):
+            raise ValueError(f"log_w has shape {np.shape(self.log_w)}, expected ({n},)")
+
+    @property
+    def kind(self) -> str:
+        """``"md_mbar"`` for MBAR-weighted series, ``"md"`` for plain frames."""
+        return "md_mbar" if self.n_series > 1 else "md"
+
+    @property
+    def n_target(self) -> int:
+        """Frames of the first series (the target temperature)."""
+        return len(self.positions) // self.n_series
 
 
 @dataclass
@@ -108,15 +143,19 @@ def analyse(
     target: Any,
     out: str | Path,
     settings: AnalysisSettings,
-    md: tuple[np.ndarray, str] | None = None,
+    md: MDReference | tuple[np.ndarray, str] | None = None,
     md_energies: np.ndarray | None = None,
 ) -> tuple[dict, str]:
     """Run the analysis of a :class:`~bgflow_mini.samples.SampleSet` for ``target``.
 
-    ``md`` = (reference positions ``(n, dim)`` in time order, their path);
+    ``md``: an :class:`MDReference` (or ``(positions (n, dim) in time order, path)``);
+    with several MBAR-weighted series, the MD ΔF and PMFs are the weighted ones and the
+    target temperature's frames alone give ``md_target_temperature`` beside them.
     ``md_energies`` (kT) feed the energy histogram. Writes the outputs to ``out`` and
     returns ``(result dict, printable table)``.
     """
+    if isinstance(md, tuple):
+        md = MDReference(*md)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     an = resolve_analysis(settings, target)
@@ -129,24 +168,25 @@ def analyse(
     weights = {"reweighted": lw[keep], "unweighted": None}
     sources: dict[str, dict[str, np.ndarray]] = {}
     if md is not None:
-        sources["md"] = cvmod.compute_cvs(md[0], cvs, an.needed)
+        sources["md"] = cvmod.compute_cvs(md.positions, cvs, an.needed)
+        weights["md"] = md.log_w
     if sel["unweighted"].any():
         sources["unweighted"] = {k: v[sel["unweighted"]] for k, v in values.items()}
     if np.isfinite(weights["reweighted"]).any():
         sources["reweighted"] = {k: v[keep] for k, v in values.items()}
     ess = effective_sample_size(lw)
     labels = {
-        "md": "MD",
+        "md": "MD" if md is None or md.n_series == 1 else f"MD ({md.n_series} replicas, MBAR)",
         "unweighted": "generator",
         "reweighted": f"generator, reweighted (ESS {ess:.3g})",
     }
     nb, seed = int(st.n_bootstrap), int(st.seed)
-    dF = _delta_f(sources, weights, an.states, cvs, an.state_a, an.state_b, st)
+    dF = _delta_f(sources, weights, md, an.states, cvs, an.state_a, an.state_b, st)
     exact = target.reference_delta_f(an.state_a, an.state_b)
     pair_dF = {}
     for name, (a, b) in an.sign_pairs.items():
         try:
-            per_src = _delta_f(sources, weights, an.states, cvs, a, b, st)
+            per_src = _delta_f(sources, weights, md, an.states, cvs, a, b, st)
         except ValueError as err:  # overlapping states: no ΔF, the rest goes on
             pair_dF[name] = {"state_a": a, "state_b": b, "skipped": str(err)}
             continue
@@ -163,8 +203,8 @@ def analyse(
         for src, vals in sources.items():
             x = [vals[n] for n in names]
             if src == "md":
-                nbl = max(2, min(int(st.n_blocks), len(x[0])))
-                profiles[src] = fe.block_pmf(x, specs, edges, nbl, nb, seed)
+                nbl = max(2, min(int(st.n_blocks), md.n_target))
+                profiles[src] = fe.block_pmf(x, specs, edges, nbl, nb, seed, md.log_w, md.n_series)
             elif len(names) == 1:
                 profiles[src] = fe.pmf_1d(x[0], specs[0], edges[0], weights[src], nb, seed)[1:]
             else:
@@ -194,9 +234,14 @@ def analyse(
     result = {
         "system": target.name,
         "samples": str(samples.folder),
-        "md_reference": None if md is None else md[1],
+        "md_reference": None if md is None else md.path,
+        "md_reference_kind": None if md is None else md.kind,
+        "md_temperatures": None
+        if md is None or md.temperatures is None
+        else list(map(float, md.temperatures)),
         "n_samples": int(samples.n),
-        "n_md_frames": 0 if md is None else int(len(md[0])),
+        "n_md_frames": 0 if md is None else int(len(md.positions)),
+        "n_md_series": 0 if md is None else int(md.n_series),
         "ess": ess,
         "nonfinite_energy_fraction": float(1.0 - u_ok.mean()),
         "nonfinite_cv_fraction": float(1.0 - keep.mean()),
@@ -216,12 +261,15 @@ def analyse(
         "cvs": an.cvs,
         "cvs_2d": [list(p) for p in an.pairs],
         "settings": {"bins": int(st.bins), "n_bootstrap": nb, "n_blocks": int(st.n_blocks)},
-        "errors": "generator: i.i.d. bootstrap; MD: block bootstrap over n_blocks blocks",
+        "errors": "generator: i.i.d. bootstrap; MD: block bootstrap over n_blocks blocks"
+        + ("" if md is None or md.n_series == 1 else " of time, in every replica at once"),
         "files": files,
         "plots": plots,
     }
     save_json(result, out / "free_energy.json")
     rows = {labels[s]: dF[s] for s in SOURCES if s in dF}
+    if TARGET_ONLY in dF:
+        rows = {labels["md"]: dF["md"], "MD, target temperature only": dF[TARGET_ONLY], **rows}
     table = fe_io.format_table(rows, an.state_a, an.state_b)
     if exact is not None:
         table += f"\nexact ΔF (quadrature): {exact:.3f} kT"
@@ -243,12 +291,16 @@ def _num(v: Any) -> Any:
     return float(v) if isinstance(v, np.floating) else v
 
 
-def _delta_f(sources, weights, states, cvs, a: str, b: str, st) -> dict[str, dict]:
-    """ΔF = F_b - F_a per source: block bootstrap for MD, i.i.d. bootstrap otherwise."""
-    nb, seed, out = int(st.n_bootstrap), int(st.seed), {}
+def _delta_f(sources, weights, md, states, cvs, a: str, b: str, st) -> dict[str, dict]:
+    """ΔF = F_b - F_a per source: block bootstrap for MD, i.i.d. bootstrap otherwise; with
+    several MD series also that of the first (the target temperature) as ``TARGET_ONLY``."""
+    nb, seed, nbl, out = int(st.n_bootstrap), int(st.seed), int(st.n_blocks), {}
     for src, vals in sources.items():
         if src == "md":
-            out[src] = fe.md_delta_f(vals, states, cvs, a, b, int(st.n_blocks), nb, seed)
+            out[src] = fe.md_delta_f(vals, states, cvs, a, b, nbl, nb, seed, md.log_w, md.n_series)
+            if md.n_series > 1:
+                first = {k: v[: md.n_target] for k, v in vals.items()}
+                out[TARGET_ONLY] = fe.md_delta_f(first, states, cvs, a, b, nbl, nb, seed)
         else:
             out[src] = fe.state_delta_f(vals, states, cvs, a, b, weights[src], nb, seed)
     return out
@@ -292,9 +344,7 @@ def _plots(out, an, target, sources, weights, labels, pmfs, samples, md_u, st) -
     files = []
     if an.rama:
         columns = {
-            labels[src]: (sources[src], weights.get(src) if src != "md" else None)
-            for src in SOURCES
-            if src in sources
+            labels[src]: (sources[src], weights.get(src)) for src in SOURCES if src in sources
         }
         ess = effective_sample_size(samples.log_w)
         title = f"Ramachandran plot, {target.name} (reweighted ESS {ess:.3g})"

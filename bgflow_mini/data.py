@@ -51,6 +51,7 @@ __all__ = [
     "find_cached",
     "generate_or_load",
     "load_dataset",
+    "load_replica_frames",
     "load_trajectory",
     "split_indices",
     "system_fingerprint",
@@ -405,24 +406,68 @@ def load_dataset(
     return ds
 
 
-def _load_pool(ds: MDDataset, folder: Path, k: int, stride: int, dtype: torch.dtype) -> None:
-    """Fill ``ds.pool*`` from a cache folder's ``replica_traj.h5`` (see :func:`load_dataset`)."""
-    meta = _read_meta(folder) if (folder / "meta.json").is_file() else {}
-    kept = int(meta.get("settings", {}).get("keep_replicas", 1))
-    if kept < k:
+def load_replica_frames(
+    source: CacheEntry | str | os.PathLike,
+    replicas: int,
+    stride: int = 1,
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+    target_positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Every frame of the ``replicas`` lowest temperatures of a replica-exchange cache entry.
+
+    Returns ``(positions, energies, temperatures)``: ``(k, n_frames, n_atoms * 3)`` nm in
+    time order (every ``stride``-th frame; replica 0 is ``traj.h5``), their potential
+    energies ``(k, n_frames)`` kJ/mol and the ``(k,)`` temperatures in K. The entry must
+    have been made with ``md.keep_replicas >= replicas``. ``target_positions``: replica 0's
+    strided frames ``(n_frames, n_atoms * 3)`` if already loaded (``traj.h5`` is not read).
+    """
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas must be a positive int, got {replicas!r}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    folder = source.path if isinstance(source, CacheEntry) else Path(source)
+    if not (folder / "meta.json").is_file():
         raise CacheError(
-            f"replicas={k} needs the positions of {k} replicas, but {folder} kept {kept} "
-            f"(MD setting keep_replicas); set md.keep_replicas={k} (a new MD run)"
+            f"{folder} is not an MD cache folder (no meta.json): the frames of several "
+            "replicas come from a replica-exchange cache entry"
         )
-    temps = np.asarray(meta["settings"]["temperatures"], dtype=float)[:k]
+    meta = source.meta if isinstance(source, CacheEntry) else _read_meta(folder)
+    if verify:
+        _verify(folder, meta)
+    kept = int(meta.get("settings", {}).get("keep_replicas", 1))
+    if kept < replicas:
+        raise CacheError(
+            f"replicas={replicas} needs the positions of {replicas} replicas, but {folder} "
+            f"kept {kept} (MD setting keep_replicas); set md.keep_replicas={replicas} "
+            "(a new MD run)"
+        )
+    temps = np.asarray(meta["settings"]["temperatures"], dtype=float)[:replicas]
     u_all = np.load(folder / "replica_energies.npy")
     n = u_all.shape[1]
-    hot = load_trajectory(folder / REPLICA_TRAJ, verify=False)
-    xyz = hot.xyz.reshape(kept - 1, n, -1)[: k - 1, ::stride]
+    if target_positions is None:
+        first = load_trajectory(folder / "traj.h5", verify=False).xyz[::stride]
+        target_positions = torch.as_tensor(first.reshape(len(first), -1), dtype=dtype)
+    xyz = [target_positions.to(dtype)[None]]
+    if replicas > 1:
+        hot = load_trajectory(folder / REPLICA_TRAJ, verify=False)
+        hot_xyz = hot.xyz.reshape(kept - 1, n, -1)[: replicas - 1, ::stride]
+        xyz.append(torch.as_tensor(hot_xyz, dtype=dtype))
+    positions = torch.cat(xyz)
+    if positions.shape[1] != u_all[:, ::stride].shape[1]:
+        raise CacheError(f"{folder}: trajectories and replica_energies.npy differ in length")
+    return positions, u_all[:replicas, ::stride], temps
+
+
+def _load_pool(ds: MDDataset, folder: Path, k: int, stride: int, dtype: torch.dtype) -> None:
+    """Fill ``ds.pool*`` from a cache folder's ``replica_traj.h5`` (see :func:`load_dataset`)."""
+    positions, energies, temps = load_replica_frames(
+        folder, k, stride, dtype, verify=False, target_positions=ds.positions
+    )
     tr = ds.train_idx  # indices of the strided frames, the same times in every replica
-    ds.replica_positions = torch.cat([ds.positions[None], torch.as_tensor(xyz, dtype=dtype)])
-    ds.replica_energies = u_all[:k, ::stride]
-    ds.pool = ds.replica_positions[:, tr].reshape(k * len(tr), -1)
+    ds.replica_positions = positions
+    ds.replica_energies = energies
+    ds.pool = positions[:, tr].reshape(k * len(tr), -1)
     ds.pool_replica = np.repeat(np.arange(k), len(tr))
-    ds.pool_energies = ds.replica_energies[:, tr].reshape(-1)
+    ds.pool_energies = energies[:, tr].reshape(-1)
     ds.temperatures = temps

@@ -207,20 +207,34 @@ def block_pmf(
     n_blocks: int = 20,
     n_bootstrap: int = 200,
     seed: int = 0,
+    log_w: np.ndarray | None = None,
+    n_series: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """F (kT, min 0) and block-bootstrap stderr of a time series over 1 or 2 CVs.
 
     ``values``: one array per CV, frames in time order (e.g. MD). The frames are cut
     into ``n_blocks`` contiguous blocks which are resampled with replacement.
+    ``n_series > 1``: the frames are that many series of equal length sampled at the same
+    times, series after series (replicas of a replica exchange); a block holds the same
+    times of every series. ``log_w`` (frames,) weights the frames (e.g. MBAR weights of
+    pooled replicas for the target temperature); default: every frame counts once.
     Returns arrays of shape ``(n1,)`` or ``(n1, n2)``; empty bins are +inf and bins
     empty in more than half of the replicates have stderr +inf. As for the i.i.d.
     profiles, the error is that of -ln p per bin (not of the shift to min 0).
     """
     vals = [_prepare(v, s) for v, s in zip(values, specs)]
     n = len(vals[0])
-    if n_blocks < 2 or n < n_blocks:
-        raise ValueError(f"need 2 <= n_blocks <= n_frames, got {n_blocks} for {n} frames")
+    if n_series < 1 or n % n_series:
+        raise ValueError(f"{n} frames do not split into n_series={n_series} equal series")
+    n_time = n // n_series
+    if n_blocks < 2 or n_time < n_blocks:
+        raise ValueError(f"need 2 <= n_blocks <= n_frames, got {n_blocks} for {n_time} frames")
+    lw = np.zeros(n) if log_w is None else np.asarray(log_w, dtype=np.float64)
+    if lw.shape != (n,) or np.isnan(lw).any() or np.isposinf(lw).any() or np.all(lw == -np.inf):
+        raise ValueError(f"log_w must be finite (or -inf) of shape ({n},), got {lw.shape}")
+    w = np.exp(lw - lw.max())
     labels, n_bins = _labels(vals, edges)
+    labels, w = labels.reshape(n_series, n_time), w.reshape(n_series, n_time)
     shape = tuple(len(e) - 1 for e in edges)
     widths = np.ones(shape)
     for axis, e in enumerate(edges):
@@ -230,12 +244,12 @@ def block_pmf(
     log_width = np.log(widths.ravel())
     counts = np.stack(
         [
-            np.bincount(labels[b], minlength=n_bins + 1)
-            for b in np.array_split(np.arange(n), n_blocks)
+            np.bincount(labels[:, b].ravel(), w[:, b].ravel(), minlength=n_bins + 1)
+            for b in np.array_split(np.arange(n_time), n_blocks)
         ]
-    ).astype(np.float64)  # (n_blocks, n_bins + 1)
+    )  # (n_blocks, n_bins + 1): weighted counts, the last column outside the bins
     with np.errstate(divide="ignore"):
-        f = -(np.log(counts.sum(0)[:n_bins]) - math.log(n) - log_width)
+        f = -(np.log(counts.sum(0)[:n_bins]) - math.log(counts.sum()) - log_width)
     if not np.isfinite(f).any():
         raise ValueError("no frame falls inside the bins")
     f = f - f[np.isfinite(f)].min()
@@ -244,7 +258,7 @@ def block_pmf(
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, n_blocks, size=(n_bootstrap, n_blocks))
         reps = counts[idx].sum(1)  # (n_bootstrap, n_bins + 1)
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):
             f_reps = -(np.log(reps[:, :n_bins] / reps.sum(1, keepdims=True)) - log_width)
         ok = np.isfinite(f_reps)
         count = ok.sum(0)

@@ -101,7 +101,7 @@ def molecular_data(
     weights for the target temperature (the evaluation's ``"md_mbar"`` reference).
     """
     from .data import generate_or_load, load_dataset
-    from .replica_pool import WEIGHTINGS, kish_size, pool_log_weights
+    from .replica_pool import WEIGHTINGS, kish_size, pool_log_weights, series_log_weights
 
     if replica_weights not in WEIGHTINGS:  # before any MD
         raise ValueError(
@@ -133,14 +133,8 @@ def molecular_data(
             "weight_share": [float(w[ds.pool_replica == r].sum()) for r in range(replicas)],
         }
         split.pool, split.pool_log_weights = ds.pool, torch.as_tensor(lw)
-        k = int(replicas)
         split.reference_pool = ds.replica_positions.reshape(-1, ds.replica_positions.shape[-1])
-        ref_lw = pool_log_weights(
-            ds.replica_energies.reshape(-1),
-            np.repeat(np.arange(k), ds.replica_energies.shape[1]),
-            ds.temperatures,
-            "mbar",
-        )
+        ref_lw = series_log_weights(ds.replica_energies, ds.temperatures)
         split.reference_pool_log_weights = torch.as_tensor(ref_lw)
         info["replica_pool"]["reference_kish_frames"] = kish_size(ref_lw)
     return split

@@ -35,7 +35,13 @@ from scipy.special import logsumexp
 from .reweighting import effective_sample_size
 from .units import kt_kjmol
 
-__all__ = ["WEIGHTINGS", "temperature_log_weights", "pool_log_weights", "kish_size"]
+__all__ = [
+    "WEIGHTINGS",
+    "temperature_log_weights",
+    "pool_log_weights",
+    "series_log_weights",
+    "kish_size",
+]
 
 WEIGHTINGS = ("mbar", "equal")
 
@@ -123,6 +129,25 @@ def pool_log_weights(
     if weighting == "equal":
         return np.full(n, -math.log(n))
     return temperature_log_weights(potentials, replica, temperatures)[0]
+
+
+def series_log_weights(
+    energies: np.ndarray, temperatures: np.ndarray, weighting: str = "mbar"
+) -> np.ndarray:
+    """Log weights ``(k * n,)`` of ``k`` series of frames, series after series (the layout
+    of :func:`bgflow_mini.data.load_replica_frames` flattened), for ``temperatures[0]``.
+
+    ``energies``: ``(k, n)`` potential energies in kJ/mol, series ``j`` sampled at
+    ``temperatures[j]`` K. See :func:`pool_log_weights` for ``weighting``.
+    """
+    u = np.asarray(energies, dtype=np.float64)
+    if u.ndim != 2 or u.shape[0] != len(np.asarray(temperatures).reshape(-1)):
+        raise ValueError(
+            f"energies must be (k, n) with one row per temperature, got {u.shape} for "
+            f"{len(np.asarray(temperatures).reshape(-1))} temperatures"
+        )
+    replica = np.repeat(np.arange(u.shape[0]), u.shape[1])
+    return pool_log_weights(u.reshape(-1), replica, temperatures, weighting)
 
 
 def kish_size(log_w: np.ndarray | torch.Tensor) -> float:

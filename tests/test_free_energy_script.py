@@ -215,3 +215,77 @@ def test_pmf_agreement_exact_cases():
     assert a["max_abs_z"] == pytest.approx(0.1 / math.hypot(0.1, 0.1), rel=0.2)
     with pytest.raises(ValueError, match="share bins"):
         fe.pmf_agreement(f_ref, f_ref[:10])
+
+
+def test_block_pmf_weights_and_series():
+    """Weighted, multi-series MD profiles: a zero-weight second series changes nothing, an
+    equally weighted copy changes nothing, and doubling one bin's weight lowers its F by ln 2."""
+    spec = {"type": "distance", "atoms": [0, 1]}
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.5, 0.1, 4000)
+    edges = fe.cv_edges(spec, [x], 20)
+    f0, e0 = fe.block_pmf([x], [spec], [edges], n_blocks=10, n_bootstrap=30)
+    other = rng.normal(0.7, 0.1, 4000)
+    lw = np.concatenate([np.zeros(4000), np.full(4000, -np.inf)])
+    f1, e1 = fe.block_pmf([np.concatenate([x, other])], [spec], [edges], 10, 30, 0, lw, 2)
+    np.testing.assert_allclose(f1, f0)
+    np.testing.assert_allclose(e1, e0)
+    f2, e2 = fe.block_pmf([np.concatenate([x, x])], [spec], [edges], 10, 30, 0, None, 2)
+    np.testing.assert_allclose(f2, f0)
+    np.testing.assert_allclose(e2, e0)
+    k = 7  # a well-populated bin
+    in_k = (x >= edges[k]) & (x < edges[k + 1])
+    f3, _ = fe.block_pmf([x], [spec], [edges], 10, 0, 0, np.where(in_k, math.log(2), 0.0))
+    p0 = np.exp(-f0) / np.exp(-f0).sum()
+    p3 = np.exp(-f3) / np.exp(-f3).sum()
+    ratio = p3 / p0  # bin k gains a factor 2 before normalisation, every other bin none
+    np.testing.assert_allclose(ratio[k] / np.delete(ratio, k), 2.0, rtol=1e-12)
+    with pytest.raises(ValueError, match="equal series"):
+        fe.block_pmf([x[:-1]], [spec], [edges], 10, 0, 0, None, 2)
+    with pytest.raises(ValueError, match="log_w"):
+        fe.block_pmf([x], [spec], [edges], 10, 0, 0, np.full(4000, np.nan))
+
+
+def test_pooled_md_reference_is_mbar_weighted(samples, tmp_path):
+    """md_replicas=2 on a replica-exchange cache that kept two replicas: every frame of both,
+    MBAR-weighted to 300 K, for ΔF and PMFs; the 300 K frames alone stay beside it."""
+    from bgflow_mini.data import generate_or_load, load_replica_frames
+    from bgflow_mini.replica_pool import series_log_weights
+
+    settings = {"n_frames": 200, "n_replicas": 2, "keep_replicas": 2}
+    settings.update(equilibration_steps=500, save_every=50)
+    entry = generate_or_load("aldp_vacuum", settings, tmp_path / "md", 1, False, log=None)
+    states = ["+states.low={psi: [-2.5, 1.2]}", "+states.high={psi: [1.25, 3.0]}"]
+    common = [f"samples={samples}", f"md_reference={entry.path}", *states, "state_a=low"]
+    common += ["state_b=high", "n_bootstrap=20", "n_blocks=10", "md_energies=false"]
+    common += ["plots=false", "progress=false", "cvs=[psi]", "cvs_2d=[]"]
+    pooled = free_energy(fe_config(*common, "md_replicas=2"), tmp_path / "a")
+    plain = free_energy(fe_config(*common, "md_replicas=1"), tmp_path / "b")
+    assert pooled["md_reference_kind"] == "md_mbar" and plain["md_reference_kind"] == "md"
+    assert pooled["n_md_series"] == 2 and pooled["n_md_frames"] == 400
+    assert pooled["md_temperatures"][0] == pytest.approx(300.0)
+    assert pooled["dF"]["md_target_temperature"] == plain["dF"]["md"]
+    assert pooled["dF"]["reweighted"] == plain["dF"]["reweighted"]
+
+    x, u, temps = load_replica_frames(entry, 2)
+    lw = series_log_weights(u, temps)
+    psi = cvmod.compute_cvs(x.reshape(400, -1).double().numpy(), load_system("aldp_vacuum").cvs)
+    psi = psi["psi"]
+    low, high = cvmod.in_range(psi, -2.5, 1.2, True), cvmod.in_range(psi, 1.25, 3.0, True)
+    w = np.exp(lw - lw.max()).reshape(2, 200)
+    dF, err = block_free_energy(low.reshape(2, 200), high.reshape(2, 200), 10, 20, 0, w)
+    assert pooled["dF"]["md"]["dF"] == pytest.approx(dF) and pooled["dF"]["md"]["stderr"] == err
+    assert np.isfinite(dF) and abs(dF - plain["dF"]["md"]["dF"]) > 1e-6  # the pool counts
+    pmf = read_csv(tmp_path / "a" / "pmf_psi.csv")
+    edges = np.linspace(-math.pi, math.pi, 61)
+    spec = load_system("aldp_vacuum").cvs["psi"]
+    f_md, _ = fe.block_pmf([psi], [spec], [edges], 10, 0, 0, lw, 2)
+    np.testing.assert_allclose(pmf["F_md"], f_md)
+
+    with pytest.raises(Exception, match="keep_replicas"):
+        free_energy(fe_config(*common, "md_replicas=3"), tmp_path / "c")
+    traj = f"md_reference={entry.traj_path}"
+    with pytest.raises(ValueError, match="cache folder"):
+        free_energy(fe_config(*common, traj, "md_replicas=2"), tmp_path / "d")
+    with pytest.raises(ConfigError, match="md_replicas"):
+        free_energy(fe_config(*common, "md_replicas=0"), tmp_path / "e")

@@ -99,6 +99,7 @@ def test_sample_aldp_writes_consistent_files(aldp_run, tmp_path):
     assert summary["n_samples"] == 700 and lw.shape == u.shape == lq.shape == (700,)
     assert summary["system"] == "aldp_vacuum" and summary["energy"] == "TorchForceField"
     assert summary["target"]["name"] == "aldp_vacuum" and summary["md"]["n_frames"] == 200
+    assert summary["data_replicas"] == 1  # md_replicas=auto of bgflow-free-energy reads it
     assert summary["ess"] == pytest.approx(effective_sample_size(lw), rel=1e-12)
     assert summary["nonfinite_energy_fraction"] == pytest.approx(1 - np.isfinite(u).mean())
     finite = np.isfinite(u) & np.isfinite(lq)

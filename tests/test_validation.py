@@ -461,3 +461,7 @@ def test_replica_pool_checks_pymbar_before_any_md(monkeypatch):
     equal = load("train", [*pooled, "data.replica_weights=equal"])
     raises(validate_train_config, equal, "data.replicas=2", "bgflow_mini[mbar]")
     validate_train_config(load("train", ["md.keep_replicas=2"]))  # saving them needs nothing
+    fe = ["samples=x", "md_replicas=2"]
+    raises(validate_free_energy_config, load("free_energy", fe), "md_replicas=2", "[mbar]")
+    validate_free_energy_config(load("free_energy", ["samples=x", "md_replicas=1"]))
+    validate_free_energy_config(load("free_energy", ["samples=x"]))  # auto: known later

@@ -5,6 +5,7 @@
     bgflow-free-energy samples=S state_b=alpha_l \\
         '+states.alpha_l={phi: [0.0, 2.0], psi: [-1.0, 1.5]}' 'cvs=[phi]' cvs_2d=[]
     bgflow-free-energy samples=S md_reference=data/aldp_vacuum/KEY/traj.h5
+    bgflow-free-energy samples=S md_replicas=3   # 3 replica temperatures, MBAR-weighted
 
 See :mod:`bgflow_mini.analysis` for what is computed and written: besides ΔF between
 ``state_a`` and ``state_b``, the ΔF of every ``<cv>_negative`` / ``<cv>_positive`` state
@@ -18,29 +19,43 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from bgflow_mini.analysis import AnalysisSettings, analyse
+from bgflow_mini.analysis import AnalysisSettings, MDReference, analyse
 from bgflow_mini.checkpoint import find_checkpoint, read_checkpoint
-from bgflow_mini.data import find_cached, load_trajectory
+from bgflow_mini.data import find_cached, load_replica_frames, load_trajectory
+from bgflow_mini.replica_pool import series_log_weights
 from bgflow_mini.samples import SampleSet, reduced_energies
 from bgflow_mini.targets import load_target
 
 from ._common import CONFIG_PATH, plain, run_app, set_threads
 from .sample import output_dir, run_energy, sample
-from .validation import validate_free_energy_config
+from .validation import ConfigError, md_replica_problems, validate_free_energy_config
 
-__all__ = ["main", "free_energy", "load_md"]
+__all__ = ["main", "free_energy", "load_md", "md_replicas"]
 
 _SAMPLE_KEYS = ("checkpoint", "n_samples", "batch_size", "energy", "seed", "device", "dtype")
 
 
-def load_md(cfg: DictConfig, summary: dict, target) -> tuple[np.ndarray, str] | None:
-    """Reference positions ``(n, dim)`` nm in time order and their path, or None."""
+def md_replicas(cfg: DictConfig, summary: dict) -> int:
+    """Replica temperatures in the MD reference: ``md_replicas``, or for ``auto`` the
+    training run's ``data.replicas`` (``data_replicas`` in the sample summary; 1 if absent)."""
+    k = cfg.get("md_replicas", "auto")
+    return int(summary.get("data_replicas") or 1) if k == "auto" else int(k)
+
+
+def load_md(cfg: DictConfig, summary: dict, target) -> MDReference | None:
+    """The MD reference (:class:`~bgflow_mini.analysis.MDReference`) or None.
+
+    One replica: the target temperature's frames in time order. ``k > 1`` replicas
+    (:func:`md_replicas`): every frame of the k lowest temperatures of the replica-exchange
+    cache entry, MBAR-weighted to the target temperature."""
     ref = cfg.get("md_reference")
     if ref is None or ref is False or str(ref).lower() in ("none", "null", "false", "off"):
         return None
+    k = md_replicas(cfg, summary)
     if str(ref) == "auto":
         if target.kind != "molecular" or not summary.get("md"):
             return None
@@ -49,17 +64,34 @@ def load_md(cfg: DictConfig, summary: dict, target) -> tuple[np.ndarray, str] | 
         if entry is None:
             print("[free_energy] no MD cache of this run on disk: MD reference skipped")
             return None
-        traj, path = load_trajectory(entry), entry.traj_path
+        source, path = entry, entry.traj_path
     else:
         path = Path(to_absolute_path(str(ref)))
         if not path.exists():
             raise FileNotFoundError(f"md_reference={ref}: no such file or folder ({path})")
-        traj = load_trajectory(path)
-    if 3 * traj.n_atoms != target.dim:
+        source = path
+    if k == 1:
+        traj = load_trajectory(source)
+        _check_atoms(traj.n_atoms, path, target)
+        return MDReference(traj.xyz.reshape(traj.n_frames, -1).astype(np.float64), str(path))
+    folder = Path(getattr(source, "path", source))
+    if not folder.is_dir():
         raise ValueError(
-            f"MD reference {path} has {traj.n_atoms} atoms; {target.name!r} has {target.dim // 3}"
+            f"md_replicas={k} pools the replicas of a replica-exchange cache folder, but "
+            f"md_reference={ref} is one trajectory file: give its cache folder, or md_replicas=1"
         )
-    return traj.xyz.reshape(traj.n_frames, -1).astype(np.float64), str(path)
+    positions, energies, temps = load_replica_frames(source, k, dtype=torch.float64)
+    _check_atoms(positions.shape[-1] // 3, folder, target)
+    xyz = positions.reshape(-1, positions.shape[-1]).numpy()
+    log_w = series_log_weights(energies, temps)
+    return MDReference(xyz, str(folder), log_w, k, temps.tolist())
+
+
+def _check_atoms(n_atoms: int, path, target) -> None:
+    if 3 * n_atoms != target.dim:
+        raise ValueError(
+            f"MD reference {path} has {n_atoms} atoms; {target.name!r} has {target.dim // 3}"
+        )
 
 
 def free_energy(cfg: DictConfig, out: Path) -> dict:
@@ -69,6 +101,11 @@ def free_energy(cfg: DictConfig, out: Path) -> dict:
     if cfg.samples is None:  # check names against the checkpoint's target, then sample
         state = read_checkpoint(find_checkpoint(to_absolute_path(str(cfg.checkpoint))))
         validate_free_energy_config(cfg, load_target(state["spec"]["target"]))
+        run = ((state.get("extra") or {}).get("config") or {}).get("data") or {}
+        k = md_replicas(cfg, {"data_replicas": run.get("replicas")})
+        if cfg.get("md_reference") is not None:  # before sampling
+            if problems := md_replica_problems(k, "md_replicas (the run's data.replicas)"):
+                raise ConfigError(problems)
         scfg = OmegaConf.create({k: cfg.get(k) for k in _SAMPLE_KEYS})
         scfg.update(formats=["h5"], regularize=False, num_threads=None, progress=cfg.progress)
         sample(scfg, out / "samples")
@@ -80,7 +117,7 @@ def free_energy(cfg: DictConfig, out: Path) -> dict:
     if md is not None and cfg.md_energies:
         energy, _ = run_energy(target, cfg.get("energy") or ss.summary.get("energy_config"), {})
         with energy:
-            md_u = reduced_energies(energy, md[0])
+            md_u = reduced_energies(energy, md.positions[: md.n_target])
     keys = AnalysisSettings.__dataclass_fields__
     settings = AnalysisSettings(**{k: plain(cfg[k]) for k in keys if k in cfg})
     result, table = analyse(ss, target, out, settings, md, md_u)

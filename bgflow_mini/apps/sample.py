@@ -69,6 +69,7 @@ def sample(cfg: DictConfig, out: Path) -> dict:
             "regularized_energy": bool(cfg.regularize),
             "md": run.get("md"),
             "data_dir": run.get("data_dir"),
+            "data_replicas": ((run.get("config") or {}).get("data") or {}).get("replicas", 1),
             "seed": int(cfg.seed),
             "device": str(p.device),
             "dtype": str(p.dtype).replace("torch.", ""),

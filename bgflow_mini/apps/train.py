@@ -377,6 +377,7 @@ def write_outputs(out: Path, target, samples: dict, metrics: dict, trainer, data
     if formats or target.topology is None:
         extra = {"checkpoint": str(out / "model.pt"), "md": plain(cfg.get("md"))}
         extra.update(data_dir=to_absolute_path(str(cfg.data_dir)), energy_config=plain(cfg.energy))
+        extra["data_replicas"] = int((cfg.get("data") or {}).get("replicas", 1))
         save_sample_set(out, target, samples["x"], samples["log_q"], samples["u"], formats, extra)
     save_json(metrics, out / "metrics.json")
     plots = out / "plots"

@@ -27,6 +27,7 @@ __all__ = [
     "validate_sample_config",
     "validate_free_energy_config",
     "validate_run_md_config",
+    "md_replica_problems",
 ]
 
 _ABSENT: Any = object()  # a key not in the config (or left at ``???``)
@@ -221,6 +222,10 @@ FREE_ENERGY: Rules = [
     *rows(optional(list_of(list_of(TEXT, length=2))), "cvs_2d"),
     *rows(Rule("a mapping {state: {cv: [lo, hi]}}", lambda v: isinstance(v, dict)), "states"),
     *rows(BOOL, "md_energies", "plots"),
+    *rows(
+        Rule("auto or an integer >= 1", lambda v: v == "auto" or integer(1).ok(v)),
+        "md_replicas",
+    ),
     *rows(POS, "pmf_max_f"),
     *rows(optional(POS), "plot_max_f", "plot_max_stderr"),
 ]
@@ -509,7 +514,18 @@ def validate_free_energy_config(cfg: DictConfig | Mapping, target: Any = None) -
         bad = [(k, n) for k, n in used if isinstance(n, str) and n not in cvs]
         lines += [f"{k}={n!r}: unknown CV; known CVs: {known}" for k, n in bad]
     lines += _state_choice(d, ("state_a", "state_b"), target if cvs else None, extra)
+    lines += md_replica_problems(d.get("md_replicas", "auto"), "md_replicas")
     _raise(lines)
+
+
+def md_replica_problems(k: Any, key: str) -> list[str]:
+    """An MD reference pooled from ``k > 1`` replicas needs pymbar (its MBAR weights)."""
+    if integer(2).ok(k) and importlib.util.find_spec("pymbar") is None:
+        return [
+            f"{key}={k}: the MBAR weights of pooled replica frames need pymbar: "
+            "pip install 'bgflow_mini[mbar]'"
+        ]
+    return []
 
 
 def validate_run_md_config(cfg: DictConfig | Mapping) -> None:
