@@ -267,16 +267,17 @@ def analyse(
         "plots": plots,
     }
     save_json(result, out / "free_energy.json")
-    rows = {labels[s]: dF[s] for s in SOURCES if s in dF}
+    columns = {s: labels[s] for s in SOURCES}
     if TARGET_ONLY in dF:
-        rows = {labels["md"]: dF["md"], "MD, target temperature only": dF[TARGET_ONLY], **rows}
+        columns = {"md": labels["md"], TARGET_ONLY: "MD, target temperature only", **columns}
+    rows = {label: dF[s] for s, label in columns.items() if s in dF}
     table = fe_io.format_table(rows, an.state_a, an.state_b)
     if exact is not None:
         table += f"\nexact ΔF (quadrature): {exact:.3f} kT"
     main = (an.state_a, an.state_b)
     others = {k: p for k, p in pair_dF.items() if (p["state_a"], p["state_b"]) != main}
     if others:  # the main pair is the table above
-        table += "\n\n" + fe_io.format_pairs_table(others, {s: labels[s] for s in SOURCES})
+        table += "\n\n" + fe_io.format_pairs_table(others, columns)
     for name, per_src in agreement.items():
         for src, a in per_src.items():
             table += (

@@ -246,7 +246,7 @@ def test_block_pmf_weights_and_series():
         fe.block_pmf([x], [spec], [edges], 10, 0, 0, np.full(4000, np.nan))
 
 
-def test_pooled_md_reference_is_mbar_weighted(samples, tmp_path):
+def test_pooled_md_reference_is_mbar_weighted(samples, tmp_path, capsys):
     """md_replicas=2 on a replica-exchange cache that kept two replicas: every frame of both,
     MBAR-weighted to 300 K, for ΔF and PMFs; the 300 K frames alone stay beside it."""
     from bgflow_mini.data import generate_or_load, load_replica_frames
@@ -260,7 +260,14 @@ def test_pooled_md_reference_is_mbar_weighted(samples, tmp_path):
     common += ["state_b=high", "n_bootstrap=20", "n_blocks=10", "md_energies=false"]
     common += ["plots=false", "progress=false", "cvs=[psi]", "cvs_2d=[]"]
     pooled = free_energy(fe_config(*common, "md_replicas=2"), tmp_path / "a")
+    printed = capsys.readouterr().out
     plain = free_energy(fe_config(*common, "md_replicas=1"), tmp_path / "b")
+    # both tables (the main pair, then phi's sign pair) show the 300 K frames' own column
+    head = "| MD (2 replicas, MBAR) | MD, target temperature only | generator |"
+    assert printed.count(head) == 2 and head not in capsys.readouterr().out
+    assert pooled["state_delta_f"]["phi"]["md_target_temperature"] == (
+        plain["state_delta_f"]["phi"]["md"]
+    )
     assert pooled["md_reference_kind"] == "md_mbar" and plain["md_reference_kind"] == "md"
     assert pooled["n_md_series"] == 2 and pooled["n_md_frames"] == 400
     assert pooled["md_temperatures"][0] == pytest.approx(300.0)
