@@ -265,8 +265,9 @@ def test_pooled_md_reference_is_mbar_weighted(samples, tmp_path, capsys):
     # both tables (the main pair, then phi's sign pair) show the 300 K frames' own column
     head = "| MD (2 replicas, MBAR) | MD, target temperature only | generator |"
     assert printed.count(head) == 2 and head not in capsys.readouterr().out
-    assert pooled["state_delta_f"]["phi"]["md_target_temperature"] == (
-        plain["state_delta_f"]["phi"]["md"]
+    assert (
+        pooled["state_delta_f"]["phi"]["md_target_temperature"]
+        == (plain["state_delta_f"]["phi"]["md"])
     )
     assert pooled["md_reference_kind"] == "md_mbar" and plain["md_reference_kind"] == "md"
     assert pooled["n_md_series"] == 2 and pooled["n_md_frames"] == 400
