@@ -402,7 +402,8 @@ def load_dataset(
     tr, va, te = split_indices(traj.n_frames, fractions, seed, shuffle)
     ds = MDDataset(x[tr], x[va], x[te], tr, va, te, energies, traj.topology, stride, x)
     if replicas > 1:
-        _load_pool(ds, folder, replicas, stride, dtype)
+        entry = source if isinstance(source, CacheEntry) else folder  # meta.json read once
+        _load_pool(ds, entry, replicas, stride, dtype)
     return ds
 
 
@@ -459,10 +460,12 @@ def load_replica_frames(
     return positions, u_all[:replicas, ::stride], temps
 
 
-def _load_pool(ds: MDDataset, folder: Path, k: int, stride: int, dtype: torch.dtype) -> None:
-    """Fill ``ds.pool*`` from a cache folder's ``replica_traj.h5`` (see :func:`load_dataset`)."""
+def _load_pool(
+    ds: MDDataset, source: CacheEntry | Path, k: int, stride: int, dtype: torch.dtype
+) -> None:
+    """Fill ``ds.pool*`` from a cache entry's ``replica_traj.h5`` (see :func:`load_dataset`)."""
     positions, energies, temps = load_replica_frames(
-        folder, k, stride, dtype, verify=False, target_positions=ds.positions
+        source, k, stride, dtype, verify=False, target_positions=ds.positions
     )
     tr = ds.train_idx  # indices of the strided frames, the same times in every replica
     ds.replica_positions = positions

@@ -60,7 +60,10 @@ def load_md(cfg: DictConfig, summary: dict, target) -> MDReference | None:
         if target.kind != "molecular" or not summary.get("md"):
             return None
         data_dir = cfg.get("data_dir") or summary.get("data_dir") or "data"
-        entry = find_cached(target.system, summary["md"], to_absolute_path(str(data_dir)))
+        # checksums once, by the loader below
+        entry = find_cached(
+            target.system, summary["md"], to_absolute_path(str(data_dir)), verify=False
+        )
         if entry is None:
             print("[free_energy] no MD cache of this run on disk: MD reference skipped")
             return None
