@@ -62,18 +62,30 @@ def _frames(data_dir: str, path: Path) -> None:
     torch.save({"train": data.train, "test": data.test}, path)
 
 
-def _generator(frames: str):
-    """The default generator (float32, TorchForceField) and its float32 training frames."""
+def _generator(frames: str, masks: str = "config"):
+    """The default generator (float32, TorchForceField) and its float32 training frames;
+    ``masks`` other than ``config`` overrides the coupling masks (trees from before random
+    masks know only the alternating ones: compare with ``--masks alternate``)."""
+    import inspect
+
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from bgflow_mini import pipeline
     from bgflow_mini.energies import TorchForceField
+    from bgflow_mini.flows import coupling_flow
     from bgflow_mini.systems import load_system
 
     system = load_system("aldp_vacuum")
     data = torch.load(frames, weights_only=True)
-    factory = instantiate(OmegaConf.load(ROOT / "configs" / "flow" / "rnvp.yaml"))
+    cfg = OmegaConf.load(ROOT / "configs" / "flow" / "rnvp.yaml")
+    if masks != "config":
+        cfg.masks = masks
+    if "masks" not in inspect.signature(coupling_flow).parameters:
+        if cfg.masks != "alternate":
+            raise SystemExit("this tree has alternating masks only: use --masks alternate")
+        del cfg["masks"], cfg["mask_seed"]
+    factory = instantiate(cfg)
     energy = TorchForceField.from_openmm(system).float()
     # fitted to the frames as the pipeline has them (float64), then run in float32
     gen = pipeline.molecular_generator(system, data["train"], factory, energy).float()
@@ -89,10 +101,16 @@ def measure(args: argparse.Namespace) -> dict:
         from bgflow_mini.flows import compile_generator
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
-    gen, train, test = _generator(args.frames)
+    gen, train, test = _generator(args.frames, args.masks)
     if args.compiled:
         compile_generator(gen)
     out: dict = {"source": str(Path(bgflow_mini.__file__).resolve().parents[1])}
+    try:  # trees before the native spline kernels have none
+        from bgflow_mini.flows import native
+
+        out["kernels"] = native.status()
+    except ImportError:
+        out["kernels"] = "PyTorch (no native kernels in this tree)"
     with torch.no_grad():  # the same perturbed model in every tree: compare log q
         g = torch.Generator().manual_seed(1)
         for _, p in sorted(gen.named_parameters()):
@@ -103,7 +121,7 @@ def measure(args: argparse.Namespace) -> dict:
     out["log_q_samples"] = log_q.detach().tolist()
     out["log_q_data"] = gen.log_prob(test[:1024]).detach().tolist()
     torch.manual_seed(0)
-    gen, train, _ = _generator(args.frames)  # fresh weights for the timing
+    gen, train, _ = _generator(args.frames, args.masks)  # fresh weights for the timing
     if args.compiled:
         compile_generator(gen)
     rates, warmup = {}, {}
@@ -132,6 +150,7 @@ def _run(tree: Path | None, args: argparse.Namespace, batch: int, compiled: bool
         cmd = [sys.executable, __file__, "--worker", str(result), "--batch", str(batch)]
         cmd += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
         cmd += ["--torch-threads", str(args.torch_threads), "--frames", args.frames]
+        cmd += ["--masks", args.masks]
         cmd += ["--compiled"] if compiled else []
         cmd += ["--iw"] if args.iw else []
         env = dict(os.environ, PYTHONPATH=str(tree or ROOT))
@@ -166,7 +185,7 @@ def compare(args: argparse.Namespace) -> None:
     step = "ML + reverse KL + importance-weighted ML" if args.iw else "ML + reverse KL"
     print(f">= {args.seconds} s per case; {step}, TorchForceField float32\n")
     for name in trees:
-        print(f"- {name}: {logq[name]['source']}")
+        print(f"- {name}: {logq[name]['source']}; splines: {logq[name].get('kernels', '?')}")
     head = "| batch | " + " | ".join(f"{n} samples/s" for n in trees)
     print("\n" + head + (" | ratio |" if len(trees) > 1 else " |"))
     print("|---:|" + "---:|" * (len(trees) + (len(trees) > 1)))
@@ -196,6 +215,12 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # worker
     ap.add_argument("--data-dir", default=os.environ.get("BGFLOW_DATA", str(ROOT / "data")))
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: write results here
+    ap.add_argument(
+        "--masks",
+        default="config",
+        choices=["config", "alternate", "random"],
+        help="coupling masks (config: configs/flow/rnvp.yaml's; older trees: alternate)",
+    )
     ap.add_argument("--frames", help=argparse.SUPPRESS)  # internal: the saved MD frames
     args = ap.parse_args()
     if args.worker:

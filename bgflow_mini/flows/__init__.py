@@ -1,5 +1,9 @@
-"""Invertible flows: ``flow(z) -> (x, logdet)``, ``flow.inverse(x) -> (z, logdet)``."""
+"""Invertible flows: ``flow(z) -> (x, logdet)``, ``flow.inverse(x) -> (z, logdet)``.
 
+On the CPU the splines and affine couplings run as fused C kernels (:mod:`.native`).
+"""
+
+from . import native
 from .base import Flow, Inverse, Sequential, check_batch
 from .circular import circular_spline, n_circular_spline_params
 from .compiled import compile_flow, compile_generator, is_compiled
@@ -29,4 +33,5 @@ __all__ = [
     "n_circular_spline_params",
     "bounded_spline",
     "n_bounded_spline_params",
+    "native",
 ]

@@ -39,9 +39,16 @@ import torch
 from torch import Tensor
 
 from ..units import wrap_angle
+from . import native
 from .spline import MIN_BIN, MIN_DERIV, knot_derivatives, knot_positions, rq_spline
 
-__all__ = ["circular_spline", "n_circular_spline_params", "MIN_BIN", "MIN_DERIV"]
+__all__ = [
+    "circular_spline",
+    "circular_spline_torch",
+    "n_circular_spline_params",
+    "MIN_BIN",
+    "MIN_DERIV",
+]
 
 
 def n_circular_spline_params(n_bins: int) -> int:
@@ -94,7 +101,17 @@ def circular_spline(x: Tensor, params: Tensor, inverse: bool = False) -> tuple[T
             f"circular_spline params shape {tuple(params.shape)} does not match "
             f"x shape {tuple(x.shape)} + (3K+1,)"
         )
-    k = (p - 1) // 3
+    if native.supports(x, params):  # one fused kernel call on the CPU (flows/native.py)
+        return native.native_circular_spline(x, params, inverse)
+    return circular_spline_torch(x, params, inverse)
+
+
+def circular_spline_torch(
+    x: Tensor, params: Tensor, inverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    """:func:`circular_spline` in PyTorch operations, whatever the device (arguments checked
+    by the caller); the reference of the native kernel and its path to higher derivatives."""
+    k = (params.shape[-1] - 1) // 3
     raw_wh, raw_d, shift = params.split([2 * k, k, 1], dim=-1)  # split: one cat backward
     table = _table(raw_wh, raw_d)
     shift = shift.squeeze(-1)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..units import wrap_angle
+from . import native
 from .base import Flow, Sequential, check_batch
 from .circular import circular_spline, n_circular_spline_params
 from .nets import MLP
@@ -170,7 +171,12 @@ class _Coupling(Flow):
         # one gather into (conditioning, linear, circular) order, one gather back; the
         # parameters are split, not sliced, so each backward pass joins gradients in one cat
         z_a, z_lin, z_circ = z.index_select(1, self._order).split(self._sizes, dim=1)
-        params = self.conditioner(self._features(z_a))
+        return self._transform(z_a, z_lin, z_circ, self.conditioner(self._features(z_a)), inverse)
+
+    def _transform(
+        self, z_a: Tensor, z_lin: Tensor, z_circ: Tensor, params: Tensor, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The elementwise maps of the transformed parts, given the conditioner output."""
         n_lin, n_circ = self._sizes[1:]
         parts, logdet = [z_a], None
         p_lin, p_circ = params.split([self._n_lin_out, params.shape[1] - self._n_lin_out], 1)
@@ -185,7 +191,7 @@ class _Coupling(Flow):
             ld = ld.sum(dim=1)
             logdet = ld if logdet is None else logdet + ld
         if logdet is None:  # pragma: no cover - the mask transforms some features
-            logdet = z.new_zeros(z.shape[0])
+            logdet = z_a.new_zeros(z_a.shape[0])
         return torch.cat(parts, dim=1).index_select(1, self._restore), logdet
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -228,6 +234,26 @@ class AffineCoupling(_Coupling):
         super().__init__(dim, mask, hidden, activation, circular, 2, n_circ)
         self.n_bins = n_bins
         self.scale_bound = nn.Parameter(torch.ones(self.idx_linear.numel()))
+
+    def _couple(self, z: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        check_batch(z, self.dim, f"{type(self).__name__} input")
+        # a layer with circular features, on the CPU: the conditioner, then the whole
+        # transform as one fused kernel call. Without circular features PyTorch's vectorised
+        # tanh and exp are faster than the kernel's (BENCHMARKS.md, "Native kernels")
+        if not self.idx_circular.numel() or not native.supports(z, self.scale_bound):
+            return super()._couple(z, inverse)
+        params = self.conditioner(self.conditioner_input(z))
+        return native.native_affine_coupling(
+            z, params, self.scale_bound, self.idx_linear, self.idx_circular, self.n_bins,
+            inverse, functools.partial(self._reference, inverse=inverse),
+        )  # fmt: skip
+
+    def _reference(self, z: Tensor, params: Tensor, scale_bound: Tensor, inverse: bool):
+        """The native transform's PyTorch twin (for higher derivatives); ``scale_bound`` is
+        this layer's own parameter, which ``_linear`` reads."""
+        z_a, z_lin, z_circ = z.index_select(1, self._order).split(self._sizes, dim=1)
+        with native.disabled():
+            return self._transform(z_a, z_lin, z_circ, params, inverse)
 
     def _linear(self, z: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         s = self.scale_bound * torch.tanh(p[..., 0])

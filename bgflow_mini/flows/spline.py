@@ -29,8 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
+
 __all__ = [
     "bounded_spline",
+    "bounded_spline_torch",
     "n_bounded_spline_params",
     "knot_positions",
     "knot_derivatives",
@@ -157,7 +160,17 @@ def bounded_spline(
         )
     if not (math.isfinite(bound) and bound > 0):
         raise ValueError(f"bounded_spline bound must be finite and > 0, got {bound!r}")
-    k = (p + 1) // 3
+    if native.supports(x, params):  # one fused kernel call on the CPU (flows/native.py)
+        return native.native_bounded_spline(x, params, bound, inverse)
+    return bounded_spline_torch(x, params, bound, inverse)
+
+
+def bounded_spline_torch(
+    x: Tensor, params: Tensor, bound: float = TAIL_BOUND, inverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    """:func:`bounded_spline` in PyTorch operations, whatever the device (arguments checked
+    by the caller); the reference of the native kernel and its path to higher derivatives."""
+    k = (params.shape[-1] + 1) // 3
     raw_wh, raw_d = params.split([2 * k, k - 1], dim=-1)
     d = F.pad(knot_derivatives(raw_d), (1, 1), value=1.0)  # slope 1 at both ends: C^1 tails
     table = torch.cat([knot_positions(raw_wh, bound), d.unsqueeze(-2)], dim=-2)
