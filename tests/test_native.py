@@ -189,19 +189,25 @@ def test_environment_switch(monkeypatch):
     assert native.available()
 
 
+def _layer(dim, mask, circular, n_bins, seed, perturb=0.3):
+    """An AffineCoupling (float64, hidden (8,)) with every parameter perturbed."""
+    from bgflow_mini.flows import AffineCoupling
+
+    torch.manual_seed(seed)
+    layer = AffineCoupling(dim, mask, hidden=(8,), circular=circular, n_bins=n_bins).double()
+    with torch.no_grad():
+        for q in layer.parameters():
+            q.add_(perturb * torch.randn_like(q))
+    return layer
+
+
 @pytest.mark.parametrize("circular", [None, [0, 2, 3, 5]], ids=["affine", "affine_circ"])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_affine_coupling_layer_equals_pytorch(circular, inverse):
     """One AffineCoupling layer (fused transform) against the PyTorch path: outputs,
     log-dets and the gradients of every parameter (conditioner, scale bounds) and of z."""
-    from bgflow_mini.flows import AffineCoupling
-
-    torch.manual_seed(3)
     mask = torch.tensor([True, False, True, False, True, True, False])
-    layer = AffineCoupling(7, mask, hidden=(8,), circular=circular, n_bins=5).double()
-    with torch.no_grad():
-        for q in layer.parameters():
-            q.add_(0.4 * torch.randn_like(q))
+    layer = _layer(7, mask, circular, 5, seed=3, perturb=0.4)
     z0 = 1.3 * torch.randn(32, 7, dtype=torch.float64)
     if circular:
         z0[:, circular] = (torch.rand(32, len(circular), dtype=torch.float64) * 2 - 1) * 3.0
@@ -225,13 +231,7 @@ def test_affine_coupling_layer_equals_pytorch(circular, inverse):
 
 
 def test_affine_coupling_second_derivatives_equal_pytorch():
-    from bgflow_mini.flows import AffineCoupling
-
-    torch.manual_seed(4)
-    layer = AffineCoupling(5, [1, 3, 4], hidden=(8,), circular=[2, 4], n_bins=3).double()
-    with torch.no_grad():
-        for q in layer.parameters():
-            q.add_(0.3 * torch.randn_like(q))
+    layer = _layer(5, [1, 3, 4], [2, 4], 3, seed=4)
     z0 = torch.rand(6, 5, dtype=torch.float64) * 4 - 2
     out = []
     for flag in (False, True):
@@ -248,13 +248,7 @@ def test_affine_coupling_second_derivatives_equal_pytorch():
 def test_threads_give_the_same_results():
     """Rows split over threads (torch.get_num_threads() > 1): the same values and gradients
     as one thread (the scale-bound gradient sums per thread: equal to rounding)."""
-    from bgflow_mini.flows import AffineCoupling
-
-    torch.manual_seed(5)
-    layer = AffineCoupling(6, [0, 2, 3], hidden=(8,), circular=[1, 3], n_bins=4).double()
-    with torch.no_grad():
-        for q in layer.parameters():
-            q.add_(0.3 * torch.randn_like(q))
+    layer = _layer(6, [0, 2, 3], [1, 3], 4, seed=5)
     z0 = torch.rand(3000, 6, dtype=torch.float64) * 5 - 2.5
     x, p = _inputs("bounded", 4, n=1500, f=4)
     before = torch.get_num_threads()
