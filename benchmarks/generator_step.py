@@ -17,12 +17,16 @@ against this tree compiled; the warm-up line gives the time the first steps took
 compilation). With ``--iw`` a step is the default recipe's mixed phase instead: ML, reverse
 KL and importance-weighted ML on ``batch`` draws from the model's own weighted samples
 (buffer of 8,192 refilled every 50 steps, its energies included), so samples/s =
-``3 * batch * steps / s``.
+``3 * batch * steps / s``. Trees from before random coupling masks (e.g. ad87fb5, the code
+before issue 14) build only the alternating ones: compare with ``--masks alternate`` (both
+trees then build the same model). Each tree's line says which spline path it took (native
+kernels or PyTorch).
 
 Usage::
 
     git worktree add /tmp/bgflow_old <commit>
     python benchmarks/generator_step.py --baseline /tmp/bgflow_old
+    python benchmarks/generator_step.py --baseline /tmp/bgflow_old --masks alternate
     python benchmarks/generator_step.py --batch 256 1024 --seconds 10 --rounds 3
     python benchmarks/generator_step.py --compile --batch 256 1024 --rounds 1
     python benchmarks/generator_step.py --iw --baseline /tmp/bgflow_old --batch 128 256
