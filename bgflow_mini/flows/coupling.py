@@ -168,9 +168,17 @@ class _Coupling(Flow):
 
     def _couple(self, z: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         check_batch(z, self.dim, f"{type(self).__name__} input")
-        # one gather into (conditioning, linear, circular) order, one gather back; the
-        # parameters are split, not sliced, so each backward pass joins gradients in one cat
-        z_a, z_lin, z_circ = z.index_select(1, self._order).split(self._sizes, dim=1)
+        return self._map(z, inverse)
+
+    def _split(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One gather into (conditioning, linear, circular) order, split into the three."""
+        return z.index_select(1, self._order).split(self._sizes, dim=1)
+
+    def _map(self, z: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The coupling of a checked batch: conditioner, then the elementwise maps; one gather
+        in, one back, and the parameters split, not sliced, so each backward pass joins
+        gradients in one cat."""
+        z_a, z_lin, z_circ = self._split(z)
         return self._transform(z_a, z_lin, z_circ, self.conditioner(self._features(z_a)), inverse)
 
     def _transform(
@@ -235,13 +243,12 @@ class AffineCoupling(_Coupling):
         self.n_bins = n_bins
         self.scale_bound = nn.Parameter(torch.ones(self.idx_linear.numel()))
 
-    def _couple(self, z: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        check_batch(z, self.dim, f"{type(self).__name__} input")
+    def _map(self, z: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         # a layer with circular features, on the CPU: the conditioner, then the whole
         # transform as one fused kernel call. Without circular features PyTorch's vectorised
         # tanh and exp are faster than the kernel's (BENCHMARKS.md, "Native kernels")
         if not self.idx_circular.numel() or not native.supports(z, self.scale_bound):
-            return super()._couple(z, inverse)
+            return super()._map(z, inverse)
         params = self.conditioner(self.conditioner_input(z))
         return native.native_affine_coupling(
             z, params, self.scale_bound, self.idx_linear, self.idx_circular, self.n_bins,
@@ -251,7 +258,7 @@ class AffineCoupling(_Coupling):
     def _reference(self, z: Tensor, params: Tensor, scale_bound: Tensor, inverse: bool):
         """The native transform's PyTorch twin (for higher derivatives); ``scale_bound`` is
         this layer's own parameter, which ``_linear`` reads."""
-        z_a, z_lin, z_circ = z.index_select(1, self._order).split(self._sizes, dim=1)
+        z_a, z_lin, z_circ = self._split(z)
         with native.disabled():
             return self._transform(z_a, z_lin, z_circ, params, inverse)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..units import _compiling
 from .kernel_library import TYPES, available, disabled, library, status, use_native
 
 __all__ = [
@@ -42,11 +43,6 @@ __all__ = [
     "native_bounded_spline",
     "native_affine_coupling",
 ]
-
-
-def _compiling() -> bool:
-    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(check()) if check is not None else False
 
 
 def supports(x: Tensor, params: Tensor) -> bool:
