@@ -230,6 +230,55 @@ def test_affine_coupling_layer_equals_pytorch(circular, inverse):
         assert (a - b).abs().max() <= 1e-10 * max(1.0, float(b.abs().max()))
 
 
+@pytest.mark.parametrize("inverse", [False, True])
+def test_affine_kernel_extreme_scales_and_many_features(inverse):
+    """The kernel's vectorised tanh / exp (chunks of 64 features) against the affine formula
+    in PyTorch: more features than a chunk, raw log-scales from 1e-12 to saturation (tanh
+    = +-1 to double precision), bounds up to 30 (e^30), and NaN stays NaN."""
+    n_b, dim = 9, 150
+    idx = torch.arange(3, 143, dtype=torch.int64)  # 140 affine features, 10 passed through
+    g = torch.Generator().manual_seed(11)
+    z0 = torch.randn(n_b, dim, generator=g, dtype=torch.float64)
+    raw = torch.randn(n_b, idx.numel(), generator=g, dtype=torch.float64)
+    raw[0] = torch.logspace(-12, 3, idx.numel(), dtype=torch.float64)
+    raw[1] = -raw[0]
+    raw[2, :8] = torch.tensor([0.0, -0.0, 19.0, -19.0, 40.0, -40.0, 800.0, -800.0])
+    shift = torch.randn(n_b, idx.numel(), generator=g, dtype=torch.float64)
+    params0 = torch.stack([raw, shift], -1).reshape(n_b, -1)
+    bound0 = torch.rand(idx.numel(), generator=g, dtype=torch.float64) * 3
+    bound0[:4] = torch.tensor([30.0, 0.0, 1e-9, 12.0])
+    weights = torch.randn(n_b, dim, generator=g, dtype=torch.float64)
+    out = []
+    for fused in (False, True):
+        z, params, bound = (t.clone().requires_grad_() for t in (z0, params0, bound0))
+        if fused:
+            empty = torch.zeros(0, dtype=torch.int64)
+            x, ld = native.native_affine_coupling(z, params, bound, idx, empty, 4, inverse, None)
+        else:
+            p = params.reshape(n_b, -1, 2)
+            s = bound * torch.tanh(p[..., 0])
+            zi = z[:, idx]
+            y = (zi - p[..., 1]) * torch.exp(-s) if inverse else zi * torch.exp(s) + p[..., 1]
+            x = z.index_copy(1, idx, y)
+            ld = (-s if inverse else s).sum(-1)
+        ((x * weights).sum() + ld.square().sum()).backward()
+        out.append((x.detach(), ld.detach(), z.grad, params.grad, bound.grad))
+    for a, b in zip(*out):
+        # per row, relative to its largest entry (rows reach e^30); where tanh rounds to 1
+        # PyTorch's 1 - tanh^2 is 0, the kernel's 4 q / (1 + q)^2 the true ~1e-16
+        scale = b.abs().reshape(b.shape[0], -1).amax(-1).clamp_min(1.0)
+        err = (a - b).abs().reshape(b.shape[0], -1).amax(-1) / scale
+        assert (err <= 1e-13).all(), err
+    z = z0.clone()
+    z[4, 5] = math.nan
+    params = params0.clone()
+    params[5, 2 * 7] = math.nan  # a raw log-scale
+    empty = torch.zeros(0, dtype=torch.int64)
+    x, ld = native.native_affine_coupling(z, params, bound0, idx, empty, 4, inverse, None)
+    assert torch.isnan(x[4, 5]) and torch.isnan(x[5, 3 + 7]) and torch.isnan(ld[5])
+    assert torch.isfinite(x[[0, 1, 2, 3, 6, 7, 8]]).all() and torch.isfinite(ld[:5]).all()
+
+
 def test_affine_coupling_second_derivatives_equal_pytorch():
     layer = _layer(5, [1, 3, 4], [2, 4], 3, seed=4)
     z0 = torch.rand(6, 5, dtype=torch.float64) * 4 - 2

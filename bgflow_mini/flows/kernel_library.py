@@ -33,7 +33,7 @@ __all__ = ["available", "status", "use_native", "disabled", "library", "TYPES"]
 
 _LOG = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("_spline_kernels.c")
-_FLAGS = ["-O3", "-fPIC", "-fno-math-errno", "-std=c99", "-pthread"]
+_FLAGS = ["-O3", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-std=c99", "-pthread"]
 # tensor dtype -> (C type, suffix of the exported functions)
 TYPES = {torch.float32: ("float", "_f32"), torch.float64: ("double", "_f64")}
 _LOCK = threading.Lock()
