@@ -57,8 +57,8 @@ def _norm(v: Tensor) -> Tensor:
 
 
 def _take(x: Tensor, idx: Tensor) -> Tensor:
-    """``x[:, idx]`` for an integer index of any shape, by ``index_select`` (3-7x faster
-    than advanced indexing forward and backward at batch 256-1,024 on the CPU)."""
+    """``x[:, idx]`` for an integer index of any shape, by ``index_select`` (on the CPU at
+    batch 256-1,024 about 4x faster than advanced indexing forward, 2x with the backward)."""
     idx = torch.as_tensor(idx, dtype=torch.long, device=x.device)
     return x.index_select(1, idx.reshape(-1)).unflatten(1, idx.shape)
 
