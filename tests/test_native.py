@@ -248,11 +248,11 @@ def test_affine_kernel_extreme_scales_and_many_features(inverse):
     bound0 = torch.rand(idx.numel(), generator=g, dtype=torch.float64) * 3
     bound0[:4] = torch.tensor([30.0, 0.0, 1e-9, 12.0])
     weights = torch.randn(n_b, dim, generator=g, dtype=torch.float64)
+    empty = torch.zeros(0, dtype=torch.int64)  # no circular features
     out = []
     for fused in (False, True):
         z, params, bound = (t.clone().requires_grad_() for t in (z0, params0, bound0))
         if fused:
-            empty = torch.zeros(0, dtype=torch.int64)
             x, ld = native.native_affine_coupling(z, params, bound, idx, empty, 4, inverse, None)
         else:
             p = params.reshape(n_b, -1, 2)
@@ -273,7 +273,6 @@ def test_affine_kernel_extreme_scales_and_many_features(inverse):
     z[4, 5] = math.nan
     params = params0.clone()
     params[5, 2 * 7] = math.nan  # a raw log-scale
-    empty = torch.zeros(0, dtype=torch.int64)
     x, ld = native.native_affine_coupling(z, params, bound0, idx, empty, 4, inverse, None)
     assert torch.isnan(x[4, 5]) and torch.isnan(x[5, 3 + 7]) and torch.isnan(ld[5])
     assert torch.isfinite(x[[0, 1, 2, 3, 6, 7, 8]]).all() and torch.isfinite(ld[:5]).all()

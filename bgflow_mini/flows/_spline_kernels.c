@@ -696,12 +696,11 @@ static void coupling_backward_rows(const args_t *a, int64_t b0, int64_t b1, int 
                 const real g = a->gy ? (real)a->gy[b * a->sgb + d * a->sgd] : (real)0;
                 const real t = pr[(2 * j + 1) * spo], zv = zr[d * a->sxf], e = ex[i];
                 real g_s;
+                gzr[d] = (io)(g * e);
                 if (inverse) { /* y = (z - t) e^-s, ld = -s */
-                    gzr[d] = (io)(g * e);
                     gpr[2 * j + 1] = (io)(-g * e);
                     g_s = -g * (zv - t) * e - g_ld;
                 } else { /* y = z e^s + t, ld = s */
-                    gzr[d] = (io)(g * e);
                     gpr[2 * j + 1] = (io)g;
                     g_s = g * zv * e + g_ld;
                 }
