@@ -59,6 +59,7 @@ SUBMODULES = (
     "generator",
     "losses",
     "md",
+    "md_reference",
     "monitor",
     "peptide_geometry",
     "pipeline",

@@ -29,12 +29,13 @@ from . import cv as cvmod
 from . import free_energy as fe
 from . import free_energy_io as fe_io
 from .fileio import save_json
+from .md_reference import MDReference
 from .reweighting import effective_sample_size
 
 __all__ = ["AnalysisSettings", "MDReference", "resolve_analysis", "analyse"]
 
 SOURCES = ("md", "unweighted", "reweighted")
-TARGET_ONLY = "md_target_temperature"  # ΔF of the first MD series beside MBAR-weighted ones
+TARGET_ONLY = "md_target_temperature"  # ΔF of the target-temperature frames beside MBAR ones
 UNITS = {"torsion": "rad", "angle": "rad", "distance": "nm"}
 
 
@@ -57,40 +58,6 @@ class AnalysisSettings:
     plots: bool = True
     plot_max_f: float | None = 15.0
     plot_max_stderr: float | None = 5.0
-
-
-@dataclass
-class MDReference:
-    """MD reference frames for :func:`analyse`.
-
-    ``positions``: ``(n, dim)`` nm, in time order; with ``n_series > 1`` that many series
-    of equal length sampled at the same times, series after series (the replicas of a
-    replica exchange, the target temperature first), weighted to the target temperature
-    by ``log_w`` ``(n,)`` (MBAR: :func:`bgflow_mini.replica_pool.series_log_weights`).
-    ``temperatures``: K per series, for the record."""
-
-    positions: np.ndarray
-    path: str
-    log_w: np.ndarray | None = None
-    n_series: int = 1
-    temperatures: Sequence[float] | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.positions)
-        if self.n_series < 1 or n % self.n_series:
-            raise ValueError(f"{n} MD frames do not split into {self.n_series} equal series")
-        if self.log_w is not None and np.shape(self.log_w) != (n,):
-            raise ValueError(f"log_w has shape {np.shape(self.log_w)}, expected ({n},)")
-
-    @property
-    def kind(self) -> str:
-        """``"md_mbar"`` for MBAR-weighted series, ``"md"`` for plain frames."""
-        return "md_mbar" if self.n_series > 1 else "md"
-
-    @property
-    def n_target(self) -> int:
-        """Frames of the first series (the target temperature)."""
-        return len(self.positions) // self.n_series
 
 
 @dataclass
@@ -176,7 +143,7 @@ def analyse(
         sources["reweighted"] = {k: v[keep] for k, v in values.items()}
     ess = effective_sample_size(lw)
     labels = {
-        "md": "MD" if md is None or md.n_series == 1 else f"MD ({md.n_series} replicas, MBAR)",
+        "md": "MD" if md is None else md.label,
         "unweighted": "generator",
         "reweighted": f"generator, reweighted (ESS {ess:.3g})",
     }
@@ -203,7 +170,7 @@ def analyse(
         for src, vals in sources.items():
             x = [vals[n] for n in names]
             if src == "md":
-                nbl = max(2, min(int(st.n_blocks), md.n_target))
+                nbl = max(2, min(int(st.n_blocks), len(md.positions) // md.n_series))
                 profiles[src] = fe.block_pmf(x, specs, edges, nbl, nb, seed, md.log_w, md.n_series)
             elif len(names) == 1:
                 profiles[src] = fe.pmf_1d(x[0], specs[0], edges[0], weights[src], nb, seed)[1:]
@@ -242,6 +209,7 @@ def analyse(
         "n_samples": int(samples.n),
         "n_md_frames": 0 if md is None else int(len(md.positions)),
         "n_md_series": 0 if md is None else int(md.n_series),
+        "n_md_runs": 0 if md is None else int(md.n_runs),
         "ess": ess,
         "nonfinite_energy_fraction": float(1.0 - u_ok.mean()),
         "nonfinite_cv_fraction": float(1.0 - keep.mean()),
@@ -262,7 +230,7 @@ def analyse(
         "cvs_2d": [list(p) for p in an.pairs],
         "settings": {"bins": int(st.bins), "n_bootstrap": nb, "n_blocks": int(st.n_blocks)},
         "errors": "generator: i.i.d. bootstrap; MD: block bootstrap over n_blocks blocks"
-        + ("" if md is None or md.n_series == 1 else " of time, in every replica at once"),
+        + ("" if md is None or md.n_series == 1 else " of time, in every series at once"),
         "files": files,
         "plots": plots,
     }
@@ -294,14 +262,17 @@ def _num(v: Any) -> Any:
 
 def _delta_f(sources, weights, md, states, cvs, a: str, b: str, st) -> dict[str, dict]:
     """ΔF = F_b - F_a per source: block bootstrap for MD, i.i.d. bootstrap otherwise; with
-    several MD series also that of the first (the target temperature) as ``TARGET_ONLY``."""
+    MBAR-weighted replicas also that of the target temperature's frames alone (every run's)
+    as ``TARGET_ONLY``."""
     nb, seed, nbl, out = int(st.n_bootstrap), int(st.seed), int(st.n_blocks), {}
     for src, vals in sources.items():
         if src == "md":
             out[src] = fe.md_delta_f(vals, states, cvs, a, b, nbl, nb, seed, md.log_w, md.n_series)
-            if md.n_series > 1:
+            if md.n_replicas > 1:  # every run's target-temperature series
                 first = {k: v[: md.n_target] for k, v in vals.items()}
-                out[TARGET_ONLY] = fe.md_delta_f(first, states, cvs, a, b, nbl, nb, seed)
+                out[TARGET_ONLY] = fe.md_delta_f(
+                    first, states, cvs, a, b, nbl, nb, seed, n_series=md.n_runs
+                )
         else:
             out[src] = fe.state_delta_f(vals, states, cvs, a, b, weights[src], nb, seed)
     return out

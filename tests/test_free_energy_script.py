@@ -297,3 +297,55 @@ def test_pooled_md_reference_is_mbar_weighted(samples, tmp_path, capsys):
         free_energy(fe_config(*common, traj, "md_replicas=2"), tmp_path / "d")
     with pytest.raises(ConfigError, match="md_replicas"):
         free_energy(fe_config(*common, "md_replicas=0"), tmp_path / "e")
+
+
+def test_independent_md_runs_pool_into_one_reference(samples, tmp_path, capsys):
+    """md_reference=[A, B]: two replica exchanges (other seeds) pooled, each run half the
+    weight, time blocks resampled in all four series at once; the target temperature's
+    column pools both runs' 300 K frames, as md_replicas=1 on their two trajectories does."""
+    from bgflow_mini.data import generate_or_load, load_replica_frames
+    from bgflow_mini.replica_pool import series_log_weights
+
+    entries = []
+    for seed in (0, 1):
+        settings = {"n_frames": 200, "n_replicas": 2, "keep_replicas": 2, "seed": seed}
+        settings.update(equilibration_steps=500, save_every=50)
+        entries.append(generate_or_load("aldp_vacuum", settings, tmp_path / "md", 1, False))
+    states = ["+states.low={psi: [-2.5, 1.2]}", "+states.high={psi: [1.25, 3.0]}"]
+    common = [f"samples={samples}", *states, "state_a=low", "state_b=high", "n_bootstrap=20"]
+    common += ["n_blocks=10", "md_energies=false", "plots=false", "progress=false"]
+    common += ["cvs=[psi]", "cvs_2d=[]"]
+    folders = f"md_reference=[{entries[0].path},{entries[1].path}]"
+    pooled = free_energy(fe_config(*common, folders, "md_replicas=2"), tmp_path / "a")
+    assert "| MD (2 runs x 2 replicas, MBAR) | MD, target temperature only |" in (
+        capsys.readouterr().out
+    )
+    trajs = f"md_reference=[{entries[0].traj_path},{entries[1].traj_path}]"
+    plain = free_energy(fe_config(*common, trajs, "md_replicas=1"), tmp_path / "b")
+    assert plain["md_reference_kind"] == "md" and plain["n_md_runs"] == 2
+    assert pooled["md_reference_kind"] == "md_mbar" and pooled["n_md_runs"] == 2
+    assert pooled["n_md_series"] == 4 and pooled["n_md_frames"] == 800
+    assert pooled["dF"]["md_target_temperature"] == plain["dF"]["md"]
+
+    spec = load_system("aldp_vacuum").cvs
+    labels, weights = [], []
+    for e in entries:  # temperature-major: run 0 300 K, run 1 300 K, run 0 hot, run 1 hot
+        x, u, temps = load_replica_frames(e, 2)
+        lw = series_log_weights(u, temps)
+        weights.append(np.exp(lw - np.log(np.exp(lw).sum())).reshape(2, 200))
+        labels.append(cvmod.compute_cvs(x.reshape(400, -1).double().numpy(), spec)["psi"])
+    psi = np.stack([p.reshape(2, 200) for p in labels], axis=1).reshape(4, 200)
+    w = np.stack(weights, axis=1).reshape(4, 200)
+    low, high = cvmod.in_range(psi, -2.5, 1.2, True), cvmod.in_range(psi, 1.25, 3.0, True)
+    dF, err = block_free_energy(low, high, 10, 20, 0, w)
+    assert pooled["dF"]["md"]["dF"] == pytest.approx(dF, rel=1e-10)
+    assert pooled["dF"]["md"]["stderr"] == pytest.approx(err, rel=1e-10)
+    one = free_energy(
+        fe_config(*common, f"md_reference={entries[0].path}", "md_replicas=2"), tmp_path / "c"
+    )
+    assert abs(one["dF"]["md"]["dF"] - dF) > 1e-6  # the second run counts
+
+    with pytest.raises(ConfigError, match="md_reference"):
+        free_energy(fe_config(*common, "md_reference=[]"), tmp_path / "d")
+    with pytest.raises(ValueError, match="stands alone"):
+        free_energy(fe_config(*common, f"md_reference=[auto,{entries[0].path}]"), tmp_path / "e")

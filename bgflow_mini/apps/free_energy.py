@@ -6,6 +6,7 @@
         '+states.alpha_l={phi: [0.0, 2.0], psi: [-1.0, 1.5]}' 'cvs=[phi]' cvs_2d=[]
     bgflow-free-energy samples=S md_reference=data/aldp_vacuum/KEY/traj.h5
     bgflow-free-energy samples=S md_replicas=3   # 3 replica temperatures, MBAR-weighted
+    bgflow-free-energy samples=S md_replicas=3 'md_reference=[CACHE_A,CACHE_B]'  # 2 runs pooled
 
 See :mod:`bgflow_mini.analysis` for what is computed and written: besides ΔF between
 ``state_a`` and ``state_b``, the ΔF of every ``<cv>_negative`` / ``<cv>_positive`` state
@@ -21,11 +22,12 @@ import hydra
 import numpy as np
 import torch
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from bgflow_mini.analysis import AnalysisSettings, MDReference, analyse
+from bgflow_mini.analysis import AnalysisSettings, analyse
 from bgflow_mini.checkpoint import find_checkpoint, read_checkpoint
 from bgflow_mini.data import find_cached, load_replica_frames, load_trajectory
+from bgflow_mini.md_reference import MDReference, pool_runs
 from bgflow_mini.replica_pool import series_log_weights
 from bgflow_mini.samples import SampleSet, reduced_energies
 from bgflow_mini.targets import load_target
@@ -47,15 +49,29 @@ def md_replicas(cfg: DictConfig, summary: dict) -> int:
 
 
 def load_md(cfg: DictConfig, summary: dict, target) -> MDReference | None:
-    """The MD reference (:class:`~bgflow_mini.analysis.MDReference`) or None.
+    """The MD reference (:class:`~bgflow_mini.md_reference.MDReference`) or None.
 
     One replica: the target temperature's frames in time order. ``k > 1`` replicas
     (:func:`md_replicas`): every frame of the k lowest temperatures of the replica-exchange
-    cache entry, MBAR-weighted to the target temperature."""
+    cache entry, MBAR-weighted to the target temperature. A list of references (independent
+    runs of equal length, e.g. replica exchanges with other ``md.seed``) is pooled into one
+    (:func:`~bgflow_mini.md_reference.pool_runs`)."""
     ref = cfg.get("md_reference")
     if ref is None or ref is False or str(ref).lower() in ("none", "null", "false", "off"):
         return None
     k = md_replicas(cfg, summary)
+    if isinstance(ref, (list, tuple, ListConfig)):
+        if not ref or any(str(r) == "auto" for r in ref):
+            raise ValueError(
+                f"md_reference={list(ref)}: a list names the runs' cache folders (or "
+                "trajectory files with md_replicas=1); 'auto' stands alone"
+            )
+        return pool_runs([_load_one(cfg, summary, target, r, k) for r in ref])
+    return _load_one(cfg, summary, target, ref, k)
+
+
+def _load_one(cfg: DictConfig, summary: dict, target, ref, k: int) -> MDReference | None:
+    """One run's reference (``ref``: ``auto``, a cache folder or a trajectory file)."""
     if str(ref) == "auto":
         if target.kind != "molecular" or not summary.get("md"):
             return None

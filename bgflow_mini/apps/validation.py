@@ -212,7 +212,15 @@ SAMPLE: Rules = [
 ]
 FREE_ENERGY: Rules = [
     *RUNTIME,
-    *rows(optional(TEXT), "samples", "checkpoint", "config", "out", "md_reference", "data_dir"),
+    *rows(optional(TEXT), "samples", "checkpoint", "config", "out", "data_dir"),
+    *rows(
+        Rule(
+            "null, auto, a path, or a non-empty list of paths (independent MD runs, pooled)",
+            lambda v: TEXT.ok(v) or list_of(TEXT, min_len=1).ok(v),
+            nullable=True,
+        ),
+        "md_reference",
+    ),
     *rows(POS_INT, "n_samples", "batch_size", "n_bootstrap"),
     *rows(integer(2), "bins", "n_blocks"),
     *rows(optional(one_of(DTYPES)), "dtype"),
