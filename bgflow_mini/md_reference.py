@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import logsumexp
 
 __all__ = ["MDReference", "pool_runs"]
 
@@ -116,9 +117,7 @@ def pool_runs(runs: Sequence[MDReference]) -> MDReference:
         lws = []
         for r in runs:
             lw = np.zeros(k * n_t) if r.log_w is None else np.asarray(r.log_w, dtype=np.float64)
-            top = np.max(lw)
-            norm = top + np.log(np.exp(lw - top).sum() * len(runs))  # sums to 1 / runs
-            lws.append((lw - norm).reshape(k, n_t))
+            lws.append((lw - logsumexp(lw) - np.log(len(runs))).reshape(k, n_t))  # 1 / runs
         log_w = np.stack(lws, axis=1).reshape(-1)
     return MDReference(
         pos.reshape(-1, dim),
