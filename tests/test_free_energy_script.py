@@ -347,5 +347,5 @@ def test_independent_md_runs_pool_into_one_reference(samples, tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="md_reference"):
         free_energy(fe_config(*common, "md_reference=[]"), tmp_path / "d")
-    with pytest.raises(ValueError, match="stands alone"):
+    with pytest.raises(ConfigError, match="stands alone"):
         free_energy(fe_config(*common, f"md_reference=[auto,{entries[0].path}]"), tmp_path / "e")

@@ -60,12 +60,7 @@ def load_md(cfg: DictConfig, summary: dict, target) -> MDReference | None:
     if ref is None or ref is False or str(ref).lower() in ("none", "null", "false", "off"):
         return None
     k = md_replicas(cfg, summary)
-    if isinstance(ref, (list, tuple, ListConfig)):
-        if not ref or any(str(r) == "auto" for r in ref):
-            raise ValueError(
-                f"md_reference={list(ref)}: a list names the runs' cache folders (or "
-                "trajectory files with md_replicas=1); 'auto' stands alone"
-            )
+    if isinstance(ref, (list, tuple, ListConfig)):  # validated: paths, no 'auto'
         return pool_runs([_load_one(cfg, summary, target, r, k) for r in ref])
     return _load_one(cfg, summary, target, ref, k)
 

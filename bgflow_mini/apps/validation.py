@@ -215,8 +215,9 @@ FREE_ENERGY: Rules = [
     *rows(optional(TEXT), "samples", "checkpoint", "config", "out", "data_dir"),
     *rows(
         Rule(
-            "null, auto, a path, or a non-empty list of paths (independent MD runs, pooled)",
-            lambda v: TEXT.ok(v) or list_of(TEXT, min_len=1).ok(v),
+            "null, auto, a path, or a non-empty list of paths (independent MD runs, pooled;"
+            " auto stands alone)",
+            lambda v: TEXT.ok(v) or (list_of(TEXT, min_len=1).ok(v) and "auto" not in v),
             nullable=True,
         ),
         "md_reference",
