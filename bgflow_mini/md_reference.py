@@ -13,13 +13,16 @@ variance of the state populations that one run gives.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.special import logsumexp
 
-__all__ = ["MDReference", "pool_runs"]
+__all__ = ["MDReference", "pool_runs", "load_reference"]
 
 
 @dataclass
@@ -64,6 +67,15 @@ class MDReference:
     def n_target(self) -> int:
         """Frames at the target temperature: the first ``n_runs`` series."""
         return len(self.positions) // self.n_series * self.n_runs
+
+    def run_frames(self, run: int) -> np.ndarray:
+        """Indices of run ``run``'s frames (its replicas, target temperature first, each in
+        time order): ``positions[run_frames(r)]`` is that run's own reference."""
+        if not 0 <= run < self.n_runs:
+            raise IndexError(f"run {run} of a reference with {self.n_runs} run(s)")
+        length = len(self.positions) // self.n_series
+        series = np.arange(self.n_replicas) * self.n_runs + run  # temperature-major order
+        return (series[:, None] * length + np.arange(length)).reshape(-1)
 
     @property
     def label(self) -> str:
@@ -126,4 +138,40 @@ def pool_runs(runs: Sequence[MDReference]) -> MDReference:
         k * len(runs),
         first.temperatures,
         len(runs),
+    )
+
+
+def load_reference(source: Any, replicas: int = 1, stride: int = 1) -> MDReference:
+    """One MD run's reference from its cache entry, cache folder or trajectory file.
+
+    ``replicas = 1``: the target temperature's frames in time order (counted, no weights).
+    ``replicas = k > 1``: every frame of the k lowest temperatures of a replica-exchange
+    cache folder made with ``md.keep_replicas >= k``, MBAR-weighted to the target
+    temperature (:func:`bgflow_mini.replica_pool.series_log_weights`, needs pymbar).
+    ``stride``: every stride-th frame. Positions are float64 nm ``(n, n_atoms * 3)``.
+
+    Raises:
+        ValueError: ``replicas > 1`` for a single trajectory file.
+        bgflow_mini.data.CacheError: a folder that kept fewer replicas.
+    """
+    import torch
+
+    from .data import CacheEntry, load_replica_frames, load_trajectory
+    from .replica_pool import series_log_weights
+
+    path = source.path if isinstance(source, CacheEntry) else Path(os.fspath(source))
+    if replicas == 1:
+        traj = load_trajectory(source)[::stride]
+        if isinstance(source, CacheEntry):
+            path = source.traj_path
+        return MDReference(traj.xyz.reshape(traj.n_frames, -1).astype(np.float64), str(path))
+    if not path.is_dir():
+        raise ValueError(
+            f"{replicas} replicas are pooled from a replica-exchange cache folder, but {path} "
+            "is one trajectory file: give its cache folder, or one replica"
+        )
+    positions, energies, temps = load_replica_frames(source, replicas, stride, torch.float64)
+    xyz = positions.reshape(-1, positions.shape[-1]).numpy()
+    return MDReference(
+        xyz, str(path), series_log_weights(energies, temps), replicas, temps.tolist()
     )

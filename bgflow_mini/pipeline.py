@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +29,7 @@ from .distributions import DiagonalNormal, NormalUniform
 from .evaluation import generator_samples, largest_weights, ramachandran_kl
 from .flows import Sequential
 from .generator import BoltzmannGenerator
+from .md_reference import MDReference, load_reference, pool_runs
 from .reweighting import block_ess, effective_sample_size
 
 __all__ = [
@@ -50,9 +51,11 @@ class DataSplit:
     ``pool`` / ``pool_log_weights`` (``replicas > 1`` in :func:`molecular_data`): the
     frames the maximum-likelihood term draws from instead of ``train`` (several
     temperatures' training-time frames) and their log weights ``(n_pool,)``;
-    ``reference_pool`` / ``reference_pool_log_weights``: every frame of those temperatures
-    (replica after replica, each in time order, the first being ``reference``) with MBAR
-    weights for the target temperature, the evaluation's main MD reference (``"md_mbar"``).
+    ``md_reference`` (molecules): the evaluation's MD reference
+    (:class:`~bgflow_mini.md_reference.MDReference`): ``reference`` itself, or with a
+    replica pool every frame of those temperatures MBAR-weighted to the target temperature
+    (``"md_mbar"``), pooled with further independent MD runs where asked
+    (``reference_seeds``). None: ``reference`` alone (toys).
     """
 
     train: Tensor
@@ -62,8 +65,7 @@ class DataSplit:
     info: dict = field(default_factory=dict)
     pool: Tensor | None = None
     pool_log_weights: Tensor | None = None
-    reference_pool: Tensor | None = None
-    reference_pool_log_weights: Tensor | None = None
+    md_reference: MDReference | None = None
 
     def ml_data(self) -> tuple[Tensor, Tensor | None]:
         """The maximum-likelihood rows and their draw weights (None: uniform draws)."""
@@ -83,6 +85,7 @@ def molecular_data(
     log: Callable | None = print,
     replicas: int = 1,
     replica_weights: str = "mbar",
+    reference_seeds: Sequence[int] = (),
 ) -> DataSplit:
     """MD data of ``system`` from the cache in ``data_dir`` (generated on a miss).
 
@@ -97,15 +100,28 @@ def molecular_data(
     weighted by ``replica_weights`` (:func:`bgflow_mini.replica_pool.pool_log_weights`);
     ``info["replica_pool"]`` records the pool's size, Kish effective size and the weight
     share of each temperature. Validation, test and ``reference`` stay target-temperature
-    frames; ``reference_pool`` adds every frame of the pooled temperatures with MBAR
+    frames; ``md_reference`` adds every frame of the pooled temperatures with MBAR
     weights for the target temperature (the evaluation's ``"md_mbar"`` reference).
+
+    ``reference_seeds``: ``md.seed`` values of further independent MD runs with the same
+    settings (generated or found in the cache, after this run's own), pooled with it into
+    ``md_reference`` (:func:`~bgflow_mini.md_reference.pool_runs`) for a reference with a
+    smaller error; training data stays this run's. ``info["md_reference"]`` lists the runs.
     """
     from .data import generate_or_load, load_dataset
+    from .md import MD_DEFAULTS
     from .replica_pool import WEIGHTINGS, kish_size, pool_log_weights, series_log_weights
 
     if replica_weights not in WEIGHTINGS:  # before any MD
         raise ValueError(
             f"replica_weights must be one of {list(WEIGHTINGS)}, got {replica_weights!r}"
+        )
+    own_seed = int(md_settings.get("seed", MD_DEFAULTS["seed"]))
+    seeds = [int(x) for x in reference_seeds]
+    if own_seed in seeds or len(set(seeds)) < len(seeds):
+        raise ValueError(
+            f"reference seeds {seeds} must differ from each other and from this run's md.seed "
+            f"({own_seed}): a run pooled with itself would understate the reference's error"
         )
     entry = generate_or_load(
         system, dict(md_settings), data_dir, n_workers=n_workers, progress=progress, log=log
@@ -120,6 +136,7 @@ def molecular_data(
         **dict(entry.meta.get("info", {})),
     }
     split = DataSplit(ds.train, ds.val, ds.test, ds.positions, info)
+    own = MDReference(ds.positions.numpy(), str(entry.traj_path))
     if ds.pool is not None:
         lw = pool_log_weights(ds.pool_energies, ds.pool_replica, ds.temperatures, replica_weights)
         w = np.exp(lw)
@@ -133,10 +150,20 @@ def molecular_data(
             "weight_share": [float(w[ds.pool_replica == r].sum()) for r in range(replicas)],
         }
         split.pool, split.pool_log_weights = ds.pool, torch.as_tensor(lw)
-        split.reference_pool = ds.replica_positions.reshape(-1, ds.replica_positions.shape[-1])
         ref_lw = series_log_weights(ds.replica_energies, ds.temperatures)
-        split.reference_pool_log_weights = torch.as_tensor(ref_lw)
+        xyz = ds.replica_positions.reshape(-1, ds.replica_positions.shape[-1]).numpy()
+        own = MDReference(xyz, str(entry.path), ref_lw, replicas, ds.temperatures.tolist())
         info["replica_pool"]["reference_kish_frames"] = kish_size(ref_lw)
+    runs, listing = [own], [{"md_seed": own_seed, "cache_key": entry.key}]
+    for seed in seeds:
+        extra = generate_or_load(
+            system, {**md_settings, "seed": seed}, data_dir, n_workers=n_workers,
+            progress=progress, log=log,
+        )  # fmt: skip
+        runs.append(load_reference(extra, replicas, stride))
+        listing.append({"md_seed": seed, "cache_key": extra.key})
+    split.md_reference = pool_runs(runs)
+    info["md_reference"] = {"label": split.md_reference.label, "runs": listing}
     return split
 
 
@@ -405,15 +432,25 @@ def _needed_cvs(cvs: Mapping, states: Mapping) -> list[str]:
 def _md_references(data: DataSplit, cvs: Mapping, needed: list[str]) -> list[tuple]:
     """MD references ``(kind, cv values, log weights, n_series)``, the main one first:
     ``"md_mbar"`` (every frame of the pooled replicas, MBAR-weighted) when the data has a
-    replica pool, then ``"md"`` (the target temperature's frames)."""
-    if data.reference_pool is None:
+    replica pool, else ``"md"``; then ``"md"`` (the target temperature's frames) after
+    ``"md_mbar"``; with several independent runs pooled, each run's own as
+    ``"<kind>_run<i>"`` (run 0: the run's own MD; seeds in ``info["md_reference"]``)."""
+    ref = data.md_reference
+    if ref is None:
         return [("md", cvmod.compute_cvs(data.reference.numpy(), cvs, needed), None, 1)]
-    # the pool's first series is the target temperature's reference: one CV computation
-    values = cvmod.compute_cvs(data.reference_pool.numpy(), cvs, needed)
-    n = data.reference.shape[0]
-    lw = data.reference_pool_log_weights.numpy()
-    target_only = {name: v[:n] for name, v in values.items()}
-    return [("md_mbar", values, lw, len(lw) // n), ("md", target_only, None, 1)]
+    # the first series are the target temperature's: one CV computation for all
+    values = cvmod.compute_cvs(ref.positions, cvs, needed)
+    out = [(ref.kind, values, ref.log_w, ref.n_series)]
+    if ref.n_replicas > 1:
+        target_only = {name: v[: ref.n_target] for name, v in values.items()}
+        out.append(("md", target_only, None, ref.n_runs))
+    if ref.n_runs > 1:
+        for r in range(ref.n_runs):
+            idx = ref.run_frames(r)
+            lw = None if ref.log_w is None else ref.log_w[idx]
+            one = {name: v[idx] for name, v in values.items()}
+            out.append((f"{ref.kind}_run{r}", one, lw, ref.n_replicas))
+    return out
 
 
 def _reference_delta_f(

@@ -32,6 +32,16 @@ _ROWS = (
 _NO_REFERENCE = "the MD frames do not visit both states (a plain MD that stays in one basin)"
 
 
+def _md_runs_row(metrics: Mapping) -> list[str]:
+    """A row naming the independent MD runs pooled into the reference (more than one)."""
+    ref = (metrics.get("data_info") or {}).get("md_reference") or {}
+    runs = ref.get("runs") or []
+    if len(runs) < 2:
+        return []
+    seeds = ", ".join(str(r["md_seed"]) for r in runs)
+    return [f"| MD reference | {ref['label']}: md.seed {seeds} (each run: dF_reference_*_run<i>) |"]
+
+
 def summary_table(metrics: Mapping) -> str:
     """A Markdown table of the headline metrics present in ``metrics`` (with errors)."""
     lines = ["| metric | value |", "| --- | --- |"]
@@ -41,6 +51,7 @@ def summary_table(metrics: Mapping) -> str:
             text = fmt.format(metrics[key]) + (f" ± {err:.3f}" if err else "")
             if key in ("dF_reference", "dF_error") and not math.isfinite(metrics[key]):
                 lines.append(f"| {label} | none: {_NO_REFERENCE} |")
+                lines += _md_runs_row(metrics) if key == "dF_reference" else []
                 continue
             if key == "dF_reference":
                 text += f" ({metrics.get('dF_reference_kind', '')})"
@@ -48,6 +59,8 @@ def summary_table(metrics: Mapping) -> str:
             if key.startswith("ramachandran_kl") and kind != "phi, psi":
                 label += f" ({kind})"
             lines.append(f"| {label} | {text} |")
+            if key == "dF_reference":
+                lines += _md_runs_row(metrics)
             blocks = metrics.get("ess_blocks") if key == "ess" else None
             if blocks:
                 lines.append(

@@ -156,8 +156,9 @@ class MolecularTarget(Target):
 
     def data(self, *, seed: int = 0, progress: bool = True, **settings: Any):
         """MD data from the cache (generated on a miss): ``md`` (settings), ``data_dir``,
-        ``fractions``, ``stride``, ``n_workers``, ``replicas``, ``replica_weights`` (see
-        :func:`~bgflow_mini.pipeline.molecular_data`); other settings are ignored."""
+        ``fractions``, ``stride``, ``n_workers``, ``replicas``, ``replica_weights``,
+        ``reference_seeds`` (see :func:`~bgflow_mini.pipeline.molecular_data`); other
+        settings are ignored."""
         from .pipeline import molecular_data
 
         return molecular_data(
@@ -170,6 +171,7 @@ class MolecularTarget(Target):
             progress=progress,
             replicas=int(settings.get("replicas") or 1),
             replica_weights=str(settings.get("replica_weights") or "mbar"),
+            reference_seeds=list(settings.get("reference_seeds") or ()),
         )
 
     def _build(

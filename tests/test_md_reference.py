@@ -41,6 +41,12 @@ def test_pool_orders_series_by_temperature_and_weights_runs_equally():
         pooled.positions[: pooled.n_target, 0],
         np.concatenate([a.positions[:n, 0], b.positions[:n, 0]]),
     )
+    # each run's own frames come back in its own order
+    for r, one in enumerate((a, b)):
+        np.testing.assert_array_equal(pooled.positions[pooled.run_frames(r)], one.positions)
+    np.testing.assert_array_equal(a.run_frames(0), np.arange(k * n))
+    with pytest.raises(IndexError, match="run 2 of a reference with 2"):
+        pooled.run_frames(2)
 
 
 def test_pooled_runs_average_state_populations():

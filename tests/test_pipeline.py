@@ -20,6 +20,7 @@ from bgflow_mini.coordinates import build_zmatrix
 from bgflow_mini.energies import OpenMMEnergy, TorchForceField
 from bgflow_mini.flows import coupling_flow
 from bgflow_mini.md import simulate
+from bgflow_mini.md_reference import MDReference, pool_runs
 from bgflow_mini.report import summary_table
 from bgflow_mini.systems import load_system
 from bgflow_mini.targets import MolecularTarget
@@ -300,13 +301,16 @@ def test_molecular_data_pools_replicas_with_their_weights(tmp_path):
     torch.testing.assert_close(weights / weights.sum(), torch.as_tensor(np.exp(expect)))
     # the evaluation's reference: every frame of both temperatures, MBAR-weighted
     n_all = plain.reference.shape[0]
-    assert split.reference_pool.shape == (2 * n_all, 6)
-    assert torch.equal(split.reference_pool[:n_all], plain.reference)
+    ref = split.md_reference
+    assert ref.positions.shape == (2 * n_all, 6) and (ref.kind, ref.n_series) == ("md_mbar", 2)
+    np.testing.assert_array_equal(ref.positions[:n_all], plain.reference.numpy())
     u_all = np.load(split.info["cache_path"] + "/replica_energies.npy")[:2]
     expect_all = pool_log_weights(
         u_all.reshape(-1), np.repeat([0, 1], n_all), np.array(pool["temperatures"])
     )
-    torch.testing.assert_close(split.reference_pool_log_weights, torch.as_tensor(expect_all))
+    np.testing.assert_allclose(ref.log_w, expect_all, rtol=1e-12)
+    assert plain.md_reference.kind == "md" and plain.md_reference.log_w is None
+    np.testing.assert_array_equal(plain.md_reference.positions, plain.reference.numpy())
     assert n_all < pool["reference_kish_frames"] < 2 * n_all
     equal = molecular_data(
         toy_system(), settings, tmp_path, replicas=2, replica_weights="equal", **kw
@@ -328,10 +332,10 @@ def test_evaluate_uses_the_pooled_mbar_reference_first(peptide):
     # two series: the MD itself with weight 1 and a shuffled copy with weight 0, so the
     # weighted reference must reproduce the plain one exactly
     shuffled = ref[torch.randperm(ref.shape[0], generator=torch.Generator().manual_seed(0))]
-    lw = torch.cat([torch.zeros(ref.shape[0]), torch.full((ref.shape[0],), -torch.inf)])
+    lw = np.concatenate([np.zeros(ref.shape[0]), np.full(ref.shape[0], -np.inf)])
     pooled = copy.copy(data)
-    pooled.reference_pool = torch.cat([ref, shuffled])
-    pooled.reference_pool_log_weights = lw
+    both = torch.cat([ref, shuffled]).numpy()
+    pooled.md_reference = MDReference(both, "pool", lw, 2, [300.0, 400.0])
     m, _ = pipeline.evaluate(bg, target, pooled, progress=False, **kw)
     plain, _ = pipeline.evaluate(bg, target, data, progress=False, **kw)
     assert m["dF_reference_kind"] == "md_mbar" and plain["dF_reference_kind"] == "md"
@@ -343,10 +347,79 @@ def test_evaluate_uses_the_pooled_mbar_reference_first(peptide):
         chi["dF_reference"]
     )
     # equal weights on the shuffled copy move the reference to the mean of the two
-    pooled.reference_pool_log_weights = torch.zeros(2 * ref.shape[0])
+    pooled.md_reference = MDReference(both, "pool", np.zeros(2 * ref.shape[0]), 2, [300.0, 400.0])
     m_eq, _ = pipeline.evaluate(bg, target, pooled, progress=False, **kw)
     assert m_eq["dF_reference"] == pytest.approx(plain["dF_reference"])  # same frames, twice
     # ... but time blocks of the shuffled copy hold frames from all times: a smaller error
     chi_eq, chi_plain = m_eq["state_delta_f"]["chi1"], plain["state_delta_f"]["chi1"]
     assert chi_eq["dF_reference"] == pytest.approx(chi_plain["dF_reference"])
     assert 0 < chi_eq["reference_stderr"] < chi_plain["reference_stderr"] < math.inf
+
+
+def test_evaluate_pools_independent_runs_and_reports_each(peptide):
+    """A reference pooled from two runs is the main one; each run's own ΔF stays in the
+    metrics as ``..._run<i>`` and equals that run evaluated alone."""
+    target, data, bg, energy = peptide
+    kw = dict(energy=energy, n_samples=1000, batch_size=1000, n_bootstrap=20, n_blocks=10)
+    x = data.reference.numpy()
+    half = len(x) // 2
+    runs = [MDReference(x[:half], "a"), MDReference(x[half : 2 * half], "b")]
+    alone = []
+    for r in runs:
+        one = copy.copy(data)
+        one.md_reference = r
+        alone.append(pipeline.evaluate(bg, target, one, progress=False, **kw)[0])
+    pooled = copy.copy(data)
+    pooled.md_reference = pool_runs(runs)
+    m, _ = pipeline.evaluate(bg, target, pooled, progress=False, **kw)
+    assert m["dF_reference_kind"] == "md"
+    for i, a in enumerate(alone):
+        assert m[f"dF_reference_md_run{i}"] == pytest.approx(a["dF_reference"], rel=1e-12)
+        chi = m["state_delta_f"]["chi1"]
+        assert chi[f"reference_md_run{i}"] == pytest.approx(
+            a["state_delta_f"]["chi1"]["dF_reference"], rel=1e-12
+        )
+    # counted frames of equal-length runs: the pooled population is the runs' mean
+    p_b = [1 / (1 + np.exp(a["state_delta_f"]["chi1"]["dF_reference"])) for a in alone]
+    p_pool = 1 / (1 + np.exp(m["state_delta_f"]["chi1"]["dF_reference"]))
+    assert p_pool == pytest.approx(np.mean(p_b), rel=1e-9)
+    # the summary names the pooled runs
+    info = {"md_reference": {"label": "MD (2 runs)", "runs": [{"md_seed": 0}, {"md_seed": 4}]}}
+    table = summary_table({**m, "data_info": info})
+    assert "| MD reference | MD (2 runs): md.seed 0, 4 " in table
+    assert "| MD reference |" not in summary_table(m)
+    chis = [a["state_delta_f"]["chi1"]["dF_reference"] for a in alone]
+    assert np.isfinite(chis).all() and chis[0] != chis[1]  # the runs differ
+
+
+def test_molecular_data_pools_reference_runs_of_other_md_seeds(tmp_path):
+    """``reference_seeds``: further MD runs of the same settings join the evaluation's
+    reference, each run with its own MBAR weights; the training data stays the run's own."""
+    from test_data import SETTINGS, toy_system
+
+    from bgflow_mini.pipeline import molecular_data
+
+    settings = {**SETTINGS, "n_replicas": 3, "keep_replicas": 2}
+    kw = dict(fractions=(0.5, 0.25, 0.25), n_workers=1, progress=False, log=None, replicas=2)
+    own = molecular_data(toy_system(), settings, tmp_path, **kw)
+    other = molecular_data(toy_system(), {**settings, "seed": 1}, tmp_path, **kw)
+    both = molecular_data(toy_system(), settings, tmp_path, reference_seeds=[1], **kw)
+    ref = both.md_reference
+    assert (ref.n_runs, ref.n_replicas, ref.kind) == (2, 2, "md_mbar")
+    for r, single in enumerate((own, other)):
+        one = single.md_reference
+        np.testing.assert_array_equal(ref.positions[ref.run_frames(r)], one.positions)
+        w = np.exp(ref.log_w[ref.run_frames(r)])
+        np.testing.assert_allclose(w / w.sum(), np.exp(one.log_w) / np.exp(one.log_w).sum())
+    assert not np.array_equal(own.md_reference.positions, other.md_reference.positions)
+    assert torch.equal(both.train, own.train) and torch.equal(both.pool, own.pool)
+    runs = both.info["md_reference"]["runs"]
+    assert [r["md_seed"] for r in runs] == [0, 1]
+    assert [r["cache_key"] for r in runs] == [own.info["cache_key"], other.info["cache_key"]]
+    assert both.info["md_reference"]["label"] == "MD (2 runs x 2 replicas, MBAR)"
+    # the seeds are checked before any MD: none is run into an empty folder
+    empty = tmp_path / "empty"
+    for bad in ([0], [1, 1]):
+        with pytest.raises(ValueError, match="understate the reference's error"):
+            molecular_data(toy_system(), settings, empty, reference_seeds=bad, **kw)
+    assert not empty.exists() or not any(empty.iterdir())

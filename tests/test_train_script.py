@@ -250,6 +250,7 @@ def test_resume_without_run_folder_is_a_clear_error(tmp_path):
         ("dtype=half", "float32"),
         ("device=tpu", "device"),
         ("data.fractions=[0.5,0.5]", "data.fractions"),
+        ("evaluation.md_reference_seeds=[0]", "evaluation.md_reference_seeds=[0]"),
     ],
 )
 def test_config_mistakes_stop_before_any_work(tmp_path, override, message):

@@ -171,6 +171,10 @@ TRAIN_BAD = [
     (["data.replicas=3"], ["data.replicas=3", "md.keep_replicas=1", "set md.keep_replicas=3"]),
     (["data.replicas=0"], ["data.replicas=0", INT1]),
     (["data.replica_weights=kish"], ["data.replica_weights='kish'", "['equal', 'mbar']"]),
+    (["evaluation.md_reference_seeds=[-1]"], ["md_reference_seeds=[-1]", "integer >= 0"]),
+    (["evaluation.md_reference_seeds=[0]"], ["md_reference_seeds=[0]", "from md.seed=0"]),
+    (["evaluation.md_reference_seeds=[2,2]"], ["md_reference_seeds=[2, 2]", "differ"]),
+    (["md.seed=3", "evaluation.md_reference_seeds=[3]"], ["md.seed=3", "understate"]),
     (["flow.n_blocks=0"], ["flow.n_blocks=0", INT1]),
     (["flow.hidden=[]"], ["flow.hidden=[]", "non-empty list, each an integer >= 1"]),
     (["flow.hidden=[64,0]"], ["flow.hidden=[64, 0]", "integer >= 1"]),
@@ -225,6 +229,13 @@ def test_null_states_are_the_target_defaults():
     )
     cfg = load("train", ["evaluation.state_a=null", "evaluation.state_b=phi_negative"])
     raises(validate_train_config, cfg, "both are 'phi_negative'", target=target)
+
+
+def test_md_reference_seeds_are_for_molecules():
+    toy = SimpleNamespace(kind="toy", name="double_well", cvs={}, states={})
+    cfg = load("train", ["system=double_well", "evaluation.md_reference_seeds=[1]"])
+    raises(validate_train_config, cfg, "md_reference_seeds=[1]", "for molecules", target=toy)
+    validate_train_config(load("train", ["evaluation.md_reference_seeds=[1,2]"]), target=TARGET)
 
 
 def test_toy_target_states_are_checked():

@@ -19,16 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import numpy as np
-import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bgflow_mini.analysis import AnalysisSettings, analyse
 from bgflow_mini.checkpoint import find_checkpoint, read_checkpoint
-from bgflow_mini.data import find_cached, load_replica_frames, load_trajectory
-from bgflow_mini.md_reference import MDReference, pool_runs
-from bgflow_mini.replica_pool import series_log_weights
+from bgflow_mini.data import find_cached
+from bgflow_mini.md_reference import MDReference, load_reference, pool_runs
 from bgflow_mini.samples import SampleSet, reduced_energies
 from bgflow_mini.targets import load_target
 
@@ -84,21 +81,14 @@ def _load_one(cfg: DictConfig, summary: dict, target, ref, k: int) -> MDReferenc
         if not path.exists():
             raise FileNotFoundError(f"md_reference={ref}: no such file or folder ({path})")
         source = path
-    if k == 1:
-        traj = load_trajectory(source)
-        _check_atoms(traj.n_atoms, path, target)
-        return MDReference(traj.xyz.reshape(traj.n_frames, -1).astype(np.float64), str(path))
-    folder = Path(getattr(source, "path", source))
-    if not folder.is_dir():
+    if k > 1 and not Path(getattr(source, "path", source)).is_dir():
         raise ValueError(
             f"md_replicas={k} pools the replicas of a replica-exchange cache folder, but "
             f"md_reference={ref} is one trajectory file: give its cache folder, or md_replicas=1"
         )
-    positions, energies, temps = load_replica_frames(source, k, dtype=torch.float64)
-    _check_atoms(positions.shape[-1] // 3, folder, target)
-    xyz = positions.reshape(-1, positions.shape[-1]).numpy()
-    log_w = series_log_weights(energies, temps)
-    return MDReference(xyz, str(folder), log_w, k, temps.tolist())
+    md = load_reference(source, k)
+    _check_atoms(md.positions.shape[1] // 3, path if k == 1 else md.path, target)
+    return md
 
 
 def _check_atoms(n_atoms: int, path, target) -> None:

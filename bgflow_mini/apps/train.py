@@ -175,6 +175,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         n_workers=resources.md_workers,
         replicas=cfg.data.get("replicas", 1),
         replica_weights=cfg.data.get("replica_weights", "mbar"),
+        reference_seeds=list(cfg.evaluation.get("md_reference_seeds") or []),
         seed=int(cfg.seed),
         progress=bool(cfg.progress) and main,
     )

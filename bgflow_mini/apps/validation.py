@@ -200,6 +200,7 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
     *rows(ACTIVATION, "flow.activation"),
     *rows(POS_INT, "data.replicas"),
     *rows(one_of(("mbar", "equal")), "data.replica_weights"),
+    *rows(optional(list_of(integer(0))), "evaluation.md_reference_seeds"),
 ]
 SAMPLE: Rules = [
     *RUNTIME,
@@ -446,6 +447,25 @@ def _sync_every(d: Mapping) -> list[str]:
     return []
 
 
+def _reference_seeds(d: Mapping, target: Any) -> list[str]:
+    """``evaluation.md_reference_seeds``: distinct MD seeds other than ``md.seed``, for
+    molecules (toys have exact references and no MD)."""
+    seeds = _get(d, "evaluation.md_reference_seeds")
+    if not seeds or not list_of(integer(0)).ok(seeds):
+        return []  # empty, or reported by the rules
+    key = f"evaluation.md_reference_seeds={_show(seeds)}"
+    md = d.get("md")
+    if getattr(target, "kind", "molecular") != "molecular" or not isinstance(md, Mapping):
+        return [f"{key}: further MD runs are pooled for molecules with md settings; set []"]
+    own = md.get("seed", 0)
+    if own in seeds or len(set(seeds)) < len(seeds):
+        return [
+            f"{key}: the seeds must differ from each other and from md.seed={own} (a run "
+            "pooled with itself would understate the reference's error)"
+        ]
+    return []
+
+
 def _symmetrize(d: Mapping, target: Any) -> list[str]:
     """``symmetrize=true`` on a molecule: its side-chain flips are valid and few enough
     (toys and molecules without symmetric side chains have nothing to symmetrise)."""
@@ -477,7 +497,7 @@ def validate_train_config(cfg: DictConfig | Mapping, target: Any = None) -> None
     lines = _apply(d, TRAIN) + _apply(d, OPTIONAL_TRAIN, absent_ok=True)
     lines += _cuda(d) + _phases(d) + _md(d)
     lines += _state_choice(d, ("evaluation.state_a", "evaluation.state_b"), target, {})
-    lines += _symmetrize(d, target)
+    lines += _symmetrize(d, target) + _reference_seeds(d, target)
     if getattr(target, "kind", None) == "molecular" and not isinstance(d.get("md"), Mapping):
         lines.append(f"md={_show(d.get('md'))}: a molecule needs MD settings (md=remd or md=plain)")
     lines += _sync_every(d)
