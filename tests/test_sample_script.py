@@ -16,6 +16,7 @@ import torch
 from bgflow_mini import load_generator
 from bgflow_mini.checkpoint import read_checkpoint
 from bgflow_mini.energies import DoubleWell, TorchForceField
+from bgflow_mini.report import summary_table
 from bgflow_mini.reweighting import effective_sample_size
 from bgflow_mini.systems import load_system
 
@@ -79,14 +80,29 @@ def trained_run(tmp_path_factory, name: str, args: list[str]) -> Path:
 
 @pytest.fixture(scope="session")
 def aldp_run(tmp_path_factory) -> Path:
-    return trained_run(
-        tmp_path_factory, "aldp", ["system=aldp_vacuum", "energy=torchff", *TINY_MD, *FAST]
-    )
+    # a second tiny MD run (md.seed=1) joins the evaluation's reference
+    args = ["system=aldp_vacuum", "energy=torchff", *TINY_MD, *FAST]
+    return trained_run(tmp_path_factory, "aldp", [*args, "evaluation.md_reference_seeds=[1]"])
 
 
 @pytest.fixture(scope="session")
 def toy_run(tmp_path_factory) -> Path:
     return trained_run(tmp_path_factory, "toy", [*TOY, *FAST])
+
+
+def test_training_run_pools_the_md_of_its_reference_seeds(aldp_run):
+    """evaluation.md_reference_seeds=[1]: the MD of seed 1 (same settings) is made, cached
+    and pooled with the run's own as the reference; each run's dF stays beside it."""
+    m = json.loads((aldp_run / "metrics.json").read_text())
+    ref = m["data_info"]["md_reference"]
+    assert ref["label"] == "MD (2 runs)" and [r["md_seed"] for r in ref["runs"]] == [0, 1]
+    keys = [r["cache_key"] for r in ref["runs"]]
+    assert keys[0] == m["data_info"]["cache_key"] and keys[0] != keys[1]
+    md_data = aldp_run.parent / "md_data" / "aldp_vacuum"
+    assert all((md_data / k / "traj.h5").is_file() for k in keys)
+    assert m["dF_reference_kind"] == "md"
+    assert {"dF_reference_md_run0", "dF_reference_md_run1"} <= set(m)
+    assert "| MD reference | MD (2 runs): md.seed 0, 1" in summary_table(m)
 
 
 def test_sample_aldp_writes_consistent_files(aldp_run, tmp_path):
