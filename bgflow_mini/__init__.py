@@ -70,6 +70,7 @@ SUBMODULES = (
     "report",
     "reweighting",
     "ring_geometry",
+    "run_evaluation",
     "run_logger",
     "samples",
     "sampling",

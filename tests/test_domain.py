@@ -11,7 +11,7 @@ import torch
 import bgflow_mini as bg
 from bgflow_mini.coordinates.domain import DomainMap, SoftBox
 from bgflow_mini.flows import coupling_flow
-from bgflow_mini.pipeline import ic_domain_stats
+from bgflow_mini.run_evaluation import ic_domain_stats
 from bgflow_mini.units import wrap_angle
 
 BONDS = torch.tensor([True, True, False, False, False, False])

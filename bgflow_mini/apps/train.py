@@ -32,7 +32,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from bgflow_mini import distributed, pipeline, plotting
+from bgflow_mini import distributed, plotting, run_evaluation
 from bgflow_mini.checkpoint import resolve_device, resolve_dtype, save_generator
 from bgflow_mini.fileio import save_json, save_text
 from bgflow_mini.flows import compile_generator, is_compiled
@@ -280,7 +280,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
             save_generator(generator, out / "model.pt", {**extra, "selected": selected})
         ev = cfg.evaluation
         t_eval = time.time()
-        metrics, samples = pipeline.evaluate(
+        metrics, samples = run_evaluation.evaluate(
             generator,
             target,
             data,
