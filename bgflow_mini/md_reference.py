@@ -168,7 +168,7 @@ def load_reference(source: Any, replicas: int = 1, stride: int = 1) -> MDReferen
     if not path.is_dir():
         raise ValueError(
             f"{replicas} replicas are pooled from a replica-exchange cache folder, but {path} "
-            "is one trajectory file: give its cache folder, or one replica"
+            "is one trajectory file: give its cache folder, or one replica (md_replicas=1)"
         )
     positions, energies, temps = load_replica_frames(source, replicas, stride, torch.float64)
     xyz = positions.reshape(-1, positions.shape[-1]).numpy()

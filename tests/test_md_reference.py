@@ -84,3 +84,28 @@ def test_pool_of_one_run_is_that_run_and_mismatches_are_refused():
         pool_runs([pool_runs([a, a]), a])
     with pytest.raises(ValueError, match="runs"):
         MDReference(np.zeros((20, 3)), "x", None, 4, None, 3)
+
+
+def test_load_reference_of_a_cache_entry(tmp_path):
+    """One run's reference from a replica-exchange cache: the target temperature's frames,
+    or every kept replica with its MBAR weights; a lone trajectory file has one replica."""
+    from test_data import SETTINGS, toy_system
+
+    from bgflow_mini.data import generate_or_load, load_replica_frames, load_trajectory
+    from bgflow_mini.md_reference import load_reference
+    from bgflow_mini.replica_pool import series_log_weights
+
+    settings = {**SETTINGS, "n_replicas": 3, "keep_replicas": 2}
+    entry = generate_or_load(toy_system(), settings, tmp_path, n_workers=1, progress=False)
+    one = load_reference(entry, 1, stride=2)
+    xyz = load_trajectory(entry).xyz[::2]
+    np.testing.assert_array_equal(one.positions, xyz.reshape(len(xyz), -1).astype(np.float64))
+    assert (one.kind, one.log_w, one.path) == ("md", None, str(entry.traj_path))
+    two = load_reference(entry.path, 2)
+    x, u, temps = load_replica_frames(entry, 2)
+    assert (two.kind, two.n_series, two.path) == ("md_mbar", 2, str(entry.path))
+    np.testing.assert_allclose(two.positions, x.reshape(-1, 6).double().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(two.log_w, series_log_weights(u, temps), rtol=1e-12)
+    assert two.temperatures == pytest.approx(list(temps))
+    with pytest.raises(ValueError, match="one trajectory file"):
+        load_reference(entry.traj_path, 2)

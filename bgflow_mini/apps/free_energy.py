@@ -81,12 +81,7 @@ def _load_one(cfg: DictConfig, summary: dict, target, ref, k: int) -> MDReferenc
         if not path.exists():
             raise FileNotFoundError(f"md_reference={ref}: no such file or folder ({path})")
         source = path
-    if k > 1 and not Path(getattr(source, "path", source)).is_dir():
-        raise ValueError(
-            f"md_replicas={k} pools the replicas of a replica-exchange cache folder, but "
-            f"md_reference={ref} is one trajectory file: give its cache folder, or md_replicas=1"
-        )
-    md = load_reference(source, k)
+    md = load_reference(source, k)  # ValueError for k > 1 replicas of one trajectory file
     _check_atoms(md.positions.shape[1] // 3, path if k == 1 else md.path, target)
     return md
 
