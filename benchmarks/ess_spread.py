@@ -26,6 +26,7 @@ from _machine import cpu_model  # benchmarks/_machine.py
 
 from bgflow_mini import load_generator
 from bgflow_mini.energies import TorchForceField
+from bgflow_mini.pareto import pareto_k
 from bgflow_mini.reweighting import effective_sample_size
 from bgflow_mini.systems import load_system
 
@@ -34,9 +35,9 @@ __all__ = ["main", "spread"]
 
 def spread(
     run: Path, temperature: float, draws: int, n: int, symmetrized: bool = False
-) -> list[float]:
-    """ESS/N of ``draws`` fresh sets of ``n`` samples of ``run``'s model at ``temperature``
-    (with ``symmetrized``, of the model's mixture over its side-chain flips)."""
+) -> list[tuple[float, float]]:
+    """``(ESS/N, Pareto k)`` of ``draws`` fresh sets of ``n`` samples of ``run``'s model at
+    ``temperature`` (with ``symmetrized``, of the model's mixture over its side-chain flips)."""
     from bgflow_mini.symmetry import symmetrize
 
     gen = load_generator(run / "model.pt")
@@ -49,7 +50,8 @@ def spread(
     for draw in range(draws):
         torch.manual_seed(draw)
         _, log_q, u = gen.sample_weighted(n, batch_size=4096, temperature=temperature)
-        out.append(effective_sample_size((-u - log_q).double()))
+        log_w = (-u - log_q).double()
+        out.append((effective_sample_size(log_w), pareto_k(log_w)["k"]))
     return out
 
 
@@ -65,17 +67,20 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
     print(f"## ESS of fresh sample sets ({datetime.date.today()}, {cpu_model()})\n")
     print(f"{args.draws} sets of {args.n:,} samples per model and latent temperature\n")
-    print("| run | T | ESS of each set | min | median |")
-    print("| --- | ---: | --- | ---: | ---: |")
+    print("| run | T | ESS of each set | min | median | Pareto k of each set |")
+    print("| --- | ---: | --- | ---: | ---: | --- |")
     variants = (False, True) if args.symmetrize else (False,)
     for run in args.runs:
         for t in args.temperatures:
             for sym in variants:
-                ess = spread(run, t, args.draws, args.n, symmetrized=sym)
+                sets = spread(run, t, args.draws, args.n, symmetrized=sym)
+                ess = [e for e, _ in sets]
                 each = " / ".join(f"{e:.4f}" for e in ess)
+                ks = " / ".join(f"{k:.2f}" for _, k in sets)
                 med = statistics.median(ess)
                 name = f"{run.name}{' (sym)' if sym else ''}"
-                print(f"| {name} | {t:g} | {each} | {min(ess):.4f} | {med:.4f} |", flush=True)
+                row = f"| {name} | {t:g} | {each} | {min(ess):.4f} | {med:.4f} | {ks} |"
+                print(row, flush=True)
 
 
 if __name__ == "__main__":

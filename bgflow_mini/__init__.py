@@ -61,6 +61,7 @@ SUBMODULES = (
     "md",
     "md_reference",
     "monitor",
+    "pareto",
     "peptide_geometry",
     "pipeline",
     "plotting",

@@ -30,6 +30,7 @@ from . import free_energy as fe
 from . import free_energy_io as fe_io
 from .fileio import save_json
 from .md_reference import MDReference
+from .pareto import pareto_k
 from .reweighting import effective_sample_size
 
 __all__ = ["AnalysisSettings", "MDReference", "resolve_analysis", "analyse"]
@@ -211,6 +212,7 @@ def analyse(
         "n_md_series": 0 if md is None else int(md.n_series),
         "n_md_runs": 0 if md is None else int(md.n_runs),
         "ess": ess,
+        "pareto_k": pareto_k(lw)["k"],  # > 0.7: this set's ESS and reweighted dF unreliable
         "nonfinite_energy_fraction": float(1.0 - u_ok.mean()),
         "nonfinite_cv_fraction": float(1.0 - keep.mean()),
         "state_a": an.state_a,

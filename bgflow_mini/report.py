@@ -11,6 +11,7 @@ __all__ = ["summary_table", "peak_memory_mb"]
 
 _ROWS = (
     ("ESS (normalised)", "ess", "{:.4f}"),
+    ("Pareto k of the largest weights (> 0.7: ESS, dF unreliable)", "pareto_k", "{:.2f}"),
     ("test NLL", "test_nll", "{:.3f}"),
     ("dF reweighted (kT)", "dF_reweighted", "{:.3f}"),
     ("dF unweighted (kT)", "dF_unweighted", "{:.3f}"),

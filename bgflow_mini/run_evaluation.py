@@ -21,6 +21,7 @@ from . import cv as cvmod
 from . import free_energy as fe
 from .coordinates import InternalCoordinates
 from .evaluation import generator_samples, largest_weights, ramachandran_kl
+from .pareto import pareto_k
 from .reweighting import block_ess, effective_sample_size
 
 if TYPE_CHECKING:
@@ -90,6 +91,8 @@ def evaluate(
     Metrics besides ESS, NLL and the main ΔF (all free energies in kT):
 
     * ``ess_blocks``: the ESS of 5 disjoint blocks of the samples (min / median / max);
+    * ``pareto_k``: the Pareto shape of the largest weights (:mod:`bgflow_mini.pareto`;
+      above 0.7 the ESS and reweighted free energies of this set are unreliable);
     * ``largest_weights``: the 5 largest weights, their share, energy and CV values
       (:func:`~bgflow_mini.evaluation.largest_weights`): where the flow is too thin;
     * ``state_populations``: raw and reweighted fraction of samples in every state;
@@ -145,6 +148,7 @@ def evaluate(
         "n_samples": int(n_samples),
         "ess": effective_sample_size(log_w),
         "ess_blocks": block_ess(log_w, 5) if len(log_w) >= 5 else None,
+        "pareto_k": pareto_k(log_w)["k"],
         "largest_weights": largest_weights(log_w, u, values, cvs, k=5),
         "finite_energy_fraction": float(finite.mean()),
         "n_nonfinite_energies": int((~finite).sum()),

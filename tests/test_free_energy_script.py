@@ -19,6 +19,7 @@ from bgflow_mini import free_energy as fe
 from bgflow_mini.apps.free_energy import free_energy
 from bgflow_mini.apps.validation import ConfigError
 from bgflow_mini.evaluation import block_free_energy
+from bgflow_mini.pareto import pareto_k
 from bgflow_mini.reweighting import free_energy_difference
 from bgflow_mini.systems import load_system
 from bgflow_mini.units import wrap_angle
@@ -71,6 +72,7 @@ def test_free_energy_outputs_match_direct_estimates(samples, tmp_path):
     got = result["dF"]["reweighted"]
     assert got["dF"] == pytest.approx(dF, rel=1e-9) and got["stderr"] == pytest.approx(err)
     assert got["ess"] == pytest.approx(result["ess"]) and got["n_b"] == int(b.sum())
+    assert result["pareto_k"] == pareto_k(lw)["k"]  # the tail diagnostic of the same weights
     ok = np.isfinite(u)
     dF_raw, _ = free_energy_difference(None, a[ok], b[ok], n_bootstrap=0)
     assert result["dF"]["unweighted"]["dF"] == pytest.approx(dF_raw, rel=1e-9)

@@ -20,6 +20,7 @@ from bgflow_mini.energies import TorchForceField
 from bgflow_mini.flows import coupling_flow
 from bgflow_mini.md import simulate
 from bgflow_mini.md_reference import MDReference, pool_runs
+from bgflow_mini.pareto import pareto_k
 from bgflow_mini.report import summary_table
 from bgflow_mini.systems import load_system
 from bgflow_mini.targets import MolecularTarget
@@ -127,6 +128,9 @@ def test_evaluate_with_any_named_cvs_and_several_residues(peptide):
     assert blocks["n_blocks"] == 5 and blocks["block_size"] == m["n_samples"] // 5
     assert 0 < blocks["min"] <= blocks["median"] <= blocks["max"] <= 1
     assert f"ESS of 5 blocks of {blocks['block_size']:,} samples" in table
+    assert m["pareto_k"] == pareto_k(s["log_w"])["k"]  # the tail shape of the same weights
+    row = f"| Pareto k of the largest weights (> 0.7: ESS, dF unreliable) | {m['pareto_k']:.2f} |"
+    assert row in table
     assert "chi1_negative -> chi1_positive" in table and "residue 2" in table
     # the largest weights: the samples' own weights, energies and CVs (torsions in degrees)
     heavy = m["largest_weights"]

@@ -26,6 +26,7 @@ from bgflow_mini.analysis import AnalysisSettings, analyse
 from bgflow_mini.checkpoint import find_checkpoint, read_checkpoint
 from bgflow_mini.data import find_cached
 from bgflow_mini.md_reference import MDReference, load_reference, pool_runs
+from bgflow_mini.pareto import describe_k
 from bgflow_mini.samples import SampleSet, reduced_energies
 from bgflow_mini.targets import load_target
 
@@ -120,7 +121,10 @@ def free_energy(cfg: DictConfig, out: Path) -> dict:
     keys = AnalysisSettings.__dataclass_fields__
     settings = AnalysisSettings(**{k: plain(cfg[k]) for k in keys if k in cfg})
     result, table = analyse(ss, target, out, settings, md, md_u)
-    print(f"[free_energy] {target.name}: results in {out}\n{table}")
+    print(
+        f"[free_energy] {target.name}: results in {out}; Pareto k of the weights "
+        f"{result['pareto_k']:.2f} ({describe_k(result['pareto_k'])})\n{table}"
+    )
     return result
 
 
