@@ -26,6 +26,7 @@ __all__ = ["ShardedDraws", "check_global_batches", "check_divisible"]
 
 # what a shard's random stream at one step is for (part of its seed, see stream_seed)
 DATA, KL, IW_DRAW, IW_REFILL, ESS = range(5)
+ESS_CHUNK = 8192  # samples drawn and weighted at once for an ESS estimate
 
 
 def check_divisible(name: str, n: int, shards: int) -> None:
@@ -168,13 +169,28 @@ class ShardedDraws:
         x, log_q = self.sample(kl_bs, KL, step)
         return gen.reduced_energy(x) / float(temperature) + log_q
 
+    def _weighted(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` samples and their log weights from the current random stream, drawn and
+        weighted ``ESS_CHUNK`` at a time (bounded memory for large ESS estimates; one call
+        when ``n <= ESS_CHUNK``)."""
+        gen = self.generator
+        xs, lws = [], []
+        for start in range(0, int(n), ESS_CHUNK):
+            x, log_q = gen.sample(min(ESS_CHUNK, int(n) - start), with_log_prob=True)
+            xs.append(x)
+            lws.append(gen.log_weights(x, log_q))
+        return torch.cat(xs), torch.cat(lws)
+
     def ess_log_weights(self, n: int, step: int) -> tuple[Tensor, Tensor]:
         """``n`` fresh samples ``(n, dim)`` and their log weights ``(n,)``, all of them on
-        every rank (each shard draws and weights its part)."""
-        gen = self.generator
+        every rank (each shard draws and weights its part, ``ESS_CHUNK`` at a time)."""
         if self.shards == 1:
-            x, log_q = gen.sample(n, with_log_prob=True)
-            return x, gen.log_weights(x, log_q)
-        x, log_q = self.sample(n, ESS, step)
-        log_w = dist.all_gather_cat(gen.log_weights(x, log_q))
-        return dist.all_gather_cat(x), log_w
+            return self._weighted(n)
+        xs, lws = [], []
+        for shard, m in self.parts(n):
+            with self._stream(shard, ESS, step):
+                x, log_w = self._weighted(m)
+            xs.append(x)
+            lws.append(log_w)
+        log_w = dist.all_gather_cat(torch.cat(lws))
+        return dist.all_gather_cat(torch.cat(xs)), log_w

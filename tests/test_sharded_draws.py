@@ -72,3 +72,26 @@ def test_weighted_data_batches_follow_the_weights(shards):
     counts = torch.bincount(rows.long(), minlength=4)
     assert counts[0] == 0 and counts[3] == 0  # zero weight: never drawn
     assert counts[2] / counts.sum() == pytest.approx(0.75, abs=0.03)  # 4,000 draws: 3 sigma
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_large_ess_estimates_are_drawn_in_chunks(shards, monkeypatch):
+    """Above ESS_CHUNK samples are drawn and weighted a chunk at a time: the same
+    weights, at most a chunk per generator call; up to a chunk, one call as before."""
+    import bgflow_mini.sharded_draws as sd
+
+    calls = []
+    gen = _Gen()
+    real = gen.sample
+    monkeypatch.setattr(gen, "sample", lambda n, **kw: calls.append(n) or real(n, **kw))
+    torch.manual_seed(0)
+    whole_x, whole_w = ShardedDraws(gen, 0, shards).ess_log_weights(10, step=1)
+    assert calls == [10 // shards] * shards
+    monkeypatch.setattr(sd, "ESS_CHUNK", 4)
+    calls.clear()
+    torch.manual_seed(0)
+    x, log_w = ShardedDraws(gen, 0, shards).ess_log_weights(10, step=1)
+    assert max(calls) <= 4 and sum(calls) == 10 and x.shape == (10, 2)
+    torch.testing.assert_close(log_w, 0.5 * (x**2).sum(1))
+    if shards == 2:  # each shard's stream is the same whatever the chunking
+        torch.testing.assert_close(x[:4], whole_x[:4])
