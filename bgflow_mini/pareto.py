@@ -9,7 +9,8 @@ Gelman, Yao and Gabry, "Pareto smoothed importance sampling", JMLR 25, 2024):
 - ``k < 0.5``: the weights have a finite variance; ESS and reweighted averages converge at
   the usual rate and one set's figures are representative.
 - ``0.5 <= k < 0.7``: finite mean, infinite variance: estimates converge, slowly; one set's
-  ESS overstates what further sets give.
+  ESS overstates what further sets give, and bootstrap errors understate the spread of
+  reweighted free energies between sets.
 - ``k >= 0.7``: estimates from this many samples are unreliable (the number of samples
   needed grows steeply with ``k``); treat ESS and reweighted free energies with suspicion.
 
@@ -114,5 +115,5 @@ def describe_k(k: float) -> str:
     if k < 0.5:
         return "finite variance: ESS and reweighted estimates reliable"
     if k < PARETO_K_RELIABLE:
-        return "infinite variance: estimates usable, one set's ESS overstated"
+        return "infinite variance: usable; one set's ESS and bootstrap errors optimistic"
     return "estimates unreliable: too heavy a tail for this many samples"
