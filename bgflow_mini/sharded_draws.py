@@ -173,13 +173,8 @@ class ShardedDraws:
         """``n`` samples and their log weights from the current random stream, drawn and
         weighted ``ESS_CHUNK`` at a time (bounded memory for large ESS estimates; one call
         when ``n <= ESS_CHUNK``)."""
-        gen = self.generator
-        xs, lws = [], []
-        for start in range(0, int(n), ESS_CHUNK):
-            x, log_q = gen.sample(min(ESS_CHUNK, int(n) - start), with_log_prob=True)
-            xs.append(x)
-            lws.append(gen.log_weights(x, log_q))
-        return torch.cat(xs), torch.cat(lws)
+        x, log_q, u = self.generator.sample_weighted(n, batch_size=ESS_CHUNK)
+        return x, -u - log_q
 
     def ess_log_weights(self, n: int, step: int) -> tuple[Tensor, Tensor]:
         """``n`` fresh samples ``(n, dim)`` and their log weights ``(n,)``, all of them on

@@ -21,6 +21,12 @@ class _Gen(torch.nn.Module):
     def log_weights(self, x, log_q):
         return -log_q
 
+    def sample_weighted(self, n: int, batch_size: int = 4096):
+        """Batches of at most ``batch_size``, as the real generator's: ``(x, log_q, u)``."""
+        parts = [self.sample(min(batch_size, n - i)) for i in range(0, n, batch_size)]
+        x, log_q = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return x, log_q, torch.zeros_like(log_q)
+
 
 @pytest.mark.parametrize("shards", [1, 3])
 def test_parts_cover_the_batch(shards):
@@ -85,7 +91,7 @@ def test_large_ess_estimates_are_drawn_in_chunks(shards, monkeypatch):
     real = gen.sample
     monkeypatch.setattr(gen, "sample", lambda n, **kw: calls.append(n) or real(n, **kw))
     torch.manual_seed(0)
-    whole_x, whole_w = ShardedDraws(gen, 0, shards).ess_log_weights(10, step=1)
+    whole_x, _ = ShardedDraws(gen, 0, shards).ess_log_weights(10, step=1)
     assert calls == [10 // shards] * shards
     monkeypatch.setattr(sd, "ESS_CHUNK", 4)
     calls.clear()
