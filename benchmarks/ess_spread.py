@@ -7,11 +7,15 @@ own system), and prints one row per model and temperature with the normalised Ki
 every set. With heavy-tailed weights the ESS of one set is a noisy statistic. With
 ``--symmetrize`` each model is also measured as the mixture over its side-chain flips
 (:func:`bgflow_mini.symmetry.symmetrize`; a row per variant, ``sym`` marks the mixture).
+With ``--ais-steps K`` every set is also drawn by annealed importance sampling
+(:mod:`bgflow_mini.ais`, K HMC steps per sample, step sizes tuned once per model; a row
+marked ``AIS K``), the exact weights of the final points.
 
 Usage::
 
     python benchmarks/ess_spread.py outputs/run_a outputs/run_b --temperatures 1.0 1.1
     python benchmarks/ess_spread.py outputs/phe_run --temperatures 1.0 --symmetrize
+    python benchmarks/ess_spread.py outputs/ala4_run --temperatures 1.0 --ais-steps 16
 """
 
 from __future__ import annotations
@@ -34,10 +38,17 @@ __all__ = ["main", "spread"]
 
 
 def spread(
-    run: Path, temperature: float, draws: int, n: int, symmetrized: bool = False
+    run: Path,
+    temperature: float,
+    draws: int,
+    n: int,
+    symmetrized: bool = False,
+    ais_steps: int = 0,
 ) -> list[tuple[float, float]]:
     """``(ESS/N, Pareto k)`` of ``draws`` fresh sets of ``n`` samples of ``run``'s model at
-    ``temperature`` (with ``symmetrized``, of the model's mixture over its side-chain flips)."""
+    ``temperature`` (with ``symmetrized``, of the model's mixture over its side-chain flips;
+    with ``ais_steps``, annealed importance samples at temperature 1)."""
+    from bgflow_mini.ais import annealed_importance_sampling, tune_step_sizes
     from bgflow_mini.symmetry import symmetrize
 
     gen = load_generator(run / "model.pt")
@@ -47,10 +58,17 @@ def spread(
         gen = symmetrize(gen, system.mdtraj_topology)
     gen.energy = TorchForceField.from_openmm(system).float()
     out = []
+    if ais_steps:
+        torch.manual_seed(10_000)
+        eps = tune_step_sizes(gen, steps=ais_steps)
     for draw in range(draws):
         torch.manual_seed(draw)
-        _, log_q, u = gen.sample_weighted(n, batch_size=4096, temperature=temperature)
-        log_w = (-u - log_q).double()
+        if ais_steps:
+            res = annealed_importance_sampling(gen, n, steps=ais_steps, step_sizes=eps)
+            log_w = res.log_w
+        else:
+            _, log_q, u = gen.sample_weighted(n, batch_size=4096, temperature=temperature)
+            log_w = (-u - log_q).double()
         out.append((effective_sample_size(log_w), pareto_k(log_w)["k"]))
     return out
 
@@ -63,22 +81,29 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--symmetrize", action="store_true", help="also the mixture over flips")
+    ap.add_argument("--ais-steps", type=int, default=0, help="also AIS sets with K steps")
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads)
     print(f"## ESS of fresh sample sets ({datetime.date.today()}, {cpu_model()})\n")
     print(f"{args.draws} sets of {args.n:,} samples per model and latent temperature\n")
     print("| run | T | ESS of each set | min | median | Pareto k of each set |")
     print("| --- | ---: | --- | ---: | ---: | --- |")
-    variants = (False, True) if args.symmetrize else (False,)
+    variants = (
+        [(False, 0)]
+        + [(True, 0)] * args.symmetrize
+        + [(False, args.ais_steps)] * (args.ais_steps > 0)
+    )
     for run in args.runs:
         for t in args.temperatures:
-            for sym in variants:
-                sets = spread(run, t, args.draws, args.n, symmetrized=sym)
+            for sym, ais in variants:
+                if ais and t != 1.0:
+                    continue
+                sets = spread(run, t, args.draws, args.n, symmetrized=sym, ais_steps=ais)
                 ess = [e for e, _ in sets]
                 each = " / ".join(f"{e:.4f}" for e in ess)
                 ks = " / ".join(f"{k:.2f}" for _, k in sets)
                 med = statistics.median(ess)
-                name = f"{run.name}{' (sym)' if sym else ''}"
+                name = f"{run.name}{' (sym)' if sym else ''}{f' (AIS {ais})' if ais else ''}"
                 row = f"| {name} | {t:g} | {each} | {min(ess):.4f} | {med:.4f} | {ks} |"
                 print(row, flush=True)
 

@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 SUBMODULES = (
+    "ais",
     "analysis",
     "annealing",
     "averaging",

@@ -5,7 +5,11 @@
 ``samples.npy`` for targets without atoms, ``log_q.npy``, ``energies.npy`` (reduced,
 kT), ``log_weights.npy`` (``-u - log q``, ``-inf`` where either is not finite) and
 ``summary.json`` (counts, ESS, the target's spec, and whatever the caller adds, e.g.
-the checkpoint and its MD settings). :class:`SampleSet` reads such a folder back and
+the checkpoint and its MD settings). With ``ais=`` the samples are annealed importance
+samples (:mod:`bgflow_mini.ais`): ``log_weights.npy`` holds their exact AIS weights,
+``log_q.npy`` the log-density ``-u - log w`` that would give the same weights (AIS has no
+tractable proposal density), and ``summary.json`` the sampler's settings and acceptance
+under ``sampler``. :class:`SampleSet` reads such a folder back and
 rebuilds its target. Every file is complete or absent: arrays and JSON are written
 atomically, the trajectory under a temporary name that is renamed at the end.
 """
@@ -115,6 +119,7 @@ def write_samples(
     energy: Any = None,
     progress: bool = True,
     extra: Mapping | None = None,
+    ais: Mapping | None = None,
 ) -> dict:
     """Draw ``n_samples`` in batches, write them to ``out`` and return the summary.
 
@@ -126,6 +131,10 @@ def write_samples(
             what :class:`SampleSet` reads); targets without atoms get ``samples.npy``.
         energy: reduced energy (kT) for the weights; default the generator's.
         extra: added to ``summary.json`` (e.g. the checkpoint path, MD settings).
+        ais: ``{"steps": K, "leapfrog": L, "target_acceptance": a}`` with ``K >= 1``:
+            annealed importance sampling (:func:`bgflow_mini.ais.annealed_importance_sampling`,
+            step sizes tuned once before the first batch; ``energy`` must be
+            differentiable); ``None`` or ``K = 0``: plain flow samples.
 
     Memory holds one batch of positions plus three float64 arrays of ``n_samples``.
     """
@@ -143,14 +152,13 @@ def write_samples(
         raise ValueError("the generator has no energy: cannot compute importance weights")
     log_q, u = np.empty(n_samples), np.empty(n_samples)
     t0, done = time.time(), 0
+    draw, sampler = _sampler(generator, energy, ais)
     writer = _Writer(out, target, n_samples, formats)
     try:
         with tqdm(total=n_samples, disable=not progress, desc="sampling", unit="sample") as bar:
             while done < n_samples:
                 m = min(batch_size, n_samples - done)
-                with torch.no_grad():
-                    x, lq = generator.sample(m, with_log_prob=True)
-                    e = energy(x)
+                x, lq, e = draw(m)
                 log_q[done : done + m] = lq.detach().cpu().double().numpy()
                 u[done : done + m] = e.detach().cpu().double().numpy()
                 writer.write(x.detach().cpu().double().numpy())
@@ -159,7 +167,62 @@ def write_samples(
         files = writer.finish()
     finally:
         writer.close()
+    if sampler is not None:
+        extra = {**dict(extra or {}), "sampler": sampler.summary()}
     return _finish(out, target, log_q, u, files, time.time() - t0, extra)
+
+
+class _AISDraws:
+    """Batches of AIS samples with one set of tuned step sizes; pooled acceptance."""
+
+    def __init__(self, generator: Any, energy: Any, settings: Mapping) -> None:
+        from .ais import linear_betas, tune_step_sizes
+
+        self.generator, self.energy = generator, energy
+        self.steps = int(settings["steps"])
+        self.leapfrog = int(settings.get("leapfrog") or 1)
+        acc = float(settings.get("target_acceptance") or 0.7)
+        self.betas = linear_betas(self.steps)
+        self.eps = tune_step_sizes(
+            generator, leapfrog=self.leapfrog, energy=energy, betas=self.betas,
+            target_acceptance=acc,
+        )  # fmt: skip
+        self.target_acceptance, self.n, self.acc = acc, 0, [0.0] * self.steps
+
+    def __call__(self, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from .ais import annealed_importance_sampling
+
+        res = annealed_importance_sampling(
+            self.generator, m, leapfrog=self.leapfrog, step_sizes=self.eps,
+            batch_size=m, energy=self.energy, betas=self.betas,
+        )  # fmt: skip
+        self.acc = [a + m * b for a, b in zip(self.acc, res.acceptance)]
+        self.n += m
+        return res.x, -res.u.double() - res.log_w, res.u
+
+    def summary(self) -> dict:
+        return {
+            "kind": "ais",
+            "steps": self.steps,
+            "leapfrog": self.leapfrog,
+            "target_acceptance": self.target_acceptance,
+            "step_sizes": self.eps,
+            "acceptance": [a / max(self.n, 1) for a in self.acc],
+        }
+
+
+def _sampler(generator: Any, energy: Any, ais: Mapping | None):
+    """``(draw(m) -> (x, log_q, u), AIS state or None)``."""
+    if ais is not None and int(ais.get("steps") or 0) > 0:
+        draws = _AISDraws(generator, energy, ais)
+        return draws, draws
+
+    def plain(m: int):
+        with torch.no_grad():
+            x, lq = generator.sample(m, with_log_prob=True)
+            return x, lq, energy(x)
+
+    return plain, None
 
 
 def _finish(out: Path, target: Target, log_q, u, files, elapsed: float | None, extra) -> dict:

@@ -149,6 +149,10 @@ def test_bad_inputs_are_clear_errors(samples, aldp_run, tmp_path):  # noqa: F811
         analyse(f"samples={samples}", "+states.left={phi: [-2, -1]}", "state_b=left")
     with pytest.raises(ConfigError, match="samples, checkpoint: neither given"):
         analyse()
+    with pytest.raises(ConfigError, match="ais.steps: applies when sampling"):
+        analyse(f"samples={samples}", "ais.steps=4")
+    with pytest.raises(ConfigError, match="ais.target_acceptance=1.5"):
+        analyse(f"checkpoint={aldp_run}", "ais.steps=4", "ais.target_acceptance=1.5", out="z")
     with pytest.raises(FileNotFoundError, match="not a sample folder"):
         analyse(f"samples={tmp_path}")
     with pytest.raises(ConfigError, match="state_b='bogus'"):  # checked before sampling

@@ -36,7 +36,9 @@ from .validation import ConfigError, md_replica_problems, validate_free_energy_c
 
 __all__ = ["main", "free_energy", "load_md", "md_replicas"]
 
-_SAMPLE_KEYS = ("checkpoint", "n_samples", "batch_size", "energy", "seed", "device", "dtype")
+_SAMPLE_KEYS = (
+    "checkpoint", "n_samples", "batch_size", "energy", "seed", "device", "dtype", "ais"
+)  # fmt: skip
 
 
 def md_replicas(cfg: DictConfig, summary: dict) -> int:
@@ -121,8 +123,10 @@ def free_energy(cfg: DictConfig, out: Path) -> dict:
     keys = AnalysisSettings.__dataclass_fields__
     settings = AnalysisSettings(**{k: plain(cfg[k]) for k in keys if k in cfg})
     result, table = analyse(ss, target, out, settings, md, md_u)
+    sampler = ss.summary.get("sampler") or {}
+    how = f" (AIS, {sampler['steps']} steps)" if sampler.get("kind") == "ais" else ""
     print(
-        f"[free_energy] {target.name}: results in {out}; Pareto k of the weights "
+        f"[free_energy] {target.name}: results in {out}; Pareto k of the weights{how} "
         f"{result['pareto_k']:.2f} ({describe_k(result['pareto_k'])})\n{table}"
     )
     return result

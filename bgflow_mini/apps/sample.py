@@ -3,6 +3,7 @@
     bgflow-sample checkpoint=outputs/DATE/TIME n_samples=100000
     bgflow-sample checkpoint=RUN/checkpoints/best.pt n_samples=1000000 \\
         formats=[h5,dcd,pdb] out=samples/best energy=torchff device=cuda
+    bgflow-sample checkpoint=RUN energy=torchff ais.steps=16   # annealed importance sampling
 
 The checkpoint alone rebuilds the generator and its target (no config file needed).
 Writes a sample folder (see :func:`bgflow_mini.samples.write_samples`): positions batch by
@@ -83,6 +84,7 @@ def sample(cfg: DictConfig, out: Path) -> dict:
             formats=list(cfg.formats),
             progress=bool(cfg.progress),
             extra=extra,
+            ais=plain(cfg.get("ais")),
         )
 
 

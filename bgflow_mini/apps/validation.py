@@ -202,8 +202,14 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
     *rows(one_of(("mbar", "equal")), "data.replica_weights"),
     *rows(optional(list_of(integer(0))), "evaluation.md_reference_seeds"),
 ]
+AIS: Rules = [  # configs/sample.yaml's ais block (absent or null: plain flow samples)
+    ("ais.steps", optional(integer(0))),
+    ("ais.leapfrog", optional(integer(1))),
+    ("ais.target_acceptance", Rule("a number in (0, 1)", lambda v: _is_num(v) and 0 < v < 1, True)),
+]
 SAMPLE: Rules = [
     *RUNTIME,
+    *AIS,
     *rows(TEXT, "checkpoint"),
     *rows(optional(TEXT), "config", "out"),
     *rows(POS_INT, "n_samples", "batch_size"),
@@ -213,6 +219,7 @@ SAMPLE: Rules = [
 ]
 FREE_ENERGY: Rules = [
     *RUNTIME,
+    *AIS,
     *rows(optional(TEXT), "samples", "checkpoint", "config", "out", "data_dir"),
     *rows(
         Rule(
@@ -544,6 +551,8 @@ def validate_free_energy_config(cfg: DictConfig | Mapping, target: Any = None) -
         lines += [f"{k}={n!r}: unknown CV; known CVs: {known}" for k, n in bad]
     lines += _state_choice(d, ("state_a", "state_b"), target if cvs else None, extra)
     lines += md_replica_problems(d.get("md_replicas", "auto"), "md_replicas")
+    if d.get("samples") is not None and integer(1).ok(_get(d, "ais.steps")):
+        lines.append("ais.steps: applies when sampling here (checkpoint=), not to samples=")
     _raise(lines)
 
 
