@@ -55,12 +55,14 @@ class AISResult:
     acceptance: list[float]
     step_sizes: list[float]
     betas: list[float] = field(default_factory=list)
+    leapfrog: int = 1
 
     def summary(self) -> dict:
         """JSON-ready settings and acceptance (no arrays)."""
         return {
             "kind": "ais",
             "steps": len(self.betas) - 1,
+            "leapfrog": int(self.leapfrog),
             "betas": [float(b) for b in self.betas],
             "step_sizes": [float(s) for s in self.step_sizes],
             "acceptance": [float(a) for a in self.acceptance],
@@ -250,4 +252,4 @@ def annealed_importance_sampling(
     finally:
         generator.train(was_training)
     acceptance = [sum(m * a[k] for m, a in accs) / n for k in range(len(eps))]
-    return AISResult(torch.cat(xs), torch.cat(ws), torch.cat(us), acceptance, eps, betas)
+    return AISResult(torch.cat(xs), torch.cat(ws), torch.cat(us), acceptance, eps, betas, leapfrog)

@@ -43,6 +43,30 @@ def _md_runs_row(metrics: Mapping) -> list[str]:
     return [f"| MD reference | {ref['label']}: md.seed {seeds} (each run: dF_reference_*_run<i>) |"]
 
 
+def _ais_rows(ais: Mapping, main: tuple) -> list[str]:
+    """Rows of the evaluation on annealed importance samples (``metrics["ais"]``)."""
+    if not ais:
+        return []
+    sm = ais.get("sampler") or {}
+    acc = sm.get("acceptance") or [math.nan]
+    head = f"AIS ({sm.get('steps')} steps, acceptance {min(acc):.2f}-{max(acc):.2f})"
+    lines = [f"| {head}: ESS / Pareto k | {ais['ess']:.4f} / {ais['pareto_k']:.2f} |"]
+    if ais.get("dF_reweighted") is not None:
+        err = ais.get("dF_error")
+        tail = f" (error {err:+.3f})" if err is not None and math.isfinite(err) else ""
+        dF = _pm(ais["dF_reweighted"], ais.get("dF_reweighted_stderr") or 0.0)
+        lines.append(f"| AIS: dF reweighted (kT) | {dF}{tail} |")
+    for d in (ais.get("state_delta_f") or {}).values():
+        if "skipped" in d or (d["state_a"], d["state_b"]) == main:
+            continue
+        tail = f" (error {d['error']:+.3f})" if math.isfinite(d.get("error", math.nan)) else ""
+        lines.append(
+            f"| AIS: dF {d['state_a']} -> {d['state_b']} (kT) | "
+            f"{_pm(d['dF_reweighted'], d['stderr'])}{tail} |"
+        )
+    return lines
+
+
 def summary_table(metrics: Mapping) -> str:
     """A Markdown table of the headline metrics present in ``metrics`` (with errors)."""
     lines = ["| metric | value |", "| --- | --- |"]
@@ -106,6 +130,7 @@ def summary_table(metrics: Mapping) -> str:
             f"{rings['min_std_ratio']:.2f}..{rings['max_std_ratio']:.2f}, "
             f"{100 * rings['max_mean_rel_error']:.2f} % |"
         )
+    lines += _ais_rows(metrics.get("ais") or {}, main)
     pops = metrics.get("state_populations") or {}
     for name, p in pops.items():
         lines.append(

@@ -72,6 +72,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     shards: int | None = None,
+    ais: Mapping | None = None,
 ) -> tuple[dict, dict]:
     """Sample the generator, weight the samples with ``energy`` and compare with the
     reference: the exact ΔF of a toy, or the target's MD (block bootstrap).
@@ -87,6 +88,10 @@ def evaluate(
         seed, shards: the samples' random streams (see
             :func:`~bgflow_mini.evaluation.generator_samples`); under ``torchrun`` every
             process draws its shards and computes the metrics on the union.
+        ais: ``{"steps": K, "leapfrog": L, "target_acceptance": a}`` with ``K >= 1``: the
+            samples are annealed importance samples (:mod:`bgflow_mini.ais`, torch's
+            global RNG seeded with ``seed``; one process) and ``metrics["sampler"]`` holds
+            the sampler's settings and acceptance; ``log_q`` is then ``-u - log_w``.
 
     Metrics besides ESS, NLL and the main ΔF (all free energies in kT):
 
@@ -128,9 +133,15 @@ def evaluate(
     fe.check_state_names([state_a, state_b], states)
     needed = _needed_cvs(cvs, states)  # KeyError now, not after sampling
     ic_domain_stats(generator, reset=True)
-    x, log_q, u, log_w = generator_samples(
-        generator, n_samples, batch_size, progress, energy, seed=seed, shards=shards
-    )
+    sampler = None
+    if ais is not None and int(ais.get("steps") or 0) > 0:
+        x, log_q, u, log_w, sampler = _ais_samples(
+            generator, energy, n_samples, batch_size, ais, seed, progress
+        )
+    else:
+        x, log_q, u, log_w = generator_samples(
+            generator, n_samples, batch_size, progress, energy, seed=seed, shards=shards
+        )
     domain = ic_domain_stats(generator)
     finite = np.isfinite(u)
     values = cvmod.compute_cvs(x, cvs, needed)
@@ -169,6 +180,8 @@ def evaluate(
             target, values, ref_values, log_w, n_blocks, n_bootstrap, seed
         ),
     }
+    if sampler is not None:
+        metrics["sampler"] = sampler
     if cap is not None:
         metrics["n_energies_above_cap"] = int((u[finite] > cap).sum())
         metrics["energy_cap"] = float(cap)
@@ -184,6 +197,28 @@ def evaluate(
         if rings:
             metrics["ring_bonds"] = rings
     return metrics, {"x": x, "log_q": log_q, "u": u, "log_w": log_w}
+
+
+def _ais_samples(generator, energy, n: int, batch_size: int, ais: Mapping, seed, progress):
+    """Numpy ``(x, log_q, u, log_w)`` of ``n`` AIS samples and the sampler's summary."""
+    from .ais import annealed_importance_sampling
+
+    torch.manual_seed(int(seed))
+    res = annealed_importance_sampling(
+        generator,
+        int(n),
+        steps=int(ais["steps"]),
+        leapfrog=int(ais.get("leapfrog") or 1),
+        batch_size=int(batch_size),
+        energy=energy,
+        target_acceptance=float(ais.get("target_acceptance") or 0.7),
+        progress=progress,
+    )
+    x = res.x.detach().cpu().double().numpy()
+    u = res.u.detach().cpu().double().numpy()
+    log_w = res.log_w.detach().cpu().numpy()
+    log_w = np.where(np.isfinite(u), log_w, -np.inf)
+    return x, -u - log_w, u, log_w, res.summary()
 
 
 def _needed_cvs(cvs: Mapping, states: Mapping) -> list[str]:

@@ -107,13 +107,21 @@ def test_outputs_of_a_short_run(tmp_path):
             str(SCRIPT),
             f"resume={out}",
             "evaluation.n_samples=1000",
+            "evaluation.ais.steps=4",  # the evaluation again on AIS samples
             "training.compile=false",  # resume-safe: same numbers, compiled or not
             "progress=false",
             f"hydra.run.dir={tmp_path / 'r1'}",
         ],
         tmp_path,
     )
-    assert json.loads((out / "metrics.json").read_text())["n_samples"] == 1000
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_samples"] == 1000
+    ais = metrics["ais"]
+    assert ais["sampler"]["kind"] == "ais" and ais["sampler"]["steps"] == 4
+    assert ais["n_samples"] == 1000 and 0 < ais["ess"] <= 1 and "test_nll" not in ais
+    assert abs(ais["dF_error"]) < 5 * ais["dF_reweighted_stderr"] + 0.05  # exact reference
+    assert ais["energy_evaluations"] == 1000 * 5 + 4 * 512 * 5
+    assert "AIS (4 steps" in res.stdout
     assert "n_samples: 1000" in (out / "config.yaml").read_text()
     # an override that changes what is trained is refused, naming it
     bad = subprocess.run(

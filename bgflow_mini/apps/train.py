@@ -297,6 +297,9 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
             shards=trainer.shards,  # every rank samples its shards; all get the union
         )
         eval_time = time.time() - t_eval
+        ais = plain(ev.get("ais")) or {}
+        if main and int(ais.get("steps") or 0) > 0:  # rank 0 alone: AIS draws are local
+            metrics["ais"] = ais_evaluation(generator, target, data, energy, ev, ais, cfg)
         if not main:  # rank 0 alone writes the results
             return {}
     finally:
@@ -333,6 +336,27 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
     write_outputs(out, target, samples, metrics, trainer, data, cfg)
     print(f"\n[train] {target.name}: results in {out}\n" + summary_table(metrics))
     return metrics
+
+
+# metrics of the AIS evaluation that would only repeat the plain one's
+_AIS_SAME = ("test_nll", "dF_unweighted", "dF_unweighted_stderr", "dF_reference",
+             "dF_reference_stderr", "dF_reference_kind", "state_a", "state_b")  # fmt: skip
+
+
+def ais_evaluation(generator, target, data, energy, ev, ais: dict, cfg) -> dict:
+    """The evaluation's metrics again on ``evaluation.n_samples`` annealed importance
+    samples (``evaluation.ais``; :mod:`bgflow_mini.ais`), less those it would repeat."""
+    t = time.time()
+    metrics, _ = run_evaluation.evaluate(
+        generator, target, data, energy=energy, n_samples=ev.n_samples,
+        batch_size=ev.batch_size, state_a=ev.state_a, state_b=ev.state_b, bins=ev.bins,
+        n_bootstrap=ev.n_bootstrap, seed=int(cfg.seed), progress=bool(cfg.progress), ais=ais,
+    )  # fmt: skip
+    out = {k: v for k, v in metrics.items() if k not in _AIS_SAME and not k.startswith("dF_ref")}
+    per_chain = 1 + int(ais["steps"]) * int(ais.get("leapfrog") or 1)  # with gradients
+    tuning = 4 * 512 * per_chain  # bgflow_mini.ais.tune_step_sizes' pilot chains
+    evaluations = int(ev.n_samples) * per_chain + tuning
+    return {**out, "energy_evaluations": evaluations, "time_s": time.time() - t}
 
 
 def global_batch_sizes(phases: list[Phase], trainer: Trainer) -> dict:

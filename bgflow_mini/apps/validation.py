@@ -152,6 +152,11 @@ MD: Rules = [  # absent keys take bgflow_mini.md.MD_DEFAULTS
     *rows(integer(), "seed"),
     *rows(TEXT, "platform"),
 ]
+AIS: Rules = [  # configs/sample.yaml's ais block (absent or null: plain flow samples)
+    ("ais.steps", optional(integer(0))),
+    ("ais.leapfrog", optional(integer(1))),
+    ("ais.target_acceptance", Rule("a number in (0, 1)", lambda v: _is_num(v) and 0 < v < 1, True)),
+]
 PHASE: Rules = [  # steps first: the only key without a default
     *rows(POS_INT, "steps"),
     *rows(number(ge=0), "w_ml", "w_kl", "w_iw"),
@@ -201,11 +206,7 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
     *rows(POS_INT, "data.replicas"),
     *rows(one_of(("mbar", "equal")), "data.replica_weights"),
     *rows(optional(list_of(integer(0))), "evaluation.md_reference_seeds"),
-]
-AIS: Rules = [  # configs/sample.yaml's ais block (absent or null: plain flow samples)
-    ("ais.steps", optional(integer(0))),
-    ("ais.leapfrog", optional(integer(1))),
-    ("ais.target_acceptance", Rule("a number in (0, 1)", lambda v: _is_num(v) and 0 < v < 1, True)),
+    *[("evaluation." + key, rule) for key, rule in AIS],
 ]
 SAMPLE: Rules = [
     *RUNTIME,
