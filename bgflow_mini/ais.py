@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -149,6 +150,17 @@ def _run(
     return x, total, u, accepted
 
 
+@contextmanager
+def _eval_mode(generator):
+    """The generator in eval mode inside, its previous mode restored after."""
+    was_training = generator.training
+    generator.eval()
+    try:
+        yield
+    finally:
+        generator.train(was_training)
+
+
 def _setup(generator, energy, steps, betas, leapfrog):
     energy = generator.energy if energy is None else energy
     if energy is None:
@@ -183,11 +195,12 @@ def tune_step_sizes(
     target, betas, leapfrog = _setup(generator, energy, steps, betas, leapfrog)
     n, rounds = _positive_int(n, "n"), _positive_int(rounds, "rounds")
     eps = [float(initial)] * (len(betas) - 1)
-    for _ in range(rounds):
-        with torch.no_grad():
-            z = generator.prior.sample(n)
-        acc = _run(target, z, betas, eps, leapfrog)[3]
-        eps = [e * math.exp(1.5 * (a - float(target_acceptance))) for e, a in zip(eps, acc)]
+    with _eval_mode(generator):
+        for _ in range(rounds):
+            with torch.no_grad():
+                z = generator.prior.sample(n)
+            acc = _run(target, z, betas, eps, leapfrog)[3]
+            eps = [e * math.exp(1.5 * (a - float(target_acceptance))) for e, a in zip(eps, acc)]
     return eps
 
 
@@ -224,9 +237,7 @@ def annealed_importance_sampling(
 
     n, batch_size = _positive_int(n, "n"), _positive_int(batch_size, "batch_size")
     target, betas, leapfrog = _setup(generator, energy, steps, betas, leapfrog)
-    was_training = generator.training
-    generator.eval()
-    try:
+    with _eval_mode(generator):
         if step_sizes is None:
             step_sizes = tune_step_sizes(
                 generator, leapfrog=leapfrog, n=tune_samples, energy=target.energy,
@@ -249,7 +260,5 @@ def annealed_importance_sampling(
                 us.append(u)
                 accs.append((m, acc))
                 bar.update(m)
-    finally:
-        generator.train(was_training)
     acceptance = [sum(m * a[k] for m, a in accs) / n for k in range(len(eps))]
     return AISResult(torch.cat(xs), torch.cat(ws), torch.cat(us), acceptance, eps, betas, leapfrog)
