@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_generator import randomise  # seeded perturbation of every flow parameter
 
 from bgflow_mini import BoltzmannGenerator, NormalUniform, StandardNormal
 from bgflow_mini.ais import annealed_importance_sampling, linear_betas, tune_step_sizes
@@ -23,14 +24,6 @@ def gaussian_energy(x):
 
 
 LOG_Z = float(torch.log(SIGMA * math.sqrt(2 * math.pi)).sum())
-
-
-def randomise(flow, scale=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return flow
 
 
 @pytest.fixture(params=["rnvp", "nice"])
