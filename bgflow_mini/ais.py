@@ -33,14 +33,20 @@ OpenMM bridge, which returns forces to autograd).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["AISResult", "annealed_importance_sampling", "tune_step_sizes", "linear_betas"]
+__all__ = [
+    "AISResult",
+    "annealed_importance_sampling",
+    "tune_step_sizes",
+    "linear_betas",
+    "settings",
+]
 
 
 @dataclass
@@ -68,6 +74,20 @@ class AISResult:
             "step_sizes": [float(s) for s in self.step_sizes],
             "acceptance": [float(a) for a in self.acceptance],
         }
+
+
+def settings(config: Mapping | None) -> dict | None:
+    """``{"steps", "leapfrog", "target_acceptance"}`` of a config's ``ais`` block (missing
+    or null values take 1 leapfrog step and acceptance 0.7); ``None`` when ``steps`` is
+    absent or 0 (plain flow samples)."""
+    steps = int((config or {}).get("steps") or 0)
+    if steps <= 0:
+        return None
+    return {
+        "steps": steps,
+        "leapfrog": int(config.get("leapfrog") or 1),
+        "target_acceptance": float(config.get("target_acceptance") or 0.7),
+    }
 
 
 def linear_betas(steps: int) -> list[float]:

@@ -19,6 +19,8 @@ from torch import Tensor
 
 from . import cv as cvmod
 from . import free_energy as fe
+from .ais import annealed_importance_sampling
+from .ais import settings as ais_settings
 from .coordinates import InternalCoordinates
 from .evaluation import generator_samples, largest_weights, ramachandran_kl
 from .pareto import pareto_k
@@ -133,8 +135,8 @@ def evaluate(
     fe.check_state_names([state_a, state_b], states)
     needed = _needed_cvs(cvs, states)  # KeyError now, not after sampling
     ic_domain_stats(generator, reset=True)
-    sampler = None
-    if ais is not None and int(ais.get("steps") or 0) > 0:
+    sampler, ais = None, ais_settings(ais)
+    if ais is not None:
         x, log_q, u, log_w, sampler = _ais_samples(
             generator, energy, n_samples, batch_size, ais, seed, progress
         )
@@ -201,18 +203,9 @@ def evaluate(
 
 def _ais_samples(generator, energy, n: int, batch_size: int, ais: Mapping, seed, progress):
     """Numpy ``(x, log_q, u, log_w)`` of ``n`` AIS samples and the sampler's summary."""
-    from .ais import annealed_importance_sampling
-
     torch.manual_seed(int(seed))
     res = annealed_importance_sampling(
-        generator,
-        int(n),
-        steps=int(ais["steps"]),
-        leapfrog=int(ais.get("leapfrog") or 1),
-        batch_size=int(batch_size),
-        energy=energy,
-        target_acceptance=float(ais.get("target_acceptance") or 0.7),
-        progress=progress,
+        generator, int(n), batch_size=int(batch_size), energy=energy, progress=progress, **ais
     )
     x = res.x.detach().cpu().double().numpy()
     u = res.u.detach().cpu().double().numpy()

@@ -179,9 +179,8 @@ class _AISDraws:
         from .ais import linear_betas, tune_step_sizes
 
         self.generator, self.energy = generator, energy
-        self.steps = int(settings["steps"])
-        self.leapfrog = int(settings.get("leapfrog") or 1)
-        acc = float(settings.get("target_acceptance") or 0.7)
+        self.steps, self.leapfrog = settings["steps"], settings["leapfrog"]
+        acc = settings["target_acceptance"]
         self.betas = linear_betas(self.steps)
         self.eps = tune_step_sizes(
             generator, leapfrog=self.leapfrog, energy=energy, betas=self.betas,
@@ -213,8 +212,10 @@ class _AISDraws:
 
 def _sampler(generator: Any, energy: Any, ais: Mapping | None):
     """``(draw(m) -> (x, log_q, u), AIS state or None)``."""
-    if ais is not None and int(ais.get("steps") or 0) > 0:
-        draws = _AISDraws(generator, energy, ais)
+    from .ais import settings
+
+    if (chosen := settings(ais)) is not None:
+        draws = _AISDraws(generator, energy, chosen)
         return draws, draws
 
     def plain(m: int):

@@ -10,7 +10,7 @@ import torch
 from test_generator import randomise  # seeded perturbation of every flow parameter
 
 from bgflow_mini import BoltzmannGenerator, NormalUniform, StandardNormal
-from bgflow_mini.ais import annealed_importance_sampling, linear_betas, tune_step_sizes
+from bgflow_mini.ais import annealed_importance_sampling, linear_betas, settings, tune_step_sizes
 from bgflow_mini.flows import coupling_flow
 from bgflow_mini.reweighting import effective_sample_size
 
@@ -139,3 +139,6 @@ def test_errors(bg):
     with pytest.raises(ValueError, match="target_acceptance"):
         tune_step_sizes(bg, steps=2, target_acceptance=1.5)
     assert linear_betas(4) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert settings(None) is None and settings({"steps": 0, "leapfrog": 3}) is None
+    got = settings({"steps": 4, "leapfrog": None, "target_acceptance": None})
+    assert got == {"steps": 4, "leapfrog": 1, "target_acceptance": 0.7}

@@ -33,6 +33,7 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from bgflow_mini import distributed, plotting, run_evaluation
+from bgflow_mini.ais import settings as ais_settings
 from bgflow_mini.checkpoint import resolve_device, resolve_dtype, save_generator
 from bgflow_mini.fileio import save_json, save_text
 from bgflow_mini.flows import compile_generator, is_compiled
@@ -297,8 +298,8 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
             shards=trainer.shards,  # every rank samples its shards; all get the union
         )
         eval_time = time.time() - t_eval
-        ais = plain(ev.get("ais")) or {}
-        if main and int(ais.get("steps") or 0) > 0:  # rank 0 alone: AIS draws are local
+        ais = ais_settings(plain(ev.get("ais")))
+        if main and ais is not None:  # rank 0 alone: AIS draws are local
             metrics["ais"] = ais_evaluation(generator, target, data, energy, ev, ais, cfg)
         if not main:  # rank 0 alone writes the results
             return {}
@@ -353,7 +354,7 @@ def ais_evaluation(generator, target, data, energy, ev, ais: dict, cfg) -> dict:
         n_bootstrap=ev.n_bootstrap, seed=int(cfg.seed), progress=bool(cfg.progress), ais=ais,
     )  # fmt: skip
     out = {k: v for k, v in metrics.items() if k not in _AIS_SAME and not k.startswith("dF_ref")}
-    per_chain = 1 + int(ais["steps"]) * int(ais.get("leapfrog") or 1)  # with gradients
+    per_chain = 1 + ais["steps"] * ais["leapfrog"]  # with gradients
     tuning = 4 * 512 * per_chain  # bgflow_mini.ais.tune_step_sizes' pilot chains
     evaluations = int(ev.n_samples) * per_chain + tuning
     return {**out, "energy_evaluations": evaluations, "time_s": time.time() - t}
