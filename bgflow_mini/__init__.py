@@ -78,6 +78,7 @@ SUBMODULES = (
     "sampling",
     "schedules",
     "sharded_draws",
+    "state_balance",
     "symmetry",
     "system_builder",
     "systems",

@@ -30,6 +30,8 @@ from .run_evaluation import evaluate, ic_domain_stats, test_nll
 
 __all__ = [
     "DataSplit",
+    "apply_state_floor",
+    "check_state_floor",
     "molecular_data",
     "toy_data",
     "molecular_generator",
@@ -51,7 +53,9 @@ class DataSplit:
     (:class:`~bgflow_mini.md_reference.MDReference`): ``reference`` itself, or with a
     replica pool every frame of those temperatures MBAR-weighted to the target temperature
     (``"md_mbar"``), pooled with further independent MD runs where asked
-    (``reference_seeds``). None: ``reference`` alone (toys).
+    (``reference_seeds``). None: ``reference`` alone (toys). ``ml_log_weights``: the
+    ML rows' log draw weights when a state floor raised them
+    (:func:`bgflow_mini.state_balance.state_floor_log_weights`), else None.
     """
 
     train: Tensor
@@ -62,12 +66,13 @@ class DataSplit:
     pool: Tensor | None = None
     pool_log_weights: Tensor | None = None
     md_reference: MDReference | None = None
+    ml_log_weights: Tensor | None = None
 
     def ml_data(self) -> tuple[Tensor, Tensor | None]:
         """The maximum-likelihood rows and their draw weights (None: uniform draws)."""
-        if self.pool is None:
-            return self.train, None
-        return self.pool, torch.exp(self.pool_log_weights - self.pool_log_weights.max())
+        rows = self.train if self.pool is None else self.pool
+        lw = self.pool_log_weights if self.ml_log_weights is None else self.ml_log_weights
+        return rows, None if lw is None else torch.exp(lw - lw.max())
 
 
 def molecular_data(
@@ -160,6 +165,55 @@ def molecular_data(
         listing.append({"md_seed": seed, "cache_key": extra.key})
     split.md_reference = pool_runs(runs)
     info["md_reference"] = {"label": split.md_reference.label, "runs": listing}
+    return split
+
+
+def check_state_floor(state_floor: float, states: Mapping, name: str = "this target") -> None:
+    """Refuse a state floor outside (0, 0.5), or one for a target without states (before
+    any MD)."""
+    if isinstance(state_floor, bool) or not isinstance(state_floor, (int, float)):
+        raise ValueError(f"state_floor must be a number in (0, 0.5), got {state_floor!r}")
+    if not 0 < state_floor < 0.5:
+        raise ValueError(f"state_floor must be in (0, 0.5), got {state_floor}")
+    if not states:
+        raise ValueError(
+            f"state_floor={state_floor} raises the ML share of the target's states, but "
+            f"{name} defines none (system.yaml: states)"
+        )
+
+
+def apply_state_floor(
+    split: DataSplit,
+    cvs: Mapping,
+    states: Mapping,
+    state_floor: float,
+    log: Callable | None = print,
+) -> DataSplit:
+    """Raise the ML draw weights of ``split`` in every state below ``state_floor``.
+
+    The ML rows (``pool`` or ``train``) get ``ml_log_weights``
+    (:func:`bgflow_mini.state_balance.state_floor_log_weights`) in which each of ``states``
+    (CV ranges over ``cvs``) holds at least that share; ``info["state_floor"]`` reports
+    the shares before and after. Validation, test and the reference are untouched.
+    """
+    from .state_balance import state_floor_log_weights, state_masks
+
+    rows = split.train if split.pool is None else split.pool
+    masks = state_masks(rows.detach().cpu().numpy(), cvs, states)
+    lw = None if split.pool_log_weights is None else split.pool_log_weights.numpy()
+    lw, report = state_floor_log_weights(lw, masks, float(state_floor))
+    split.ml_log_weights = torch.as_tensor(lw)
+    split.info["state_floor"] = report
+    if log is not None:
+        moved = {
+            s: f"{r['before']:.4f} -> {r['after']:.4f}"
+            for s, r in report["states"].items()
+            if abs(r["after"] - r["before"]) > 1e-4
+        }
+        log(
+            f"[data] state floor {state_floor}: ML draw shares {moved or 'unchanged'} "
+            f"(Kish effective {report['kish_frames']:.0f} of {len(lw)} frames)"
+        )
     return split
 
 

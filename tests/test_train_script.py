@@ -259,6 +259,7 @@ def test_resume_without_run_folder_is_a_clear_error(tmp_path):
         ("device=tpu", "device"),
         ("data.fractions=[0.5,0.5]", "data.fractions"),
         ("evaluation.md_reference_seeds=[0]", "evaluation.md_reference_seeds=[0]"),
+        ("data.state_floor=0.5", "data.state_floor"),
     ],
 )
 def test_config_mistakes_stop_before_any_work(tmp_path, override, message):
@@ -273,6 +274,21 @@ def test_config_mistakes_stop_before_any_work(tmp_path, override, message):
     assert res.returncode == 2, res.stdout + res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
     assert not (out / "checkpoints").exists() and not (out / "config.yaml").exists()
+
+
+def test_state_floor_reaches_the_ml_draws_and_metrics(tmp_path):
+    """data.state_floor=0.45 raises the less-sampled well's share of the ML draws (the toy's
+    Metropolis chains start in both wells: about 0.4) to 0.45, metrics.json records it, and
+    the reweighted dF still matches the exact 3.380 kT (the effect on a rare state:
+    tests/test_state_balance.py)."""
+    out = tmp_path / "run"
+    run(command(out, phases(60, 40), "data.state_floor=0.45"), tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    floor = metrics["data_info"]["state_floor"]
+    shares = {s: floor["states"][s]["after"] for s in ("A", "B")}
+    assert floor["floor"] == 0.45 and min(shares.values()) == pytest.approx(0.45, rel=1e-3)
+    assert min(floor["states"][s]["before"] for s in ("A", "B")) < 0.45
+    assert abs(metrics["dF_error"]) < 5 * metrics["dF_reweighted_stderr"] + 0.05
 
 
 def test_unsupported_molecules_are_refused_before_md(tmp_path):

@@ -38,6 +38,7 @@ from bgflow_mini.checkpoint import resolve_device, resolve_dtype, save_generator
 from bgflow_mini.fileio import save_json, save_text
 from bgflow_mini.flows import compile_generator, is_compiled
 from bgflow_mini.monitor import OverfitMonitor, StateMonitor, state_populations
+from bgflow_mini.pipeline import apply_state_floor, check_state_floor
 from bgflow_mini.report import peak_memory_mb, summary_table
 from bgflow_mini.run_logger import RunLogger
 from bgflow_mini.samples import save_sample_set
@@ -165,6 +166,9 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
     resources = rank_resources(cfg, ctx)  # torch threads and workers sized to this job's cores
     torch.manual_seed(int(cfg.seed))
     data_dir = to_absolute_path(str(cfg.data_dir))
+    floor = cfg.data.get("state_floor")
+    if floor is not None:  # before any MD
+        check_state_floor(floor, target.states, target.name)
     if not main:
         ctx.barrier()  # rank 0 generates (or finds) the MD data first; the others load it
     data = target.data(
@@ -182,6 +186,8 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
     )
     if main:
         ctx.barrier()
+    if floor is not None:  # raise rare states' share of the ML draws (reverse KL empties them)
+        apply_state_floor(data, target.cvs, target.states, floor, log=print if main else None)
     pool = data.info.get("replica_pool")
     if pool and main:
         log.info(
@@ -224,9 +230,11 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         "data_dir": data_dir,
         "config": plain(cfg),
     }
-    monitor = StateMonitor(
-        target.cvs, target.states, state_populations(data.train, target.cvs, target.states)
-    )
+    reference = state_populations(data.train, target.cvs, target.states)
+    if floor is not None:  # a floored state is meant to hold its floored share, not more
+        shares = data.info["state_floor"]["states"]
+        reference = {s: max(p, shares[s]["after"]) for s, p in reference.items()}
+    monitor = StateMonitor(target.cvs, target.states, reference)
     overfit = OverfitMonitor()  # warns when ML memorises the MD frames
     logger = None
     if main:  # rank 0 alone writes metrics.csv and checkpoints

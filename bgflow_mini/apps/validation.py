@@ -205,6 +205,10 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
     *rows(ACTIVATION, "flow.activation"),
     *rows(POS_INT, "data.replicas"),
     *rows(one_of(("mbar", "equal")), "data.replica_weights"),
+    *rows(
+        optional(Rule("a number in (0, 0.5)", lambda v: _is_num(v) and 0 < v < 0.5)),
+        "data.state_floor",
+    ),
     *rows(optional(list_of(integer(0))), "evaluation.md_reference_seeds"),
     *[("evaluation." + key, rule) for key, rule in AIS],
 ]
