@@ -43,6 +43,19 @@ def _md_runs_row(metrics: Mapping) -> list[str]:
     return [f"| MD reference | {ref['label']}: md.seed {seeds} (each run: dF_reference_*_run<i>) |"]
 
 
+def _state_floor_rows(floor: Mapping) -> list[str]:
+    """Rows naming the states whose share of the ML draws a state floor raised."""
+    if not floor:
+        return []
+    raised = [
+        f"{name} {r['before']:.4f} -> {r['after']:.4f}"
+        for name, r in (floor.get("states") or {}).items()
+        if r["after"] > r["before"] + 1e-4
+    ]
+    text = ", ".join(raised) if raised else "no state was below it"
+    return [f"| ML draws, state floor {floor['floor']}: share before -> after | {text} |"]
+
+
 def _ais_rows(ais: Mapping, main: tuple) -> list[str]:
     """Rows of the evaluation on annealed importance samples (``metrics["ais"]``)."""
     if not ais:
@@ -136,6 +149,7 @@ def summary_table(metrics: Mapping) -> str:
         lines.append(
             f"| population {name}: raw / reweighted | {p['raw']:.4f} / {p['reweighted']:.4f} |"
         )
+    lines += _state_floor_rows((metrics.get("data_info") or {}).get("state_floor") or {})
     ev = metrics.get("energy_evaluations")
     if ev:
         counts = f"{ev['training']:,} / {ev['evaluation']:,}"

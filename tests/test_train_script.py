@@ -282,7 +282,8 @@ def test_state_floor_reaches_the_ml_draws_and_metrics(tmp_path):
     the reweighted dF still matches the exact 3.380 kT (the effect on a rare state:
     tests/test_state_balance.py)."""
     out = tmp_path / "run"
-    run(command(out, phases(60, 40), "data.state_floor=0.45"), tmp_path)
+    res = run(command(out, phases(60, 40), "data.state_floor=0.45"), tmp_path)
+    assert "| ML draws, state floor 0.45: share before -> after | " in res.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     floor = metrics["data_info"]["state_floor"]
     shares = {s: floor["states"][s]["after"] for s in ("A", "B")}
