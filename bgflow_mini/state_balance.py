@@ -54,7 +54,7 @@ def state_floor_log_weights(
 
     Returns ``(log_w (n,), report)``: the new log weights (max 0) and a report with each
     state's share ``before`` and ``after``, its frames, the ``kish_frames`` (Kish effective
-    size) before and after, and the ``empty`` states (no frame: nothing to raise).
+    size) before and after, and the ``empty`` states (no frame with weight: nothing to raise).
 
     Raises ``ValueError`` for a floor outside (0, 0.5) or when the floors cannot all hold
     (e.g. disjoint states whose floors sum beyond 1).
@@ -68,8 +68,8 @@ def state_floor_log_weights(
             raise ValueError(f"state {name!r}: mask of shape {m.shape} for {lw.shape} weights")
     w = np.exp(lw - lw.max())
     before = _shares(w, masks)
-    empty = sorted(name for name, m in masks.items() if not m.any())
-    raised = [name for name, m in masks.items() if m.any() and not m.all()]
+    empty = sorted(name for name, m in masks.items() if not (w[m] > 0).any())
+    raised = [name for name, m in masks.items() if name not in empty and not m.all()]
     for _ in range(max_iter):
         changed = False
         for name in raised:
@@ -88,7 +88,8 @@ def state_floor_log_weights(
             f"the state floor {floor} cannot hold for every state at once (after {max_iter} "
             f"sweeps: {short}); lower it, or define states whose floors fit together"
         )
-    out = np.log(w)
+    with np.errstate(divide="ignore"):  # frames without weight stay at -inf
+        out = np.log(w)
     report = {
         "floor": float(floor),
         "states": {

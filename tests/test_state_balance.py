@@ -65,6 +65,9 @@ def test_an_empty_state_is_reported_not_raised():
     lw, report = state_floor_log_weights(None, {"a": a, "none": np.zeros(100, bool)}, 0.1)
     assert report["empty"] == ["none"] and report["states"]["none"]["after"] == 0.0
     assert _share(lw, a) == pytest.approx(0.1, rel=1e-3)
+    lw0 = np.where(a, -np.inf, 0.0)  # members, but none with weight
+    lw, report = state_floor_log_weights(lw0, {"a": a}, 0.1)
+    assert report["empty"] == ["a"] and np.isfinite(lw[~a]).all() and np.isneginf(lw[a]).all()
 
 
 def test_floors_that_cannot_hold_together_are_an_error():
