@@ -171,10 +171,9 @@ def molecular_data(
 def check_state_floor(state_floor: float, states: Mapping, name: str = "this target") -> None:
     """Refuse a state floor outside (0, 0.5), or one for a target without states (before
     any MD)."""
-    if isinstance(state_floor, bool) or not isinstance(state_floor, (int, float)):
-        raise ValueError(f"state_floor must be a number in (0, 0.5), got {state_floor!r}")
-    if not 0 < state_floor < 0.5:
-        raise ValueError(f"state_floor must be in (0, 0.5), got {state_floor}")
+    from .state_balance import check_floor
+
+    check_floor(state_floor)
     if not states:
         raise ValueError(
             f"state_floor={state_floor} raises the ML share of the target's states, but "
@@ -201,7 +200,7 @@ def apply_state_floor(
     rows = split.train if split.pool is None else split.pool
     masks = state_masks(rows.detach().cpu().numpy(), cvs, states)
     lw = None if split.pool_log_weights is None else split.pool_log_weights.numpy()
-    lw, report = state_floor_log_weights(lw, masks, float(state_floor))
+    lw, report = state_floor_log_weights(lw, masks, state_floor)
     split.ml_log_weights = torch.as_tensor(lw)
     split.info["state_floor"] = report
     if log is not None:

@@ -21,7 +21,14 @@ import numpy as np
 from . import cv as cvmod
 from .replica_pool import kish_size
 
-__all__ = ["state_masks", "state_floor_log_weights"]
+__all__ = ["check_floor", "state_masks", "state_floor_log_weights"]
+
+
+def check_floor(floor: float) -> float:
+    """``floor`` as a float, or ``ValueError`` unless it is a number in (0, 0.5)."""
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < 0.5:
+        raise ValueError(f"state floor must be a number in (0, 0.5), got {floor!r}")
+    return float(floor)
 
 
 def state_masks(x, cvs: Mapping, states: Mapping) -> dict[str, np.ndarray]:
@@ -59,8 +66,7 @@ def state_floor_log_weights(
     Raises ``ValueError`` for a floor outside (0, 0.5) or when the floors cannot all hold
     (e.g. disjoint states whose floors sum beyond 1).
     """
-    if not (isinstance(floor, (int, float)) and 0 < floor < 0.5):
-        raise ValueError(f"state floor must be a number in (0, 0.5), got {floor!r}")
+    floor = check_floor(floor)
     n = len(next(iter(masks.values()))) if masks else (0 if log_w is None else len(log_w))
     lw = np.zeros(n) if log_w is None else np.asarray(log_w, dtype=np.float64).copy()
     for name, m in masks.items():
