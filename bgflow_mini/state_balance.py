@@ -55,8 +55,8 @@ def state_floor_log_weights(
     Arguments:
         log_w: log weights ``(n,)`` of the ML rows (None: equal weights).
         masks: ``{state: bool (n,)}`` membership of the rows (:func:`state_masks`).
-        floor: the smallest share in (0, 0.5); states above it keep their frames' weights
-            relative to each other.
+        floor: the smallest share in (0, 0.5); states already above it are not raised
+            (their share still moves where they overlap a raised state).
         max_iter, tol: sweeps over the states, and the relative shortfall accepted.
 
     Returns ``(log_w (n,), report)``: the new log weights (max 0) and a report with each
