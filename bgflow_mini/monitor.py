@@ -25,20 +25,14 @@ import math
 import warnings
 from collections.abc import Mapping
 
-import numpy as np
-
-from . import cv as cvmod
+from .state_balance import state_masks
 
 __all__ = ["OverfitMonitor", "StateMonitor", "state_populations"]
 
 
 def state_populations(x, cvs: Mapping, states: Mapping) -> dict[str, float]:
     """Fraction of configurations ``x`` ``(n, dim)`` in each state (raw counts)."""
-    values = cvmod.compute_cvs(np.asarray(x, dtype=np.float64), cvs)
-    return {
-        name: float(np.asarray(cvmod.in_state(values, state, cvs)).mean())
-        for name, state in states.items()
-    }
+    return {name: float(m.mean()) for name, m in state_masks(x, cvs, states).items()}
 
 
 class StateMonitor:
