@@ -168,12 +168,15 @@ def molecular_data(
     return split
 
 
-def check_state_floor(state_floor: float, states: Mapping, name: str = "this target") -> None:
-    """Refuse a state floor outside (0, 0.5), or one for a target without states (before
-    any MD)."""
+def check_state_floor(
+    state_floor: float, states: Mapping, name: str = "this target", cvs: Mapping | None = None
+) -> None:
+    """Refuse, before any MD, a state floor outside (0, 0.5), one for a target without
+    states, or one that ``states`` cannot all hold (k states that exclude one another need
+    ``k * state_floor <= 1``; ``cvs`` marks the periodic CVs)."""
     from .state_balance import check_floor
 
-    check_floor(state_floor)
+    check_floor(state_floor, states, cvs)
     if not states:
         raise ValueError(
             f"state_floor={state_floor} raises the ML share of the target's states, but "

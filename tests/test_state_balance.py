@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from bgflow_mini.energies import DoubleWell
 from bgflow_mini.flows import coupling_flow
 from bgflow_mini.pipeline import DataSplit, apply_state_floor, check_state_floor
 from bgflow_mini.reweighting import free_energy_difference
-from bgflow_mini.state_balance import state_floor_log_weights, state_masks
+from bgflow_mini.state_balance import disjoint_states, state_floor_log_weights, state_masks
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _share(lw: np.ndarray, mask: np.ndarray) -> float:
@@ -48,7 +51,40 @@ def test_overlapping_states_all_reach_the_floor():
     lw, report = state_floor_log_weights(None, masks, 0.1)
     for name, m in masks.items():
         assert _share(lw, m) >= 0.1 * (1 - 1e-3), name
-    assert report["states"]["chi0"]["after"] > 0.1  # not lowered to the floor: only raised
+    # rows in the same states keep their relative weights (six cells of phi x chi)
+    for pos in (True, False):
+        for k in range(3):
+            d = lw[(phi == pos) & (chi == k)]
+            if d.size:
+                np.testing.assert_allclose(d, d[0], atol=1e-10)
+    # the common states were not raised, only diluted by the raised ones
+    assert _share(lw, chi == 0) < 0.6 and report["states"]["chi0"]["after"] < 0.6
+
+
+def test_rows_far_below_the_heaviest_still_count():
+    # exp underflows at about 745 below the maximum; the shares are computed in log space
+    a = np.arange(1000) < 3
+    lw0 = np.where(a, -800.0, 0.0)
+    lw, report = state_floor_log_weights(lw0, {"a": a}, 0.1)
+    assert report["empty"] == [] and report["states"]["a"]["before"] == 0.0
+    assert report["states"]["a"]["after"] == pytest.approx(0.1, rel=1e-3)
+    np.testing.assert_allclose(lw[a], lw[a][0])
+    np.testing.assert_allclose(lw[~a], lw[~a][0])
+
+
+@pytest.mark.parametrize(
+    "log_w, mask, match",
+    [
+        (np.zeros(10), (np.arange(10) < 3).astype(int), "bool"),  # 0/1 would index rows 0, 1
+        (np.zeros(10), np.ones(9, bool), "shape"),
+        (np.r_[np.nan, np.zeros(9)], np.arange(10) < 2, "finite"),
+        (np.r_[np.inf, np.zeros(9)], np.arange(10) < 2, "finite"),
+        (np.full(10, -np.inf), np.arange(10) < 2, "finite"),
+    ],
+)
+def test_bad_masks_and_weights_are_refused(log_w, mask, match):
+    with pytest.raises(ValueError, match=match):
+        state_floor_log_weights(log_w, {"a": mask}, 0.2)
 
 
 def test_states_above_the_floor_leave_the_weights_alone():
@@ -80,6 +116,31 @@ def test_floors_that_cannot_hold_together_are_an_error():
 def test_bad_floors_are_refused(floor):
     with pytest.raises(ValueError, match="floor"):
         state_floor_log_weights(None, {"a": np.ones(3, bool)}, floor)
+
+
+def test_a_floor_that_exclusive_states_cannot_hold_is_refused_before_any_data():
+    # the ring dipeptides' three chi1 rotamers cover the circle and exclude one another
+    cvs = {"phi": {"type": "torsion", "atoms": [0, 1, 2, 3]},
+           "chi1": {"type": "torsion", "atoms": [1, 2, 3, 4]}}  # fmt: skip
+    third = 2 * math.pi / 3
+    states = {
+        "phi_negative": {"phi": [-math.pi, 0.0]},
+        "phi_positive": {"phi": [0.0, 2.0]},
+        "chi1_plus": {"chi1": [0.0, third]},
+        "chi1_trans": {"chi1": [third, 2 * third]},  # wraps past pi
+        "chi1_minus": {"chi1": [-third, 0.0]},
+    }
+    assert disjoint_states(states, cvs) == ["chi1_plus", "chi1_trans", "chi1_minus"]
+    with pytest.raises(ValueError, match=r"exclude one another.*at most 0.3333"):
+        check_state_floor(0.4, states, "trp", cvs)
+    check_state_floor(1 / 3, states, "trp", cvs)
+    # without ``cvs`` the ranges are compared as plain intervals: still three
+    assert len(disjoint_states(states)) == 3
+    # states of different residues can overlap: the tetrapeptide's per-residue phi states
+    ala4 = {f"phi{s}_{k}": {f"phi_{k}": r} for k in (1, 2, 3)
+            for s, r in (("neg", [-math.pi, 0.0]), ("pos", [0.0, 2.0]))}  # fmt: skip
+    assert len(disjoint_states(ala4)) == 2
+    assert disjoint_states({}) == []
 
 
 def test_check_state_floor_names_the_problem():
@@ -153,3 +214,16 @@ def test_a_flow_trained_on_floored_draws_fills_the_rare_well_and_reweights_exact
     df, err = free_energy_difference(log_w.numpy(), in_a, ~in_a, seed=0)
     exact = energy.reference_delta_f("A", "B")
     assert abs(df - exact) < 4 * err + 0.02, (df, err, exact)
+
+
+@pytest.mark.parametrize("name", ["trp_dipeptide_vacuum", "ala4_implicit"])
+def test_shipped_systems_refuse_floors_their_states_cannot_hold(name):
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "systems" / name / "system.yaml").read_text())
+    k = len(disjoint_states(spec["states"], spec["cvs"]))
+    assert k == (3 if name.startswith("trp") else 2)  # chi1 rotamers; phi_k < 0 / > 0
+    check_state_floor(0.999 / k, spec["states"], name, spec["cvs"])
+    if k > 2:  # a floor of 0.5 or more is refused by the range check already
+        with pytest.raises(ValueError, match="exclude one another"):
+            check_state_floor(1.01 / k, spec["states"], name, spec["cvs"])

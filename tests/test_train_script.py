@@ -130,6 +130,7 @@ def test_outputs_of_a_short_run(tmp_path):
             str(SCRIPT),
             f"resume={out}",
             "training.lr=0.1",
+            "data.state_floor=0.1",  # the ML draws: a training change too
             "progress=false",
             f"hydra.run.dir={tmp_path / 'r2'}",
         ],
@@ -139,6 +140,7 @@ def test_outputs_of_a_short_run(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "training.lr" in bad.stderr and "Traceback" not in bad.stderr
+    assert "'data.state_floor'" in bad.stderr
     # a checkpoint truncated by a crash: a message naming it and offering best.pt
     latest = out / "checkpoints" / "latest.pt"
     latest.write_bytes(latest.read_bytes()[:500])

@@ -168,7 +168,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
     data_dir = to_absolute_path(str(cfg.data_dir))
     floor = cfg.data.get("state_floor")
     if floor is not None:  # before any MD
-        check_state_floor(floor, target.states, target.name)
+        check_state_floor(floor, target.states, target.name, target.cvs)
     if not main:
         ctx.barrier()  # rank 0 generates (or finds) the MD data first; the others load it
     data = target.data(
@@ -231,9 +231,12 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         "config": plain(cfg),
     }
     reference = state_populations(data.train, target.cvs, target.states)
-    if floor is not None:  # a floored state is meant to hold its floored share, not more
+    if floor is not None:  # a raised state is meant to hold its floored share, not more
         shares = data.info["state_floor"]["states"]
-        reference = {s: max(p, shares[s]["after"]) for s, p in reference.items()}
+        raised = {s for s, v in shares.items() if v["after"] > v["before"] * (1 + 1e-6)}
+        reference = {
+            s: max(p, shares[s]["after"]) if s in raised else p for s, p in reference.items()
+        }
     monitor = StateMonitor(target.cvs, target.states, reference)
     overfit = OverfitMonitor()  # warns when ML memorises the MD frames
     logger = None
