@@ -476,3 +476,19 @@ def test_replica_pool_checks_pymbar_before_any_md(monkeypatch):
     raises(validate_free_energy_config, load("free_energy", fe), "md_replicas=2", "[mbar]")
     validate_free_energy_config(load("free_energy", ["samples=x", "md_replicas=1"]))
     validate_free_energy_config(load("free_energy", ["samples=x"]))  # auto: known later
+
+
+def test_a_state_floor_the_states_cannot_hold_is_refused_before_any_work():
+    from bgflow_mini.targets import as_target
+
+    trp = as_target("trp_dipeptide_vacuum")  # three chi1 rotamers that exclude one another
+    ok = load("train", ["system=trp_dipeptide_vacuum", "data.state_floor=0.3"])
+    validate_train_config(ok, target=trp)
+    bad = load("train", ["system=trp_dipeptide_vacuum", "data.state_floor=0.4"])
+    raises(
+        validate_train_config, bad, "data.state_floor=0.4", "chi1_plus", "at most 0.3333",
+        target=trp,
+    )  # fmt: skip
+    validate_train_config(bad, target=TARGET)  # two exclusive states: 0.4 each can hold
+    nostates = SimpleNamespace(**{**vars(TARGET), "states": {}})
+    raises(validate_train_config, bad, "defines none", target=nostates)

@@ -38,7 +38,7 @@ from bgflow_mini.checkpoint import resolve_device, resolve_dtype, save_generator
 from bgflow_mini.fileio import save_json, save_text
 from bgflow_mini.flows import compile_generator, is_compiled
 from bgflow_mini.monitor import OverfitMonitor, StateMonitor, state_populations
-from bgflow_mini.pipeline import apply_state_floor, check_state_floor
+from bgflow_mini.pipeline import apply_state_floor
 from bgflow_mini.report import peak_memory_mb, summary_table
 from bgflow_mini.run_logger import RunLogger
 from bgflow_mini.samples import save_sample_set
@@ -166,9 +166,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
     resources = rank_resources(cfg, ctx)  # torch threads and workers sized to this job's cores
     torch.manual_seed(int(cfg.seed))
     data_dir = to_absolute_path(str(cfg.data_dir))
-    floor = cfg.data.get("state_floor")
-    if floor is not None:  # before any MD
-        check_state_floor(floor, target.states, target.name, target.cvs)
+    floor = cfg.data.get("state_floor")  # checked against the states by validation
     if not main:
         ctx.barrier()  # rank 0 generates (or finds) the MD data first; the others load it
     data = target.data(

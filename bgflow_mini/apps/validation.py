@@ -498,6 +498,21 @@ def _symmetrize(d: Mapping, target: Any) -> list[str]:
     return []
 
 
+def _state_floor(d: Mapping, target: Any) -> list[str]:
+    """``data.state_floor``: the target must define states that can all hold it."""
+    data = d.get("data") if isinstance(d.get("data"), Mapping) else {}
+    floor = data.get("state_floor")
+    if target is None or not (_is_num(floor) and 0 < floor < 0.5):
+        return []  # absent, or already reported by the range rule
+    from bgflow_mini.pipeline import check_state_floor
+
+    try:
+        check_state_floor(floor, target.states or {}, target.name, target.cvs)
+    except ValueError as err:
+        return [f"data.state_floor={floor}: {err}"]
+    return []
+
+
 def validate_train_config(cfg: DictConfig | Mapping, target: Any = None) -> None:
     """Check a composed ``configs/train.yaml``; ``target`` (the loaded system, with
     ``name``, ``cvs`` and ``states``) also checks the evaluation states.
@@ -509,7 +524,7 @@ def validate_train_config(cfg: DictConfig | Mapping, target: Any = None) -> None
     lines = _apply(d, TRAIN) + _apply(d, OPTIONAL_TRAIN, absent_ok=True)
     lines += _cuda(d) + _phases(d) + _md(d)
     lines += _state_choice(d, ("evaluation.state_a", "evaluation.state_b"), target, {})
-    lines += _symmetrize(d, target) + _reference_seeds(d, target)
+    lines += _symmetrize(d, target) + _reference_seeds(d, target) + _state_floor(d, target)
     if getattr(target, "kind", None) == "molecular" and not isinstance(d.get("md"), Mapping):
         lines.append(f"md={_show(d.get('md'))}: a molecule needs MD settings (md=remd or md=plain)")
     lines += _sync_every(d)
