@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
+from scipy.special import logsumexp
 
 from . import cv as cvmod
 from .replica_pool import kish_size
@@ -76,15 +77,10 @@ def state_masks(x, cvs: Mapping, states: Mapping) -> dict[str, np.ndarray]:
     return {name: np.asarray(cvmod.in_state(values, s, cvs), bool) for name, s in states.items()}
 
 
-def _logsumexp(lw: np.ndarray) -> float:
-    top = lw.max(initial=-np.inf)
-    return float(top) if not np.isfinite(top) else float(top + np.log(np.exp(lw - top).sum()))
-
-
 def _log_share(lw: np.ndarray, m: np.ndarray) -> float:
     """log of the weight share of the rows ``m`` (-inf for none), in log space so that
     frames far below the heaviest one still count."""
-    return _logsumexp(lw[m]) - _logsumexp(lw)
+    return float(logsumexp(lw[m]) - logsumexp(lw)) if m.any() else -math.inf
 
 
 def state_floor_log_weights(
