@@ -50,7 +50,7 @@ def _state_floor_rows(floor: Mapping) -> list[str]:
     raised = [
         f"{name} {r['before']:.4f} -> {r['after']:.4f}"
         for name, r in (floor.get("states") or {}).items()
-        if r["after"] > r["before"] + 1e-4
+        if r.get("raised", r["after"] > r["before"] + 1e-4)  # (metrics before the flag)
     ]
     text = ", ".join(raised) if raised else "no state was below it"
     return [f"| ML draws, state floor {floor['floor']}: share before -> after | {text} |"]

@@ -10,11 +10,17 @@ import pytest
 import torch
 
 from bgflow_mini import BoltzmannGenerator, DiagonalNormal, Phase, Trainer
+from bgflow_mini.cv import in_state
 from bgflow_mini.energies import DoubleWell
 from bgflow_mini.flows import coupling_flow
 from bgflow_mini.pipeline import DataSplit, apply_state_floor, check_state_floor
 from bgflow_mini.reweighting import free_energy_difference
-from bgflow_mini.state_balance import disjoint_states, state_floor_log_weights, state_masks
+from bgflow_mini.state_balance import (
+    disjoint_states,
+    max_floor,
+    state_floor_log_weights,
+    state_masks,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +40,7 @@ def test_a_rare_state_reaches_the_floor_and_ratios_inside_and_outside_are_kept(f
     assert _share(lw, rare) == pytest.approx(floor, rel=1e-3)
     assert report["states"]["rare"]["before"] == pytest.approx(_share(lw0, rare))
     assert report["states"]["rare"]["after"] == pytest.approx(floor, rel=1e-3)
+    assert report["states"]["rare"]["raised"] and not report["states"]["common"]["raised"]
     assert lw.max() == pytest.approx(0.0)
     # inside the rare state and outside it, the weights keep their ratios
     for m in (rare, ~rare):
@@ -59,6 +66,8 @@ def test_overlapping_states_all_reach_the_floor():
                 np.testing.assert_allclose(d, d[0], atol=1e-10)
     # the common states were not raised, only diluted by the raised ones
     assert _share(lw, chi == 0) < 0.6 and report["states"]["chi0"]["after"] < 0.6
+    raised = {name for name, r in report["states"].items() if r["raised"]}
+    assert raised == {"phi_pos", "chi2"}
 
 
 def test_rows_far_below_the_heaviest_still_count():
@@ -141,6 +150,42 @@ def test_a_floor_that_exclusive_states_cannot_hold_is_refused_before_any_data():
             for s, r in (("neg", [-math.pi, 0.0]), ("pos", [0.0, 2.0]))}  # fmt: skip
     assert len(disjoint_states(ala4)) == 2
     assert disjoint_states({}) == []
+
+
+def test_the_largest_floor_of_overlapping_ranges_is_exact():
+    """Five arcs of 2/5 of the phi circle, one starting every 2/5: every angle lies in two,
+    so the shares sum to 2 and no floor above 0.4 can hold, though no three arcs exclude
+    one another (the exclusive-states test alone would allow 0.5). The bound is refused
+    before any data, and data spread evenly reach a floor just below it."""
+    cvs = {"phi": {"type": "torsion", "atoms": [0, 1, 2, 3]}}
+    step = 2 * math.pi / 5
+    arcs = {f"s{i}": {"phi": [-math.pi + i * step, -math.pi + i * step + 2 * step]}
+            for i in range(5)}  # fmt: skip
+    assert len(disjoint_states(arcs, cvs)) == 2
+    assert max_floor(arcs, cvs) == pytest.approx(0.4, abs=1e-9)
+    with pytest.raises(ValueError, match=r"overlap too little.*at most 0.4"):
+        check_state_floor(0.45, arcs, "toy", cvs)
+    check_state_floor(0.4, arcs, "toy", cvs)
+    phi = np.random.default_rng(0).uniform(-math.pi, math.pi, 2000)
+    masks = {n: np.asarray(in_state({"phi": phi}, s, cvs), bool) for n, s in arcs.items()}
+    lw, _ = state_floor_log_weights(None, masks, 0.38)
+    assert min(_share(lw, m) for m in masks.values()) >= 0.38 * (1 - 1e-3)
+    # a chain of intervals on a line: a and b share [0.5, 1), b and c share [1.5, 2)
+    chain = {"a": {"x": [0.0, 1.0]}, "b": {"x": [0.5, 2.0]}, "c": {"x": [1.5, 3.0]}}
+    assert max_floor(chain) == pytest.approx(0.5, abs=1e-9)
+    halves = {"lo": {"x": [-math.inf, 0.0]}, "hi": {"x": [0.0, math.inf]}}  # open ends
+    assert max_floor(halves) == pytest.approx(0.5, abs=1e-9)
+    # the three chi1 rotamers beside two phi states: a third
+    third = 2 * math.pi / 3
+    rot = {"pos": {"phi": [0.0, 2.0]}, "neg": {"phi": [-math.pi, 0.0]},
+           **{f"chi{k}": {"chi1": [k * third, (k + 1) * third]} for k in range(3)}}  # fmt: skip
+    assert max_floor(rot, {**cvs, "chi1": cvs["phi"]}) == pytest.approx(1 / 3, abs=1e-9)
+    # a state no configuration lies in (an empty range) has nothing to raise: left out,
+    # as state_floor_log_weights leaves empty states
+    empty = {"a": {"phi": [1.0, 1.0]}, "b": {"phi": [0.0, 2.0]}, "c": {"phi": [2.0, 3.0]}}
+    assert max_floor(empty, cvs) == pytest.approx(0.5, abs=1e-9)
+    check_state_floor(0.45, empty, "toy", cvs)
+    assert max_floor({}) == 1.0
 
 
 def test_check_state_floor_names_the_problem():

@@ -291,6 +291,14 @@ def test_state_floor_reaches_the_ml_draws_and_metrics(tmp_path):
     shares = {s: floor["states"][s]["after"] for s in ("A", "B")}
     assert floor["floor"] == 0.45 and min(shares.values()) == pytest.approx(0.45, rel=1e-3)
     assert min(floor["states"][s]["before"] for s in ("A", "B")) < 0.45
+    # the raised well's collapse and overfill reference is its floored share (the 300 K
+    # training frames alone hold less), the other well keeps its share of the frames
+    raised = [s for s in ("A", "B") if floor["states"][s]["raised"]]
+    assert len(raised) == 1 and floor["states"][raised[0]]["before"] < 0.45
+    reference = metrics["training_state_populations_reference"]
+    assert reference[raised[0]] == pytest.approx(0.45, rel=1e-3)
+    other = ({"A", "B"} - set(raised)).pop()
+    assert reference[other] == pytest.approx(floor["states"][other]["before"], abs=1e-3)
     assert abs(metrics["dF_error"]) < 5 * metrics["dF_reweighted_stderr"] + 0.05
 
 

@@ -229,11 +229,11 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         "config": plain(cfg),
     }
     reference = state_populations(data.train, target.cvs, target.states)
-    if floor is not None:  # a raised state is meant to hold its floored share, not more
+    if floor is not None:  # a raised state may hold its floored share of the draws
         shares = data.info["state_floor"]["states"]
-        raised = {s for s, v in shares.items() if v["after"] > v["before"] * (1 + 1e-6)}
         reference = {
-            s: max(p, shares[s]["after"]) if s in raised else p for s, p in reference.items()
+            s: max(p, shares[s]["after"]) if shares[s]["raised"] else p
+            for s, p in reference.items()
         }
     monitor = StateMonitor(target.cvs, target.states, reference)
     overfit = OverfitMonitor()  # warns when ML memorises the MD frames
