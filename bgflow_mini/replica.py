@@ -22,6 +22,7 @@ all contexts in one process from a single shared random stream.
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -37,6 +38,8 @@ from tqdm import tqdm
 from .units import kt_kjmol
 
 __all__ = ["ReplicaGroup", "available_cores", "replica_seeds", "run_replicas"]
+
+_log = logging.getLogger(__name__)
 
 
 def available_cores() -> int:
@@ -222,6 +225,19 @@ def _mp_context() -> Any:
     return mp.get_context("spawn")  # pragma: no cover - Windows
 
 
+def _log_tenth(done: int, total: int, chunk: int, elapsed: float) -> None:
+    """One INFO line at each tenth of the ``total`` chunks (of ``chunk`` steps), with the
+    time spent (``elapsed``, s) and the time left at that pace: the sign of life of a long
+    run whose progress bar is off (log files, cluster jobs)."""
+    if total < 1 or done * 10 // total == (done - 1) * 10 // total:
+        return
+    left = elapsed * (total - done) / done
+    _log.info(
+        "MD: %d %% of %s steps per replica, %.1f min so far, about %.1f min left",
+        100 * done // total, f"{total * chunk:,}", elapsed / 60, left / 60,
+    )  # fmt: skip
+
+
 def run_replicas(
     system: openmm.System,
     positions: np.ndarray,
@@ -243,7 +259,9 @@ def run_replicas(
     """Run plain Langevin MD (one temperature) or replica exchange (several).
 
     Steps advance in chunks of ``gcd(save_every, swap_every)``; equilibration (rounded up
-    to whole chunks) includes swaps, and all statistics are reset afterwards.
+    to whole chunks) includes swaps, and all statistics are reset afterwards. ``progress``
+    shows a progress bar; without it, one INFO line of the ``bgflow_mini.replica`` logger
+    at each tenth of the run says how far it is and about how long is left.
 
     Returns a dict with ``positions`` (``(n_frames, n_atoms, 3)`` float32 nm, slot 0, or
     ``(n_replicas, n_frames, n_atoms, 3)`` when ``keep_all``), ``potential`` and
@@ -373,6 +391,8 @@ def run_replicas(
                     direction[walker[0]] = 1
                     direction[walker[-1]] = -1
             bar.update(1)
+            if not progress:
+                _log_tenth(c + 1, n_eq_chunks + n_prod_chunks, chunk, time.perf_counter() - t_start)
         bar.close()
     finally:
         for h in handles:

@@ -168,6 +168,24 @@ def test_plain_md_single_temperature_has_no_swaps() -> None:
     assert res.trajectory.time[-1] == pytest.approx(20 * 10 * 0.005)
 
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_md_without_a_progress_bar_logs_each_tenth(
+    progress: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the bar, a long MD run says how far it is (a log line per tenth); with it,
+    nothing is logged twice."""
+    with caplog.at_level("INFO", logger="bgflow_mini.replica"):
+        simulate(double_well(), 40, save_every=5, timestep=0.005, equilibration_steps=0,
+                 progress=progress)  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if r.name == "bgflow_mini.replica"]
+    if progress:
+        assert lines == []
+        return
+    assert [int(m.split()[1]) for m in lines] == list(range(10, 101, 10))
+    assert all("200 steps per replica" in m and "min left" in m for m in lines)
+    assert lines[-1].endswith("about 0.0 min left")
+
+
 def test_resolve_settings() -> None:
     s = resolve_settings({"n_replicas": 4, "t_max": 600.0}, 300.0)
     assert s["temperatures"][0] == 300.0 and s["temperatures"][-1] == 600.0
