@@ -15,13 +15,18 @@ the OpenMM System (serialised XML) and starting positions, the resolved MD setti
 do not change the trajectory (``n_workers``, ``progress``) are not part of it.
 
 Entries are written to a hidden temporary folder and renamed into place, so an
-interrupted run never leaves a folder that looks complete. On load, file sizes and
+interrupted run never leaves a folder that looks complete. While the MD runs, its frames and
+state are checkpointed in ``<data_dir>/<system name>/.<key>.partial/`` (every 5 minutes;
+:mod:`bgflow_mini.md_checkpoint`): the same call after a crash or a kill resumes the MD from
+there instead of starting again (one process at a time: a second process that finds the
+checkpoint locked runs its own MD without one). On load, file sizes and
 SHA-256 checksums are compared with ``meta.json``; a truncated or corrupt file raises
 :class:`CorruptDataError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +34,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +65,7 @@ __all__ = [
 ]
 
 DATA_VERSION = 1
+MD_CHECKPOINT_EVERY_S = 300.0  # seconds between two saves of a running MD's state
 FILES = ("traj.h5", "energies.npy", "replica_energies.npy")
 REPLICA_TRAJ = "replica_traj.h5"
 
@@ -209,8 +216,18 @@ def generate_or_load(
         return CacheEntry(final, key, True, meta)
 
     _ensure_writable(root)
-    say(f"[bgflow_mini.data] cache miss: generating {final}")
-    result = simulate_from_settings(system, resolved, n_workers=n_workers, progress=progress)
+    partial = root / f".{key}.partial"
+    with _exclusive(root / f".{key}.lock") as locked:
+        if not locked:
+            say(f"[bgflow_mini.data] another process holds {partial}: MD without a checkpoint")
+        elif (partial / "state.npz").exists():
+            say(f"[bgflow_mini.data] cache miss: resuming the MD checkpointed in {partial}")
+        else:
+            say(f"[bgflow_mini.data] cache miss: generating {final}")
+        result = simulate_from_settings(
+            system, resolved, n_workers=n_workers, progress=progress,
+            checkpoint=partial if locked else None, checkpoint_every=MD_CHECKPOINT_EVERY_S,
+        )  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
     try:
         result.trajectory.save_hdf5(str(tmp / "traj.h5"))
@@ -248,6 +265,28 @@ def generate_or_load(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return CacheEntry(final, key, False, meta)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``lock_file`` (created) while the block runs; yields
+    whether it was free (False where another process holds it, or locks are unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield False
+        return
+    with open(lock_file, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock_file.unlink(missing_ok=True)  # no stray file once the entry is made
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def find_cached(

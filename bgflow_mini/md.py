@@ -22,6 +22,7 @@ For proteins, ``info["cis_peptide_fraction"]`` is the fraction of frames with an
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,6 +239,8 @@ def simulate(
     keep_all: bool = False,
     progress: bool = True,
     hydrogen_mass: float | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 300.0,
 ) -> MDResult:
     """Langevin MD (``LangevinMiddleIntegrator``) at one or several temperatures.
 
@@ -260,6 +263,9 @@ def simulate(
         hydrogen_mass: amu; when given, MD runs with hydrogen masses repartitioned
             (:func:`repartition_hydrogen_mass`): the same configurational distribution,
             stable at a longer ``timestep``. ``None``: the force field's masses.
+        checkpoint, checkpoint_every: a folder for the frames and the run's state (saved
+            at most every ``checkpoint_every`` seconds); the same call after a crash goes
+            on from there (:func:`bgflow_mini.replica.run_replicas`).
 
     Returns:
         :class:`MDResult`; ``info`` has ``swap_acceptance`` per neighbour pair, phi
@@ -300,6 +306,8 @@ def simulate(
         n_workers=n_workers,
         keep_all=keep_all,
         progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
     )
     xyz = out["positions"][0] if keep_all else out["positions"]
     time_ps = (np.arange(1, n_frames + 1) * save_every * timestep).astype(np.float32)
@@ -331,6 +339,8 @@ def simulate(
         "degrees_of_freedom": dof,
         "mean_energy": out["potential"].mean(axis=1).tolist(),
     }
+    if out["resumed_at_steps"]:
+        info["resumed_at_steps"] = out["resumed_at_steps"]
     info.update(_cv_info(traj, getattr(system, "cvs", None)))
     return MDResult(
         trajectory=traj,
@@ -405,8 +415,12 @@ def simulate_from_settings(
     n_workers: int | None = None,
     progress: bool = True,
     platform_properties: dict[str, str] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 300.0,
 ) -> MDResult:
-    """Run :func:`simulate` from a settings dict (keys of :data:`MD_DEFAULTS`).
+    """Run :func:`simulate` from a settings dict (keys of :data:`MD_DEFAULTS`);
+    ``checkpoint``, ``checkpoint_every``: a folder to resume from after a crash, saved at
+    most every that many seconds (see :func:`simulate`).
 
     With ``keep_replicas > 1`` the result's ``replica_positions`` holds every replica
     (the cache keeps the ``keep_replicas`` lowest temperatures).
@@ -421,5 +435,7 @@ def simulate_from_settings(
         progress=progress,
         platform_properties=platform_properties,
         keep_all=keep > 1,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
         **s,
     )

@@ -12,9 +12,11 @@ accepted swap, positions move between slots and velocities are rescaled by
 ``sqrt(T_new / T_old)`` so that they stay Maxwell-Boltzmann at the new temperature.
 Slot 0 therefore always holds equilibrium samples at the target temperature ``T_0``.
 
-Replicas are split over worker processes when ``n_workers > 1`` (``multiprocessing``
-``forkserver`` context with this module preloaded, ``spawn`` where forkserver is missing;
-the System travels as XML); otherwise all contexts live in this process. Runs are
+Replicas are split over worker processes when ``n_workers > 1``
+(:mod:`bgflow_mini.replica_workers`: ``multiprocessing``'s ``forkserver`` context, ``spawn``
+where forkserver is missing; the System travels as XML); otherwise all contexts live in this
+process. With ``checkpoint=`` the frames go to disk as they are made and the run can be
+resumed after a crash (:mod:`bgflow_mini.md_checkpoint`). Runs are
 reproducible for a fixed (seed, n_workers, platform) on the Reference platform. Changing
 ``n_workers`` changes the noise: OpenMM's Reference platform draws the Langevin noise of
 all contexts in one process from a single shared random stream.
@@ -24,17 +26,16 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing as mp
 import os
 import time
-import traceback
 from typing import Any
 
 import numpy as np
 import openmm
-from openmm import unit
 from tqdm import tqdm
 
+from .md_checkpoint import MDCheckpoint, resume_seeds
+from .replica_workers import LocalHandle, ProcessHandle, ReplicaGroup, mp_context
 from .units import kt_kjmol
 
 __all__ = ["ReplicaGroup", "available_cores", "replica_seeds", "run_replicas"]
@@ -59,182 +60,18 @@ def replica_seeds(seed: int, n_replicas: int) -> np.ndarray:
     return (raw.astype(np.int64) % (2**31 - 2) + 1).reshape(n_replicas, 2)
 
 
-class ReplicaGroup:
-    """The contexts of a subset of replicas, all in one process.
-
-    Arguments:
-        system: ``openmm.System`` or its XML serialisation.
-        positions: starting positions, ``(n_atoms, 3)`` nm.
-        temperatures: K, one per replica of this group.
-        seeds: ``(n, 2)`` integrator and velocity seeds (see :func:`replica_seeds`).
-        timestep: ps. friction: 1/ps.
-        platform: OpenMM platform name; platform_properties: e.g. ``{"Threads": "1"}``.
-        minimize: run ``LocalEnergyMinimizer`` before drawing velocities.
-    """
-
-    def __init__(
-        self,
-        system: openmm.System | str,
-        positions: np.ndarray,
-        temperatures: list[float],
-        seeds: np.ndarray,
-        timestep: float,
-        friction: float,
-        platform: str = "Reference",
-        platform_properties: dict[str, str] | None = None,
-        minimize: bool = True,
-    ) -> None:
-        if isinstance(system, str):
-            system = openmm.XmlSerializer.deserialize(system)
-        plat = openmm.Platform.getPlatformByName(platform)
-        self.temperatures = [float(t) for t in temperatures]
-        self.contexts: list[openmm.Context] = []
-        self.integrators: list[openmm.LangevinMiddleIntegrator] = []
-        for temp, (s_int, s_vel) in zip(self.temperatures, seeds, strict=True):
-            integ = openmm.LangevinMiddleIntegrator(temp, friction, timestep)
-            integ.setRandomNumberSeed(int(s_int))
-            ctx = openmm.Context(system, integ, plat, dict(platform_properties or {}))
-            ctx.setPositions(np.asarray(positions, dtype=np.float64))
-            if minimize:
-                openmm.LocalEnergyMinimizer.minimize(ctx)
-            ctx.setVelocitiesToTemperature(temp, int(s_vel))
-            self.contexts.append(ctx)
-            self.integrators.append(integ)
-
-    def advance(
-        self,
-        n_steps: int,
-        new_states: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
-        want_coordinates: bool = True,
-    ) -> dict[str, np.ndarray | None]:
-        """Set swapped states, run ``n_steps`` on every replica, return their states.
-
-        ``new_states`` maps a local replica index to (positions nm, velocities nm/ps).
-        Returns ``potential`` and ``kinetic`` (kJ/mol, shape ``(n,)``) and, when
-        ``want_coordinates``, ``positions`` and ``velocities`` of shape ``(n, n_atoms, 3)``.
-        """
-        for k, (pos, vel) in (new_states or {}).items():
-            self.contexts[k].setPositions(pos)
-            self.contexts[k].setVelocities(vel)
-        pot, kin, xs, vs = [], [], [], []
-        for ctx, integ in zip(self.contexts, self.integrators, strict=True):
-            if n_steps > 0:
-                integ.step(int(n_steps))
-            state = ctx.getState(
-                getEnergy=True, getPositions=want_coordinates, getVelocities=want_coordinates
-            )
-            pot.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
-            kin.append(state.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole))
-            if want_coordinates:
-                xs.append(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
-                vs.append(
-                    state.getVelocities(asNumpy=True).value_in_unit(
-                        unit.nanometer / unit.picosecond
-                    )
-                )
-        return {
-            "potential": np.asarray(pot),
-            "kinetic": np.asarray(kin),
-            "positions": np.asarray(xs) if want_coordinates else None,
-            "velocities": np.asarray(vs) if want_coordinates else None,
-        }
-
-
-def _worker_main(conn: Any, kwargs: dict[str, Any]) -> None:
-    """Worker process loop: build a :class:`ReplicaGroup`, then serve ``advance`` calls."""
-    try:
-        group = ReplicaGroup(**kwargs)
-        conn.send(("ok", None))
-    except Exception:  # forwarded to the parent
-        conn.send(("error", traceback.format_exc()))
-        return
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            break
-        try:
-            conn.send(("ok", group.advance(*msg)))
-        except Exception:  # forwarded to the parent
-            conn.send(("error", traceback.format_exc()))
-    conn.close()
-
-
-class _LocalHandle:
-    """In-process stand-in for a worker: same submit/result protocol."""
-
-    def __init__(self, kwargs: dict[str, Any]) -> None:
-        self.group = ReplicaGroup(**kwargs)
-        self._result: Any = None
-
-    def submit(self, *args: Any) -> None:
-        self._result = self.group.advance(*args)
-
-    def result(self) -> Any:
-        return self._result
-
-    def close(self) -> None:
-        self.group = None  # type: ignore[assignment]
-
-
-class _ProcessHandle:
-    """A worker process owning some replicas; talks over a pipe."""
-
-    def __init__(self, ctx: Any, kwargs: dict[str, Any]) -> None:
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, kwargs), daemon=True)
-        self.proc.start()
-        child.close()
-
-    def submit(self, *args: Any) -> None:
-        self.conn.send(args)
-
-    def result(self) -> Any:
-        try:
-            status, payload = self.conn.recv()
-        except EOFError as err:
-            self.proc.join(timeout=5)
-            raise RuntimeError(
-                f"replica worker (pid {self.proc.pid}) died, exit code {self.proc.exitcode}; "
-                "workers use the 'forkserver'/'spawn' start methods, so a script must guard its "
-                "entry point with `if __name__ == '__main__':` (or pass n_workers=1)"
-            ) from err
-        if status == "error":
-            raise RuntimeError(f"replica worker (pid {self.proc.pid}) failed:\n{payload}")
-        return payload
-
-    def close(self) -> None:
-        try:
-            self.conn.send(None)
-        except (BrokenPipeError, OSError):
-            pass
-        self.proc.join(timeout=10)
-        if self.proc.is_alive():  # pragma: no cover - defensive
-            self.proc.terminate()
-            self.proc.join()
-        self.conn.close()
-
-
-def _mp_context() -> Any:
-    """'forkserver' (workers fork from a server that imported this module once) where
-    available, else 'spawn'. Both start workers from a clean interpreter, never from a
-    fork of the caller."""
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
-        return ctx
-    return mp.get_context("spawn")  # pragma: no cover - Windows
-
-
-def _log_tenth(done: int, total: int, chunk: int, elapsed: float) -> None:
-    """One INFO line at each tenth of the ``total`` chunks (of ``chunk`` steps), with the
+def _log_tenth(done: int, total: int, chunk: int, elapsed: float, done_before: int = 0) -> None:
+    """One INFO line at each tenth of the run's chunks (of ``chunk`` steps): ``done`` of the
+    ``total`` chunks this call runs, after ``done_before`` from before a resume, with the
     time spent (``elapsed``, s) and the time left at that pace: the sign of life of a long
     run whose progress bar is off (log files, cluster jobs)."""
-    if total < 1 or done * 10 // total == (done - 1) * 10 // total:
+    n, all_ = done + done_before, total + done_before
+    if total < 1 or n * 10 // all_ == (n - 1) * 10 // all_:
         return
     left = elapsed * (total - done) / done
     _log.info(
         "MD: %d %% of %s steps per replica, %.1f min so far, about %.1f min left",
-        100 * done // total, f"{total * chunk:,}", elapsed / 60, left / 60,
+        100 * n // all_, f"{all_ * chunk:,}", elapsed / 60, left / 60,
     )  # fmt: skip
 
 
@@ -255,6 +92,8 @@ def run_replicas(
     n_workers: int | None = None,
     keep_all: bool = False,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 300.0,
 ) -> dict[str, Any]:
     """Run plain Langevin MD (one temperature) or replica exchange (several).
 
@@ -263,11 +102,18 @@ def run_replicas(
     shows a progress bar; without it, one INFO line of the ``bgflow_mini.replica`` logger
     at each tenth of the run says how far it is and about how long is left.
 
+    ``checkpoint``: a folder (:class:`bgflow_mini.md_checkpoint.MDCheckpoint`) that holds
+    the frames as they are made and, at most every ``checkpoint_every`` seconds, the run's
+    state; a call with the same arguments and folder after a crash goes on from there (the
+    Langevin noise from new seeds: a statistically equivalent continuation). The folder is
+    deleted when the run completes.
+
     Returns a dict with ``positions`` (``(n_frames, n_atoms, 3)`` float32 nm, slot 0, or
     ``(n_replicas, n_frames, n_atoms, 3)`` when ``keep_all``), ``potential`` and
     ``kinetic`` (kJ/mol, ``(n_replicas, n_frames)``), ``walkers`` (which walker sat in each
     slot, ``(n_replicas, n_frames)`` int), ``swap_attempts``/``swap_accepts``
-    (``(n_replicas - 1,)``), ``round_trips`` and timing numbers.
+    (``(n_replicas - 1,)``), ``round_trips``, timing numbers and ``resumed_at_steps`` (the
+    steps at which a checkpointed run was resumed; empty for one that was not).
     """
     temps = np.asarray([float(t) for t in temperatures])
     n_rep = len(temps)
@@ -294,7 +140,29 @@ def run_replicas(
     for g, idx in enumerate(slots):
         owner[idx] = g
         local[idx] = np.arange(len(idx))
-    seeds = replica_seeds(seed, n_rep)
+    shape = (n_rep, n_frames, n_atoms, 3) if keep_all else (n_frames, n_atoms, 3)
+    arrays = {
+        "positions": (shape, np.float32),
+        "potential": ((n_rep, n_frames), np.float64),
+        "kinetic": ((n_rep, n_frames), np.float64),
+        "walkers": ((n_rep, n_frames), np.int64),
+    }
+    ckpt, resume = None, None
+    if checkpoint is not None:
+        signature = {
+            "temperatures": temps.tolist(), "n_frames": int(n_frames),
+            "save_every": int(save_every), "swap_every": int(swap_every) if swapping else None,
+            "timestep": float(timestep), "friction": float(friction), "seed": int(seed),
+            "platform": platform, "minimize": bool(minimize),
+            "equilibration_steps": int(equilibration_steps), "keep_all": bool(keep_all),
+            "n_atoms": int(n_atoms),
+        }  # fmt: skip
+        ckpt = MDCheckpoint(checkpoint, signature, arrays)
+        resume = ckpt.open()
+    start = 0 if resume is None else int(resume["chunk"])
+    seeds = replica_seeds(seed, n_rep) if resume is None else resume_seeds(seed, start, n_rep)
+    if resume is not None:
+        minimize = False  # the saved positions and velocities replace the start
     common = dict(
         positions=positions,
         timestep=float(timestep),
@@ -305,26 +173,25 @@ def run_replicas(
     )
 
     t_start = time.perf_counter()
-    handles: list[_LocalHandle | _ProcessHandle] = []
+    handles: list[LocalHandle | ProcessHandle] = []
     try:
         if n_workers > 1:
-            ctx = _mp_context()
+            ctx = mp_context()
             xml = openmm.XmlSerializer.serialize(system)
             for idx in slots:
                 kw = dict(common, system=xml, temperatures=temps[idx].tolist(), seeds=seeds[idx])
-                handles.append(_ProcessHandle(ctx, kw))
+                handles.append(ProcessHandle(ctx, kw))
             for h in handles:
                 h.result()  # wait for set-up, surface errors
         else:
             kw = dict(common, system=system, temperatures=temps.tolist(), seeds=seeds)
-            handles.append(_LocalHandle(kw))
+            handles.append(LocalHandle(kw))
         t_setup = time.perf_counter() - t_start
 
-        shape = (n_rep, n_frames, n_atoms, 3) if keep_all else (n_frames, n_atoms, 3)
-        out_pos = np.zeros(shape, dtype=np.float32)
-        out_pot = np.zeros((n_rep, n_frames))
-        out_kin = np.zeros((n_rep, n_frames))
-        out_walk = np.zeros((n_rep, n_frames), dtype=np.int64)
+        if ckpt is not None:
+            out_pos, out_pot, out_kin, out_walk = (ckpt.arrays[k] for k in arrays)
+        else:
+            out_pos, out_pot, out_kin, out_walk = (np.zeros(s, d) for s, d in arrays.values())
         attempts = np.zeros(max(n_rep - 1, 0), dtype=np.int64)
         accepts = np.zeros_like(attempts)
         walker = np.arange(n_rep)  # walker id currently in each slot
@@ -335,14 +202,30 @@ def run_replicas(
         n_swap_rounds = 0
         frame = 0
         t_prod = 0.0
+        resumed_at: list[int] = []
+        if resume is not None:
+            attempts[:], accepts[:] = resume["attempts"], resume["accepts"]
+            walker[:], direction[:] = resume["walker"], resume["direction"]
+            round_trips, n_swap_rounds = int(resume["round_trips"]), int(resume["n_swap_rounds"])
+            frame = int(resume["frame"])
+            rng.bit_generator.state = resume["rng"]
+            resumed_at = [int(v) for v in resume["resumed_at"]] + [start * chunk]
+            t_prod = time.perf_counter() - float(resume["production_time_s"])
+            for s_ in range(n_rep):  # every replica where the checkpoint left it
+                pending[owner[s_]][int(local[s_])] = (resume["xyz"][s_], resume["vel"][s_])
+            _log.info("MD: resuming %s at step %s of %s per replica (%d frames kept)",
+                      checkpoint, f"{start * chunk:,}",
+                      f"{(n_eq_chunks + n_prod_chunks) * chunk:,}", frame)  # fmt: skip
+        t_saved = time.perf_counter()
         bar = tqdm(
+            initial=start,
             total=n_eq_chunks + n_prod_chunks,
             disable=not progress,
             desc=f"MD {n_rep} replica(s)",
             unit="chunk",
             mininterval=0.5,
         )
-        for c in range(n_eq_chunks + n_prod_chunks):
+        for c in range(start, n_eq_chunks + n_prod_chunks):
             if c == n_eq_chunks:
                 attempts[:] = 0
                 accepts[:] = 0
@@ -391,13 +274,34 @@ def run_replicas(
                     direction[walker[0]] = 1
                     direction[walker[-1]] = -1
             bar.update(1)
+            now = time.perf_counter()
+            last = c + 1 == n_eq_chunks + n_prod_chunks
+            if (
+                ckpt is not None
+                and (save or swap)
+                and not last
+                and now - t_saved >= checkpoint_every
+            ):
+                state = {
+                    "chunk": c + 1, "frame": frame, "attempts": attempts, "accepts": accepts,
+                    "walker": walker, "direction": direction, "round_trips": round_trips,
+                    "n_swap_rounds": n_swap_rounds, "xyz": xyz, "vel": vel,
+                    "resumed_at": np.asarray(resumed_at, dtype=np.int64),
+                    "production_time_s": now - t_prod if in_prod else 0.0,
+                }  # fmt: skip
+                ckpt.save(state, rng.bit_generator.state)
+                t_saved = now
             if not progress:
-                _log_tenth(c + 1, n_eq_chunks + n_prod_chunks, chunk, time.perf_counter() - t_start)
+                _log_tenth(c + 1 - start, n_eq_chunks + n_prod_chunks - start, chunk,
+                           now - t_start, done_before=start)  # fmt: skip
         bar.close()
     finally:
         for h in handles:
             h.close()
     t_end = time.perf_counter()
+    if ckpt is not None:
+        out_pos, out_pot, out_kin, out_walk = ckpt.load_arrays().values()
+        ckpt.remove()
     return {
         "positions": out_pos,
         "potential": out_pot,
@@ -412,4 +316,5 @@ def run_replicas(
         "wall_time_s": t_end - t_start,
         "equilibration_steps": n_eq_chunks * chunk,
         "production_steps": n_prod_chunks * chunk,
+        "resumed_at_steps": resumed_at,
     }

@@ -1,0 +1,204 @@
+"""MD checkpoints: a run killed part way resumes from its last state, keeps every frame
+written before it, and ends with a complete, consistent result."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from test_md import double_well
+
+import bgflow_mini.data as data
+import bgflow_mini.replica_workers as workers
+from bgflow_mini.data import generate_or_load, load_trajectory
+from bgflow_mini.md_checkpoint import MDCheckpoint, resume_seeds
+from bgflow_mini.replica import replica_seeds, run_replicas
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_after(monkeypatch: pytest.MonkeyPatch, n_calls: int) -> None:
+    """Make the in-process replicas fail on their ``n_calls``-th chunk (a crash or kill)."""
+    real = workers.ReplicaGroup.advance
+    count = {"n": 0}
+
+    def advance(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] >= n_calls:
+            raise _Crash("killed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(workers.ReplicaGroup, "advance", advance)
+
+
+RUN = dict(
+    temperatures=[300.0, 450.0],
+    n_frames=60,
+    save_every=10,
+    swap_every=20,
+    timestep=0.005,
+    seed=3,
+    equilibration_steps=40,
+    n_workers=1,
+    keep_all=True,
+    progress=False,
+)
+
+
+def _run(checkpoint=None, dw=None, **kwargs):
+    dw = dw or double_well()
+    args = {**RUN, **kwargs}
+    return run_replicas(dw.system, dw.positions, checkpoint=checkpoint, **args)
+
+
+def test_killed_run_resumes_and_keeps_its_frames(tmp_path, monkeypatch) -> None:
+    whole = _run()
+    folder = tmp_path / "ckpt"
+    _crash_after(monkeypatch, 40)  # 4 equilibration + 60 production chunks: dies at frame ~35
+    with pytest.raises(_Crash):
+        _run(folder, checkpoint_every=0.0)
+    with np.load(folder / "state.npz") as state:
+        chunk, frame = int(state["chunk"]), int(state["frame"])
+    assert 4 < chunk < 40 and 0 < frame < 36
+    monkeypatch.undo()
+
+    resumed = _run(folder)
+    assert not folder.exists()  # removed once complete
+    assert resumed["resumed_at_steps"] == [chunk * 10]
+    assert whole["resumed_at_steps"] == []
+    # the frames before the checkpoint are the uninterrupted run's, bit for bit
+    for key in ("positions", "potential", "kinetic", "walkers"):
+        a, b = whole[key], resumed[key]
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a[:, :frame], b[:, :frame])
+    # the rest is a new continuation: filled, and not the same noise
+    assert np.all(resumed["potential"][:, frame:] != 0.0)
+    assert not np.array_equal(whole["positions"][:, frame:], resumed["positions"][:, frame:])
+    # swap counters go on from the saved ones: every swap round counted once
+    assert resumed["swap_attempts"].sum() == whole["swap_attempts"].sum()
+
+
+def test_resume_starts_from_the_saved_state(tmp_path, monkeypatch) -> None:
+    """The first chunk after a resume starts where the checkpoint left each replica (not
+    from the starting structure): a free particle with almost no friction drifts away
+    before the crash, and the first new frame lies one 20 fs chunk from the last saved one."""
+    free = double_well(a=0.0, b=0.0, k=0.0)
+    folder = tmp_path / "ckpt"
+    kw = dict(friction=1e-6, timestep=0.002, save_every=10, swap_every=None, n_frames=60,
+              temperatures=[300.0], equilibration_steps=0, keep_all=False)  # fmt: skip
+    _crash_after(monkeypatch, 40)
+    with pytest.raises(_Crash):
+        _run(folder, dw=free, checkpoint_every=0.0, **kw)
+    with np.load(folder / "state.npz") as state:
+        frame, xyz = int(state["frame"]), state["xyz"]
+    monkeypatch.undo()
+    out = _run(folder, dw=free, **kw)
+    path = out["positions"][:, 0]  # (n_frames, 3) nm
+    np.testing.assert_allclose(path[frame - 1], xyz[0, 0], atol=1e-6)
+    step = np.linalg.norm(np.diff(path[:frame], axis=0), axis=1).max()  # largest 20 fs move
+    start = np.array([-1.0, 0.0, 0.0])
+    assert np.linalg.norm(path[frame - 1] - start) > 5 * step  # far from the start
+    assert 0 < np.linalg.norm(path[frame] - path[frame - 1]) < 3 * step
+
+
+def test_state_and_swap_stream_round_trip(tmp_path) -> None:
+    """What :meth:`MDCheckpoint.save` writes, :meth:`MDCheckpoint.open` gives back exactly,
+    the swap generator's state included (its next draws are the same)."""
+    ck = MDCheckpoint(tmp_path, {"seed": 1}, {"walkers": ((2, 3), np.int64)})
+    assert ck.open() is None
+    ck.arrays["walkers"][:, :2] = [[0, 1], [1, 0]]
+    rng = np.random.default_rng(5)
+    rng.random(7)
+    xyz = np.random.default_rng(0).normal(size=(2, 1, 3))
+    ck.save({"chunk": 4, "frame": 2, "xyz": xyz}, rng.bit_generator.state)
+    expected = rng.random(5)
+
+    again = MDCheckpoint(tmp_path, {"seed": 1}, {"walkers": ((2, 3), np.int64)})
+    state = again.open()
+    assert int(state["chunk"]) == 4 and int(state["frame"]) == 2
+    np.testing.assert_array_equal(state["xyz"], xyz)
+    np.testing.assert_array_equal(again.arrays["walkers"], [[0, 1, 0], [1, 0, 0]])
+    restored = np.random.default_rng(0)
+    restored.bit_generator.state = state["rng"]
+    np.testing.assert_array_equal(restored.random(5), expected)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch) -> None:
+    folder = tmp_path / "ckpt"
+    _crash_after(monkeypatch, 20)
+    with pytest.raises(_Crash):
+        _run(folder, checkpoint_every=0.0)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"another run \(differs in \['seed'\]\)"):
+        _run(folder, seed=4)
+    assert (folder / "state.npz").exists()  # left for the run it belongs to
+
+
+def test_checkpoint_arrays_must_match(tmp_path) -> None:
+    sig = {"seed": 0}
+    MDCheckpoint(tmp_path, sig, {"potential": ((2, 5), np.float64)}).open()
+    ck = MDCheckpoint(tmp_path, sig, {"potential": ((2, 5), np.float64)})
+    ck.open()
+    ck.save({"chunk": 1}, {"state": 1})
+    with pytest.raises(ValueError, match="potential.npy is"):
+        MDCheckpoint(tmp_path, sig, {"potential": ((2, 6), np.float64)}).open()
+
+
+def test_resume_seeds_are_new_and_valid() -> None:
+    a, b = resume_seeds(0, 10, 4), resume_seeds(0, 11, 4)
+    assert a.shape == (4, 2) and np.all((a > 0) & (a < 2**31))
+    assert not np.array_equal(a, b) and not np.array_equal(a, replica_seeds(0, 4))
+
+
+def test_data_cache_resumes_a_killed_md(tmp_path, monkeypatch, caplog) -> None:
+    dw = double_well()
+    dw.name = "double_well_md"
+    settings = dict(n_frames=40, save_every=10, timestep=0.005, n_replicas=2, t_max=450.0,
+                    swap_every=20, equilibration_steps=0, seed=1)  # fmt: skip
+    monkeypatch.setattr(data, "MD_CHECKPOINT_EVERY_S", 0.0)
+    _crash_after(monkeypatch, 30)
+    messages: list[str] = []
+    with pytest.raises(_Crash):
+        generate_or_load(dw, settings, tmp_path, n_workers=1, progress=False, log=messages.append)
+    root = tmp_path / "double_well_md"
+    partial = [p for p in root.iterdir() if p.name.endswith(".partial")]
+    assert len(partial) == 1 and (partial[0] / "state.npz").exists()
+    assert not [p for p in root.iterdir() if not p.name.startswith(".")]  # nothing complete
+    monkeypatch.undo()
+
+    with caplog.at_level(logging.INFO, logger="bgflow_mini.replica"):
+        entry = generate_or_load(dw, settings, tmp_path, n_workers=1, progress=False,
+                                 log=messages.append)  # fmt: skip
+    assert "resuming the MD checkpointed" in messages[-1]
+    assert any("MD: resuming" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in root.iterdir()) == [entry.key]  # no partial, no lock left
+    meta = json.loads((entry.path / "meta.json").read_text())
+    assert meta["info"]["resumed_at_steps"] and len(load_trajectory(entry)) == 40
+
+
+def test_resume_with_worker_processes(tmp_path, monkeypatch) -> None:
+    """The same with the replicas in two worker processes (the parent dies part way)."""
+    whole = _run(n_workers=2)
+    folder = tmp_path / "ckpt"
+    real, count = workers.ProcessHandle.result, {"n": 0}
+
+    def result(self):
+        count["n"] += 1
+        if count["n"] >= 2 * 30:  # two handles: the 30th chunk
+            raise _Crash("killed")
+        return real(self)
+
+    monkeypatch.setattr(workers.ProcessHandle, "result", result)
+    with pytest.raises(_Crash):
+        _run(folder, n_workers=2, checkpoint_every=0.0)
+    monkeypatch.undo()
+    with np.load(folder / "state.npz") as state:
+        frame = int(state["frame"])
+    resumed = _run(folder, n_workers=2)
+    assert 0 < frame < 60 and resumed["resumed_at_steps"]
+    np.testing.assert_array_equal(whole["positions"][:, :frame], resumed["positions"][:, :frame])
+    assert np.all(resumed["potential"] != 0.0)
