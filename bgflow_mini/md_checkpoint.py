@@ -24,19 +24,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MDCheckpoint", "resume_seeds"]
+__all__ = ["MDCheckpoint"]
 
 _STATE = "state.npz"
 _SIGNATURE = "signature.json"
-
-
-def resume_seeds(seed: int, chunk: int, n_replicas: int) -> np.ndarray:
-    """Nonzero 31-bit (integrator, velocity) seeds, ``(n_replicas, 2)``, for a run resumed
-    at ``chunk``: a stream of their own, different for every resume point."""
-    raw = np.random.SeedSequence([int(seed), int(chunk), 104_729]).generate_state(
-        2 * n_replicas, dtype=np.uint32
-    )
-    return (raw.astype(np.int64) % (2**31 - 2) + 1).reshape(n_replicas, 2)
 
 
 class MDCheckpoint:

@@ -34,7 +34,7 @@ import numpy as np
 import openmm
 from tqdm import tqdm
 
-from .md_checkpoint import MDCheckpoint, resume_seeds
+from .md_checkpoint import MDCheckpoint
 from .replica_workers import LocalHandle, ProcessHandle, ReplicaGroup, mp_context
 from .units import kt_kjmol
 
@@ -51,12 +51,14 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def replica_seeds(seed: int, n_replicas: int) -> np.ndarray:
-    """Nonzero 31-bit seeds, shape ``(n_replicas, 2)``: (integrator, velocities) per replica.
+def replica_seeds(seed: int, n_replicas: int, resumed_at: int | None = None) -> np.ndarray:
+    """Nonzero 31-bit seeds, shape ``(n_replicas, 2)``: (integrator, velocities) per replica;
+    ``resumed_at`` (a chunk index) gives a run resumed there a stream of its own.
 
     OpenMM treats seed 0 as "pick a random seed", so 0 is never returned.
     """
-    raw = np.random.SeedSequence(int(seed)).generate_state(2 * n_replicas, dtype=np.uint32)
+    entropy = int(seed) if resumed_at is None else [int(seed), int(resumed_at), 104_729]
+    raw = np.random.SeedSequence(entropy).generate_state(2 * n_replicas, dtype=np.uint32)
     return (raw.astype(np.int64) % (2**31 - 2) + 1).reshape(n_replicas, 2)
 
 
@@ -160,7 +162,7 @@ def run_replicas(
         ckpt = MDCheckpoint(checkpoint, signature, arrays)
         resume = ckpt.open()
     start = 0 if resume is None else int(resume["chunk"])
-    seeds = replica_seeds(seed, n_rep) if resume is None else resume_seeds(seed, start, n_rep)
+    seeds = replica_seeds(seed, n_rep, None if resume is None else start)
     if resume is not None:
         minimize = False  # the saved positions and velocities replace the start
     common = dict(

@@ -13,7 +13,7 @@ from test_md import double_well
 import bgflow_mini.data as data
 import bgflow_mini.replica_workers as workers
 from bgflow_mini.data import generate_or_load, load_trajectory
-from bgflow_mini.md_checkpoint import MDCheckpoint, resume_seeds
+from bgflow_mini.md_checkpoint import MDCheckpoint
 from bgflow_mini.replica import replica_seeds, run_replicas
 
 
@@ -149,7 +149,7 @@ def test_checkpoint_arrays_must_match(tmp_path) -> None:
 
 
 def test_resume_seeds_are_new_and_valid() -> None:
-    a, b = resume_seeds(0, 10, 4), resume_seeds(0, 11, 4)
+    a, b = replica_seeds(0, 4, resumed_at=10), replica_seeds(0, 4, resumed_at=11)
     assert a.shape == (4, 2) and np.all((a > 0) & (a < 2**31))
     assert not np.array_equal(a, b) and not np.array_equal(a, replica_seeds(0, 4))
 
