@@ -146,9 +146,7 @@ def summary_table(metrics: Mapping) -> str:
     lines += _ais_rows(metrics.get("ais") or {}, main)
     pops = metrics.get("state_populations") or {}
     for name, p in pops.items():
-        lines.append(
-            f"| population {name}: raw / reweighted | {p['raw']:.4f} / {p['reweighted']:.4f} |"
-        )
+        lines.append(_population_row(name, p))
     lines += _state_floor_rows((metrics.get("data_info") or {}).get("state_floor") or {})
     ev = metrics.get("energy_evaluations")
     if ev:
@@ -165,6 +163,18 @@ def summary_table(metrics: Mapping) -> str:
     for line in metrics.get("overfit_warnings") or []:
         lines.append(f"| OVERFITTING | {line} |")
     return "\n".join(lines)
+
+
+def _population_row(name: str, p: dict) -> str:
+    """A state's raw / reweighted population, with its share of the squared weights and
+    the ESS/n inside it where the metrics have them (runs before they were added lack them)."""
+    if "weight2_share" not in p:
+        return f"| population {name}: raw / reweighted | {p['raw']:.4f} / {p['reweighted']:.4f} |"
+    return (
+        f"| population {name}: raw / reweighted; share of w^2, ESS/n inside | "
+        f"{p['raw']:.4f} / {p['reweighted']:.4f}; {p['weight2_share']:.3f}, "
+        f"{p['ess_within']:.3f} |"
+    )
 
 
 def _largest_weight_rows(heavy: list, n: int = 3) -> list[str]:

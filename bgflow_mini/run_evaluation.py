@@ -102,7 +102,10 @@ def evaluate(
       above 0.7 the ESS and reweighted free energies of this set are unreliable);
     * ``largest_weights``: the 5 largest weights, their share, energy and CV values
       (:func:`~bgflow_mini.evaluation.largest_weights`): where the flow is too thin;
-    * ``state_populations``: raw and reweighted fraction of samples in every state;
+    * ``state_populations``: per state the raw and reweighted fraction of samples, its
+      share of the squared weights (``weight2_share``) and the ESS/n of its own samples
+      (``ess_within``): which state holds the ESS down, and whether by its weight or
+      by its shape;
     * ``state_delta_f``: for every pair of states ``<cv>_negative`` / ``<cv>_positive``
       (e.g. each residue's phi > 0 state), ``{cv: {"state_a", "state_b",
       "dF_reweighted", "stderr", "dF_reference", "reference_stderr", "reference_kind",
@@ -299,14 +302,30 @@ def _state_delta_fs(target, values, ref_values, log_w, n_blocks, n_bootstrap, se
 
 
 def _populations(values, states, cvs, log_w, finite) -> dict[str, dict[str, float]]:
-    """Raw (finite-energy samples) and reweighted fraction of samples in each state."""
-    lw = np.where(np.isfinite(log_w), log_w, -np.inf)
+    """Per state: the raw (finite-energy samples) and reweighted fraction of samples, the
+    state's share of the squared weights and the ESS/n of its own samples' weights.
+
+    ``weight2_share`` = sum_S w^2 / sum w^2 says how much of ``1 / ESS`` the state's
+    samples make (a state with a larger share than its reweighted population is where the
+    flow is too thin); ``ess_within`` = Kish ESS / n_S of the weights of the n_S samples
+    in the state (1 when the flow's density inside the state is proportional to the
+    target's; NaN for an empty state): a low value with a matching population means the
+    shape inside the state is off, not its weight.
+    """
+    lw = np.asarray(log_w, dtype=np.float64)
+    lw = np.where(np.isfinite(lw), lw, -np.inf)
     w = np.exp(lw - lw.max()) if np.isfinite(lw).any() else np.zeros_like(lw)
+    w_sum, w2_sum = w.sum(), np.square(w).sum()
     out = {}
     for name, state in states.items():
         m = np.asarray(cvmod.in_state(values, state, cvs))
         raw = float(m[finite].mean()) if finite.any() else math.nan
-        out[name] = {"raw": raw, "reweighted": float(w[m].sum() / w.sum()) if w.sum() else 0.0}
+        out[name] = {
+            "raw": raw,
+            "reweighted": float(w[m].sum() / w_sum) if w_sum else 0.0,
+            "weight2_share": float(np.square(w[m]).sum() / w2_sum) if w2_sum else 0.0,
+            "ess_within": effective_sample_size(lw[m]) if m.any() else math.nan,
+        }
     return out
 
 

@@ -96,6 +96,17 @@ def test_evaluate_with_any_named_cvs_and_several_residues(peptide):
     wrap = (v["chi1"] >= 1.2) | (v["chi1"] < -2.5)
     assert m["state_populations"]["chi1_wrap"]["raw"] == pytest.approx(wrap.mean())
     assert 0 < wrap.mean() < 1
+    # a state's share of the squared weights and the ESS/n of its own samples' weights
+    pops = m["state_populations"]
+    neg = np.asarray(cvmod.in_state(v, states["phi_negative"], cvs))
+    w = np.exp(s["log_w"].astype(np.float64) - s["log_w"].max())
+    assert pops["phi_negative"]["weight2_share"] == pytest.approx(
+        (w[neg] ** 2).sum() / (w**2).sum()
+    )
+    assert pops["phi_negative"]["ess_within"] == pytest.approx(
+        run_evaluation.effective_sample_size(s["log_w"][neg])
+    )
+    assert "share of w^2, ESS/n inside" in summary_table(m)
 
     # ΔF of every <cv>_negative / <cv>_positive pair, like the main ΔF
     sdf = m["state_delta_f"]
@@ -146,6 +157,26 @@ def test_evaluate_with_any_named_cvs_and_several_residues(peptide):
         bg, target, data, state_a="chi1_b", state_b="chi1_wrap", progress=False, **kw
     )
     assert math.isfinite(m2["dF_reweighted"]) and math.isfinite(m2["dF_reference"])
+
+
+def test_state_populations_say_where_the_squared_weights_sit():
+    """Hand-made weights: three samples of weight 1 at phi < 0; at phi > 0 weights 1 and 3
+    and one sample without a finite energy (zero weight, still a sample of the state)."""
+    cvs = {"phi": {"type": "torsion", "atoms": [0, 1, 2, 3]}}
+    states = {"neg": {"phi": [-math.pi, 0.0]}, "pos": {"phi": [0.0, math.pi]},
+              "empty": {"phi": [2.0, 2.5]}}  # fmt: skip
+    values = {"phi": np.array([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])}
+    log_w = np.log([1.0, 1.0, 1.0, 1.0, 3.0, 0.0])
+    finite = np.isfinite(log_w)
+    pops = run_evaluation._populations(values, states, cvs, log_w, finite)
+    assert pops["neg"] == pytest.approx(
+        {"raw": 3 / 5, "reweighted": 3 / 7, "weight2_share": 3 / 13, "ess_within": 1.0}
+    )
+    # ESS/n inside: (1 + 3)^2 / (3 samples * (1 + 9))
+    assert pops["pos"] == pytest.approx(
+        {"raw": 2 / 5, "reweighted": 4 / 7, "weight2_share": 10 / 13, "ess_within": 16 / 30}
+    )
+    assert pops["empty"]["weight2_share"] == 0.0 and math.isnan(pops["empty"]["ess_within"])
 
 
 def test_evaluate_refuses_an_undefined_cv_before_sampling(peptide):
