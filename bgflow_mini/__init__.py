@@ -53,6 +53,7 @@ SUBMODULES = (
     "distributions",
     "energies",
     "evaluation",
+    "file_lock",
     "fileio",
     "flows",
     "free_energy",

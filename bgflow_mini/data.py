@@ -18,15 +18,16 @@ Entries are written to a hidden temporary folder and renamed into place, so an
 interrupted run never leaves a folder that looks complete. While the MD runs, its frames and
 state are checkpointed in ``<data_dir>/<system name>/.<key>.partial/`` (every 5 minutes;
 :mod:`bgflow_mini.md_checkpoint`): the same call after a crash or a kill resumes the MD from
-there instead of starting again (one process at a time: a second process that finds the
-checkpoint locked runs its own MD without one). On load, file sizes and
+there instead of starting again. The entry's lock (``.<key>.lock``, held from the cache miss
+until the entry is stored) makes a second process that asks for the same data wait for the
+first and then load its entry instead of running the same MD; the checkpoint is removed
+only once the entry is in place, so a crash while it is written loses no MD. On load, file sizes and
 SHA-256 checksums are compared with ``meta.json``; a truncated or corrupt file raises
 :class:`CorruptDataError` naming the file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +35,6 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,9 @@ import openmm
 import torch
 
 import bgflow_mini
+from bgflow_mini.file_lock import FileLock
 from bgflow_mini.md import resolve_settings, simulate_from_settings
+from bgflow_mini.md_checkpoint import CheckpointMismatch, remove_checkpoint
 
 __all__ = [
     "DATA_VERSION",
@@ -209,25 +211,52 @@ def generate_or_load(
     final = root / key
     say = log or (lambda *_: None)
     if final.exists():
-        meta = _read_meta(final)
-        if verify:
-            _verify(final, meta)
-        say(f"[bgflow_mini.data] cache hit: {final}")
-        return CacheEntry(final, key, True, meta)
+        return _hit(final, key, verify, say)
 
     _ensure_writable(root)
     partial = root / f".{key}.partial"
-    with _exclusive(root / f".{key}.lock") as locked:
-        if not locked:
-            say(f"[bgflow_mini.data] another process holds {partial}: MD without a checkpoint")
-        elif (partial / "state.npz").exists():
+    lock = FileLock(root / f".{key}.lock")
+    try:
+        if not lock.acquire(blocking=False):
+            say(f"[bgflow_mini.data] another process is making this MD ({partial}): waiting")
+            lock.acquire(blocking=True)
+    except OSError as exc:
+        say(f"[bgflow_mini.data] no file locks in {root} ({exc}): MD without a checkpoint")
+    try:
+        if final.exists():  # made by the process we waited for
+            return _hit(final, key, verify, say)
+        if lock.held and (partial / "state.npz").exists():
             say(f"[bgflow_mini.data] cache miss: resuming the MD checkpointed in {partial}")
         else:
             say(f"[bgflow_mini.data] cache miss: generating {final}")
-        result = simulate_from_settings(
-            system, resolved, n_workers=n_workers, progress=progress,
-            checkpoint=partial if locked else None, checkpoint_every=MD_CHECKPOINT_EVERY_S,
-        )  # fmt: skip
+        run = dict(n_workers=n_workers, progress=progress, keep_checkpoint=True,
+                   checkpoint=partial if lock.held else None,
+                   checkpoint_every=MD_CHECKPOINT_EVERY_S)  # fmt: skip
+        try:
+            result = simulate_from_settings(system, resolved, **run)
+        except CheckpointMismatch as exc:  # same key: another version's or a damaged one
+            say(f"[bgflow_mini.data] {exc}: removed, MD from the start")
+            shutil.rmtree(partial)
+            result = simulate_from_settings(system, resolved, **run)
+        meta = _store(result, final, root, key, name, resolved, system)
+        if lock.held:  # the entry is stored: the checkpoint of its MD can go
+            remove_checkpoint(partial)
+    finally:
+        lock.release(remove=True)
+    return CacheEntry(final, key, False, meta)
+
+
+def _hit(final: Path, key: str, verify: bool, say: Any) -> CacheEntry:
+    meta = _read_meta(final)
+    if verify:
+        _verify(final, meta)
+    say(f"[bgflow_mini.data] cache hit: {final}")
+    return CacheEntry(final, key, True, meta)
+
+
+def _store(result, final: Path, root: Path, key: str, name: str, resolved, system) -> dict:
+    """Write an MD result as the cache entry ``final`` (a temporary folder renamed, so a
+    crash never leaves a partial entry); returns its metadata."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
     try:
         result.trajectory.save_hdf5(str(tmp / "traj.h5"))
@@ -264,29 +293,7 @@ def generate_or_load(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return CacheEntry(final, key, False, meta)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_file: Path) -> Iterator[bool]:
-    """Hold an exclusive lock on ``lock_file`` (created) while the block runs; yields
-    whether it was free (False where another process holds it, or locks are unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield False
-        return
-    with open(lock_file, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            lock_file.unlink(missing_ok=True)  # no stray file once the entry is made
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return meta
 
 
 def find_cached(

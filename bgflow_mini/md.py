@@ -241,6 +241,7 @@ def simulate(
     hydrogen_mass: float | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 300.0,
+    keep_checkpoint: bool = False,
 ) -> MDResult:
     """Langevin MD (``LangevinMiddleIntegrator``) at one or several temperatures.
 
@@ -265,7 +266,8 @@ def simulate(
             stable at a longer ``timestep``. ``None``: the force field's masses.
         checkpoint, checkpoint_every: a folder for the frames and the run's state (saved
             at most every ``checkpoint_every`` seconds); the same call after a crash goes
-            on from there (:func:`bgflow_mini.replica.run_replicas`).
+            on from there (:func:`bgflow_mini.replica.run_replicas`); ``keep_checkpoint``
+            leaves the finished run there for the caller to delete once it is stored.
 
     Returns:
         :class:`MDResult`; ``info`` has ``swap_acceptance`` per neighbour pair, phi
@@ -308,6 +310,7 @@ def simulate(
         progress=progress,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
+        keep_checkpoint=keep_checkpoint,
     )
     xyz = out["positions"][0] if keep_all else out["positions"]
     time_ps = (np.arange(1, n_frames + 1) * save_every * timestep).astype(np.float32)
@@ -417,10 +420,11 @@ def simulate_from_settings(
     platform_properties: dict[str, str] | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 300.0,
+    keep_checkpoint: bool = False,
 ) -> MDResult:
     """Run :func:`simulate` from a settings dict (keys of :data:`MD_DEFAULTS`);
-    ``checkpoint``, ``checkpoint_every``: a folder to resume from after a crash, saved at
-    most every that many seconds (see :func:`simulate`).
+    ``checkpoint``, ``checkpoint_every``, ``keep_checkpoint``: a folder to resume from after
+    a crash, saved at most every that many seconds (see :func:`simulate`).
 
     With ``keep_replicas > 1`` the result's ``replica_positions`` holds every replica
     (the cache keeps the ``keep_replicas`` lowest temperatures).
@@ -437,5 +441,6 @@ def simulate_from_settings(
         keep_all=keep > 1,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
+        keep_checkpoint=keep_checkpoint,
         **s,
     )

@@ -11,23 +11,37 @@ temporary file and renamed, so a crash at any moment leaves the last complete st
 A resumed run keeps the frames and the swap random stream; the Langevin noise goes on from
 new seeds drawn from (seed, chunk), so the trajectory after the resume point is a
 statistically equivalent continuation, not the bit-identical one of an uninterrupted run.
+
+The folder is locked (:class:`~bgflow_mini.file_lock.FileLock`) from :meth:`MDCheckpoint.open`
+until :meth:`MDCheckpoint.close` or :meth:`MDCheckpoint.remove`, so two processes never write
+into one checkpoint; a folder that holds anything but a checkpoint is refused, and removing a
+checkpoint deletes only its own files.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MDCheckpoint"]
+from .file_lock import FileLock
+
+__all__ = ["CheckpointMismatch", "MDCheckpoint", "remove_checkpoint"]
 
 _STATE = "state.npz"
+_STATE_TMP = f".{_STATE}.tmp"
 _SIGNATURE = "signature.json"
+_LOCK = ".lock"
+_HINT = "delete the folder to start afresh"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint folder that this run cannot resume: another run's, or damaged."""
 
 
 class MDCheckpoint:
@@ -50,47 +64,86 @@ class MDCheckpoint:
         self.signature = json.loads(json.dumps(dict(signature), sort_keys=True))
         self.specs = {k: (tuple(int(n) for n in s), np.dtype(d)) for k, (s, d) in arrays.items()}
         self.arrays: dict[str, np.memmap] = {}
+        self._lock: FileLock | None = None
 
     def open(self) -> dict[str, Any] | None:
-        """Open the arrays (memory maps, writable) and return the saved state to resume from,
-        or ``None`` for a fresh run (the arrays created empty). ``ValueError`` when the
-        folder holds a run with another signature or arrays of other shapes."""
-        state_file = self.folder / _STATE
-        if state_file.exists():
-            saved = json.loads((self.folder / _SIGNATURE).read_text())
-            if saved != self.signature:
-                diff = sorted(k for k in {*saved, *self.signature}
-                              if saved.get(k) != self.signature.get(k))  # fmt: skip
+        """Lock the folder, open the arrays (memory maps, writable) and return the saved
+        state to resume from, or ``None`` for a fresh run (the arrays created empty, their
+        disk space reserved). :class:`CheckpointMismatch` when the folder holds a run with
+        another signature, arrays of other shapes or a damaged checkpoint, ``ValueError``
+        when it holds files that are not a checkpoint's, ``RuntimeError`` when another
+        process has it open."""
+        if self.folder.exists() and not (self.folder / _SIGNATURE).exists():
+            foreign = sorted(p.name for p in self.folder.iterdir() if p.name != _LOCK)
+            if foreign:
                 raise ValueError(
-                    f"MD checkpoint {self.folder} belongs to another run (differs in {diff}); "
-                    "delete the folder to start afresh"
+                    f"MD checkpoint folder {self.folder} holds other files ({foreign[:5]}); "
+                    "give an empty or new folder"
                 )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(self.folder / _LOCK)
+        try:
+            busy = not self._lock.acquire(blocking=False)
+        except OSError:  # no file locks here: go on unlocked
+            busy = False
+        if busy:
+            raise RuntimeError(f"MD checkpoint {self.folder} is in use by another process")
+        try:
+            if (self.folder / _STATE).exists():
+                return self._resume()
+            (self.folder / _SIGNATURE).write_text(json.dumps(self.signature, sort_keys=True))
+            for name, (shape, dtype) in self.specs.items():
+                path = self.folder / f"{name}.npy"
+                self.arrays[name] = np.lib.format.open_memmap(
+                    path, mode="w+", dtype=dtype, shape=shape
+                )
+                _reserve(path)
+            return None
+        except BaseException:
+            self.close()
+            raise
+
+    def _resume(self) -> dict[str, Any]:
+        try:
+            saved = json.loads((self.folder / _SIGNATURE).read_text())
+        except (OSError, ValueError) as exc:
+            raise self._damaged(exc) from exc
+        if saved != self.signature:
+            diff = {k: (saved.get(k), self.signature.get(k))
+                    for k in sorted({*saved, *self.signature})
+                    if saved.get(k) != self.signature.get(k)}  # fmt: skip
+            detail = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in diff.items())
+            raise CheckpointMismatch(
+                f"MD checkpoint {self.folder} belongs to another run (differs in {sorted(diff)}"
+                f": {detail}); {_HINT}"
+            )
+        try:
             for name, (shape, dtype) in self.specs.items():
                 arr = np.load(self.folder / f"{name}.npy", mmap_mode="r+")
                 if arr.shape != shape or arr.dtype != dtype:
-                    raise ValueError(
+                    raise CheckpointMismatch(
                         f"MD checkpoint {self.folder}: {name}.npy is {arr.shape} {arr.dtype}, "
-                        f"expected {shape} {dtype}; delete the folder to start afresh"
+                        f"expected {shape} {dtype}; {_HINT}"
                     )
                 self.arrays[name] = arr
-            with np.load(state_file, allow_pickle=False) as data:
+            with np.load(self.folder / _STATE, allow_pickle=False) as data:
                 state = {k: data[k] for k in data.files}
             state["rng"] = json.loads(str(state["rng"]))
-            return state
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / _SIGNATURE).write_text(json.dumps(self.signature, sort_keys=True))
-        for name, (shape, dtype) in self.specs.items():
-            self.arrays[name] = np.lib.format.open_memmap(
-                self.folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape
-            )
-        return None
+        except CheckpointMismatch:
+            raise
+        except Exception as exc:  # a missing array, a torn or foreign file
+            raise self._damaged(exc) from exc
+        return state
+
+    def _damaged(self, exc: BaseException) -> CheckpointMismatch:
+        return CheckpointMismatch(f"MD checkpoint {self.folder} is damaged ({exc!r}); {_HINT}")
 
     def save(self, state: Mapping[str, Any], rng_state: Mapping[str, Any]) -> None:
         """Flush the arrays, then write ``state`` (arrays and numbers) and the swap
         generator's ``rng_state`` atomically."""
         for arr in self.arrays.values():
             arr.flush()
-        tmp = self.folder / f".{_STATE}.tmp"
+        tmp = self.folder / _STATE_TMP
         with open(tmp, "wb") as fh:
             np.savez(fh, rng=np.asarray(json.dumps(rng_state)), **dict(state))
             fh.flush()
@@ -101,7 +154,52 @@ class MDCheckpoint:
         """The arrays as ordinary in-memory copies (for after :meth:`remove`)."""
         return {k: np.array(v) for k, v in self.arrays.items()}
 
-    def remove(self) -> None:
-        """Close the memory maps and delete the folder (the run has finished)."""
+    def close(self) -> None:
+        """Close the memory maps and release the folder (its files stay)."""
+        for arr in self.arrays.values():
+            arr.flush()
         self.arrays.clear()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.release()
+
+    def remove(self) -> None:
+        """Close the memory maps and delete the checkpoint (the run has finished)."""
+        self.arrays.clear()
+        remove_checkpoint(self.folder)
+        self.close()
+
+
+def remove_checkpoint(folder: str | os.PathLike) -> None:
+    """Delete an MD checkpoint's files, the state first (a kill part way leaves a folder
+    that resumes nothing rather than a torn checkpoint), then the folder when nothing else
+    is in it. Files that are not a checkpoint's are left alone."""
+    folder = Path(folder)
+    if not (folder / _SIGNATURE).exists():
+        return
+    for name in (_STATE, _STATE_TMP):
+        (folder / name).unlink(missing_ok=True)
+    for path in folder.glob("*.npy"):
+        path.unlink(missing_ok=True)
+    (folder / _SIGNATURE).unlink(missing_ok=True)
+    (folder / _LOCK).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # someone else's files: kept
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a sparse array file's disk space now, so that a full disk is an
+    ``OSError`` at the start instead of a bus error part way through the run."""
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - not Linux
+        return
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise OSError(
+                    errno.ENOSPC, f"no room for the MD checkpoint's {size / 1e9:.2f} GB", str(path)
+                ) from exc
+            # EINVAL / EOPNOTSUPP: the file system cannot reserve space; go on without

@@ -24,6 +24,7 @@ all contexts in one process from a single shared random stream.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -96,6 +97,7 @@ def run_replicas(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 300.0,
+    keep_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Run plain Langevin MD (one temperature) or replica exchange (several).
 
@@ -108,7 +110,11 @@ def run_replicas(
     the frames as they are made and, at most every ``checkpoint_every`` seconds, the run's
     state; a call with the same arguments and folder after a crash goes on from there (the
     Langevin noise from new seeds: a statistically equivalent continuation). The folder is
-    deleted when the run completes.
+    deleted when the run completes, unless ``keep_checkpoint``: then it holds the finished
+    run (the same call returns it again without MD) until the caller has stored the result
+    and deletes it (:func:`bgflow_mini.md_checkpoint.remove_checkpoint`). The checkpoint's
+    signature includes a hash of the OpenMM System and of the starting positions, so a
+    checkpoint of another force field or structure is refused.
 
     Returns a dict with ``positions`` (``(n_frames, n_atoms, 3)`` float32 nm, slot 0, or
     ``(n_replicas, n_frames, n_atoms, 3)`` when ``keep_all``), ``potential`` and
@@ -157,7 +163,8 @@ def run_replicas(
             "timestep": float(timestep), "friction": float(friction), "seed": int(seed),
             "platform": platform, "minimize": bool(minimize),
             "equilibration_steps": int(equilibration_steps), "keep_all": bool(keep_all),
-            "n_atoms": int(n_atoms),
+            "n_atoms": int(n_atoms), "positions_sha256": _sha256(positions.tobytes()),
+            "system_sha256": _sha256(openmm.XmlSerializer.serialize(system).encode()),
         }  # fmt: skip
         ckpt = MDCheckpoint(checkpoint, signature, arrays)
         resume = ckpt.open()
@@ -278,11 +285,9 @@ def run_replicas(
             bar.update(1)
             now = time.perf_counter()
             last = c + 1 == n_eq_chunks + n_prod_chunks
-            if (
-                ckpt is not None
-                and (save or swap)
-                and not last
-                and now - t_saved >= checkpoint_every
+            if ckpt is not None and (
+                (last and keep_checkpoint)
+                or ((save or swap) and not last and now - t_saved >= checkpoint_every)
             ):
                 state = {
                     "chunk": c + 1, "frame": frame, "attempts": attempts, "accepts": accepts,
@@ -297,13 +302,20 @@ def run_replicas(
                 _log_tenth(c + 1 - start, n_eq_chunks + n_prod_chunks - start, chunk,
                            now - t_start, done_before=start)  # fmt: skip
         bar.close()
+    except BaseException:
+        if ckpt is not None:
+            ckpt.close()  # its files stay for the resume; the folder is free again
+        raise
     finally:
         for h in handles:
             h.close()
     t_end = time.perf_counter()
     if ckpt is not None:
         out_pos, out_pot, out_kin, out_walk = ckpt.load_arrays().values()
-        ckpt.remove()
+        if keep_checkpoint:
+            ckpt.close()
+        else:
+            ckpt.remove()
     return {
         "positions": out_pos,
         "potential": out_pot,
@@ -320,3 +332,8 @@ def run_replicas(
         "production_steps": n_prod_chunks * chunk,
         "resumed_at_steps": resumed_at,
     }
+
+
+def _sha256(data: bytes) -> str:
+    """Hex SHA-256 of ``data`` (what a checkpoint's signature records of big inputs)."""
+    return hashlib.sha256(data).hexdigest()

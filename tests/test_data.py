@@ -117,9 +117,13 @@ def test_crash_leaves_no_valid_looking_entry(
     monkeypatch.setattr(data.np, "save", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tmp_path)
-    assert list((tmp_path / "toy").iterdir()) == []
+    # nothing that looks like an entry; the finished MD is kept in its hidden checkpoint
+    (left,) = (tmp_path / "toy").iterdir()
+    assert left.name.endswith(".partial") and (left / "state.npz").exists()
     monkeypatch.undo()
-    assert not run(tmp_path).hit
+    entry = run(tmp_path)
+    assert not entry.hit and entry.meta["info"]["resumed_at_steps"]
+    assert [p.name for p in (tmp_path / "toy").iterdir()] == [entry.key]
 
 
 def test_unwritable_data_dir(tmp_path: Path) -> None:

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
 from test_md import double_well
 
 import bgflow_mini.data as data
+import bgflow_mini.replica as replica
 import bgflow_mini.replica_workers as workers
 from bgflow_mini.data import generate_or_load, load_trajectory
-from bgflow_mini.md_checkpoint import MDCheckpoint
+from bgflow_mini.file_lock import FileLock
+from bgflow_mini.md_checkpoint import CheckpointMismatch, MDCheckpoint, remove_checkpoint
 from bgflow_mini.replica import replica_seeds, run_replicas
 
 
@@ -55,15 +60,32 @@ def _run(checkpoint=None, dw=None, **kwargs):
     return run_replicas(dw.system, dw.positions, checkpoint=checkpoint, **args)
 
 
-def test_killed_run_resumes_and_keeps_its_frames(tmp_path, monkeypatch) -> None:
+class _Clock:
+    """A stand-in for ``time`` in :mod:`bgflow_mini.replica`: each call is one second."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def perf_counter(self) -> float:
+        self.t += 1.0
+        return self.t
+
+
+@pytest.mark.parametrize("every", [0.0, 7.0])
+def test_killed_run_resumes_and_keeps_its_frames(tmp_path, monkeypatch, every) -> None:
+    """``every = 0``: the state saved after every chunk; 7 (a clock that ticks once per
+    call): every few chunks, so frames written after the last save are redone."""
     whole = _run()
     folder = tmp_path / "ckpt"
     _crash_after(monkeypatch, 40)  # 4 equilibration + 60 production chunks: dies at frame ~35
+    monkeypatch.setattr(replica, "time", _Clock())
     with pytest.raises(_Crash):
-        _run(folder, checkpoint_every=0.0)
+        _run(folder, checkpoint_every=every)
     with np.load(folder / "state.npz") as state:
         chunk, frame = int(state["chunk"]), int(state["frame"])
     assert 4 < chunk < 40 and 0 < frame < 36
+    written = int((np.load(folder / "potential.npy")[0] != 0).sum())
+    assert written == 35 if every == 0 else frame < written == 35
     monkeypatch.undo()
 
     resumed = _run(folder)
@@ -96,13 +118,16 @@ def test_resume_starts_from_the_saved_state(tmp_path, monkeypatch) -> None:
     with np.load(folder / "state.npz") as state:
         frame, xyz = int(state["frame"]), state["xyz"]
     monkeypatch.undo()
+    with np.load(folder / "state.npz") as state:
+        vel = state["vel"][0, 0]  # nm/ps
     out = _run(folder, dw=free, **kw)
     path = out["positions"][:, 0]  # (n_frames, 3) nm
     np.testing.assert_allclose(path[frame - 1], xyz[0, 0], atol=1e-6)
     step = np.linalg.norm(np.diff(path[:frame], axis=0), axis=1).max()  # largest 20 fs move
     start = np.array([-1.0, 0.0, 0.0])
     assert np.linalg.norm(path[frame - 1] - start) > 5 * step  # far from the start
-    assert 0 < np.linalg.norm(path[frame] - path[frame - 1]) < 3 * step
+    # and with the saved velocity: no force, almost no friction, so 20 fs of free flight
+    np.testing.assert_allclose(path[frame] - path[frame - 1], vel * 0.02, rtol=1e-3, atol=1e-6)
 
 
 def test_state_and_swap_stream_round_trip(tmp_path) -> None:
@@ -116,6 +141,9 @@ def test_state_and_swap_stream_round_trip(tmp_path) -> None:
     xyz = np.random.default_rng(0).normal(size=(2, 1, 3))
     ck.save({"chunk": 4, "frame": 2, "xyz": xyz}, rng.bit_generator.state)
     expected = rng.random(5)
+    with pytest.raises(RuntimeError, match="in use by another process"):
+        MDCheckpoint(tmp_path, {"seed": 1}, {"walkers": ((2, 3), np.int64)}).open()
+    ck.close()
 
     again = MDCheckpoint(tmp_path, {"seed": 1}, {"walkers": ((2, 3), np.int64)})
     state = again.open()
@@ -133,9 +161,14 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch) -> None:
     with pytest.raises(_Crash):
         _run(folder, checkpoint_every=0.0)
     monkeypatch.undo()
-    with pytest.raises(ValueError, match=r"another run \(differs in \['seed'\]\)"):
+    with pytest.raises(CheckpointMismatch, match=r"differs in \['seed'\]: seed: 3 there, 4 here"):
         _run(folder, seed=4)
     assert (folder / "state.npz").exists()  # left for the run it belongs to
+    # another force field (or starting structure) under the same settings: refused too
+    with pytest.raises(CheckpointMismatch, match=r"differs in \['system_sha256'\]"):
+        _run(folder, dw=double_well(k=500.0))
+    _run(folder)  # the run it belongs to resumes
+    assert not folder.exists()
 
 
 def test_checkpoint_arrays_must_match(tmp_path) -> None:
@@ -144,8 +177,44 @@ def test_checkpoint_arrays_must_match(tmp_path) -> None:
     ck = MDCheckpoint(tmp_path, sig, {"potential": ((2, 5), np.float64)})
     ck.open()
     ck.save({"chunk": 1}, {"state": 1})
-    with pytest.raises(ValueError, match="potential.npy is"):
+    ck.close()
+    with pytest.raises(CheckpointMismatch, match="potential.npy is"):
         MDCheckpoint(tmp_path, sig, {"potential": ((2, 6), np.float64)}).open()
+    (tmp_path / "potential.npy").unlink()  # a kill while it was deleted, or a stray rm
+    with pytest.raises(CheckpointMismatch, match="is damaged .* delete the folder"):
+        MDCheckpoint(tmp_path, sig, {"potential": ((2, 5), np.float64)}).open()
+
+
+def test_a_folder_of_other_files_is_refused_and_kept(tmp_path) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "thesis_data.npy").write_bytes(b"precious")
+    with pytest.raises(ValueError, match="holds other files"):
+        _run(folder)
+    assert (folder / "thesis_data.npy").read_bytes() == b"precious"
+    # removing a checkpoint deletes its own files only
+    ck = MDCheckpoint(tmp_path / "ck", {"seed": 0}, {"walkers": ((2, 3), np.int64)})
+    ck.open()
+    (tmp_path / "ck" / "notes.txt").write_text("mine")
+    ck.remove()
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["notes.txt"]
+
+
+def test_a_kept_checkpoint_returns_the_finished_run(tmp_path) -> None:
+    """With ``keep_checkpoint`` the folder holds the finished run: the same call returns
+    it again without MD (every counter as saved), until it is removed."""
+    folder = tmp_path / "ckpt"
+    first = _run(folder, keep_checkpoint=True)
+    with np.load(folder / "state.npz") as state:
+        assert int(state["frame"]) == 60 and int(state["chunk"]) == 64
+    again = _run(folder, keep_checkpoint=True)
+    assert again["resumed_at_steps"] == [640] and first["resumed_at_steps"] == []
+    for key in ("positions", "potential", "kinetic", "walkers", "swap_attempts",
+                "swap_accepts", "round_trips", "production_steps"):  # fmt: skip
+        np.testing.assert_array_equal(again[key], first[key])
+    assert again["production_time_s"] == pytest.approx(first["production_time_s"], rel=0.5)
+    remove_checkpoint(folder)
+    assert not folder.exists()
 
 
 def test_resume_seeds_are_new_and_valid() -> None:
@@ -178,6 +247,76 @@ def test_data_cache_resumes_a_killed_md(tmp_path, monkeypatch, caplog) -> None:
     assert sorted(p.name for p in root.iterdir()) == [entry.key]  # no partial, no lock left
     meta = json.loads((entry.path / "meta.json").read_text())
     assert meta["info"]["resumed_at_steps"] and len(load_trajectory(entry)) == 40
+
+
+def _dw_md():
+    dw = double_well()
+    dw.name = "double_well_md"
+    settings = dict(n_frames=40, save_every=10, timestep=0.005, n_replicas=2, t_max=450.0,
+                    swap_every=20, equilibration_steps=0, seed=1)  # fmt: skip
+    return dw, settings
+
+
+def test_data_cache_keeps_the_md_until_the_entry_is_stored(tmp_path, monkeypatch) -> None:
+    """A crash while the entry is written loses no MD: the next call stores the
+    checkpointed run without running MD again."""
+    dw, settings = _dw_md()
+
+    def broken_store(*args, **kwargs):
+        raise _Crash("killed while writing the entry")
+
+    monkeypatch.setattr(data, "_store", broken_store)
+    with pytest.raises(_Crash):
+        generate_or_load(dw, settings, tmp_path, n_workers=1, progress=False, log=None)
+    monkeypatch.undo()
+    root = tmp_path / "double_well_md"
+    (partial,) = [p for p in root.iterdir() if p.name.endswith(".partial")]
+    with np.load(partial / "state.npz") as state:
+        assert int(state["frame"]) == 40  # the whole run
+    entry = generate_or_load(dw, settings, tmp_path, n_workers=1, progress=False, log=None)
+    assert entry.meta["info"]["resumed_at_steps"] == [400]  # at its end: no new MD
+    assert sorted(p.name for p in root.iterdir()) == [entry.key]
+
+
+def test_data_cache_replaces_a_checkpoint_of_another_version(tmp_path) -> None:
+    dw, settings = _dw_md()
+    key = generate_or_load(dw, settings, tmp_path, n_workers=1, progress=False, log=None).key
+    root = tmp_path / "double_well_md"
+    shutil.rmtree(root / key)
+    old = MDCheckpoint(root / f".{key}.partial", {"version": 0}, {"x": ((2,), np.float64)})
+    old.open()
+    old.save({"chunk": 1}, {})
+    old.close()
+    messages: list[str] = []
+    entry = generate_or_load(dw, settings, tmp_path, n_workers=1, progress=False,
+                             log=messages.append)  # fmt: skip
+    assert any("belongs to another run" in m and "MD from the start" in m for m in messages)
+    assert not entry.meta["info"].get("resumed_at_steps")
+    assert sorted(p.name for p in root.iterdir()) == [key]
+
+
+def test_a_second_process_waits_for_the_md_instead_of_repeating_it(tmp_path) -> None:
+    dw, settings = _dw_md()
+    entry = generate_or_load(dw, settings, tmp_path, n_workers=1, progress=False, log=None)
+    root, aside = entry.path.parent, tmp_path / "aside"
+    shutil.move(entry.path, aside)
+    holder = FileLock(root / f".{entry.key}.lock")  # "another process" making the MD
+    assert holder.acquire(blocking=False)
+    messages: list[str] = []
+    waiter = threading.Thread(target=lambda: messages.append(generate_or_load(
+        dw, settings, tmp_path, n_workers=1, progress=False, log=messages.append)))  # fmt: skip
+    waiter.start()
+    for _ in range(200):
+        if messages:
+            break
+        time.sleep(0.01)
+    assert messages and "another process is making this MD" in messages[0]
+    shutil.move(aside, entry.path)  # the other process stores its entry, then unlocks
+    holder.release(remove=True)
+    waiter.join(timeout=60)
+    hit = messages[-1]
+    assert hit.hit and hit.path == entry.path
+    assert not any("generating" in str(m) for m in messages)
 
 
 def test_resume_with_worker_processes(tmp_path, monkeypatch) -> None:
