@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,3 +345,44 @@ def test_resume_with_worker_processes(tmp_path, monkeypatch) -> None:
     assert 0 < frame < 60 and resumed["resumed_at_steps"]
     np.testing.assert_array_equal(whole["positions"][:, :frame], resumed["positions"][:, :frame])
     assert np.all(resumed["potential"] != 0.0)
+
+
+_KILLED_JOB = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_md import double_well
+import bgflow_mini.data as data
+data.MD_CHECKPOINT_EVERY_S = 0.0
+dw = double_well()
+dw.name = "double_well_md"
+data.generate_or_load(dw, {settings!r}, {root!r}, n_workers=1, progress=False, log=None)
+"""
+
+
+def test_a_process_killed_with_sigkill_resumes(tmp_path) -> None:
+    """A real kill -9 of an MD job: the kernel drops its locks, and the next call resumes
+    from the checkpoint and completes the entry."""
+    _, settings = _dw_md()
+    settings = {**settings, "n_frames": 4000}  # long enough to be killed part way
+    code = _KILLED_JOB.format(tests=str(Path(__file__).parent), settings=settings,
+                              root=str(tmp_path))  # fmt: skip
+    job = subprocess.Popen([sys.executable, "-c", code])
+    root = tmp_path / "double_well_md"
+    try:
+        for _ in range(600):
+            states = list(root.glob(".*.partial/state.npz")) if root.exists() else []
+            if states:
+                break
+            assert job.poll() is None, "the MD job ended before it could be killed"
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    with np.load(states[0]) as state:
+        frame = int(state["frame"])
+    assert 0 < frame < 4000
+    dw, _ = _dw_md()
+    entry = generate_or_load(dw, settings, tmp_path, n_workers=1, progress=False, log=None)
+    assert entry.meta["info"]["resumed_at_steps"] and len(load_trajectory(entry)) == 4000
+    assert sorted(p.name for p in root.iterdir()) == [entry.key]
