@@ -166,7 +166,7 @@ def test_state_populations_say_where_the_squared_weights_sit():
     states = {"neg": {"phi": [-math.pi, 0.0]}, "pos": {"phi": [0.0, math.pi]},
               "empty": {"phi": [2.0, 2.5]}}  # fmt: skip
     values = {"phi": np.array([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])}
-    log_w = np.log([1.0, 1.0, 1.0, 1.0, 3.0, 0.0])
+    log_w = np.array([0.0, 0.0, 0.0, 0.0, math.log(3.0), -math.inf])
     finite = np.isfinite(log_w)
     pops = run_evaluation._populations(values, states, cvs, log_w, finite)
     assert pops["neg"] == pytest.approx(
