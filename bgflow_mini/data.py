@@ -16,7 +16,7 @@ do not change the trajectory (``n_workers``, ``progress``) are not part of it.
 
 Entries are written to a hidden temporary folder and renamed into place, so an
 interrupted run never leaves a folder that looks complete. While the MD runs, its frames and
-state are checkpointed in ``<data_dir>/<system name>/.<key>.partial/`` (every 5 minutes;
+state are checkpointed in ``<data_dir>/<system name>/.<key>.partial/`` (every minute;
 :mod:`bgflow_mini.md_checkpoint`): the same call after a crash or a kill resumes the MD from
 there instead of starting again. The entry's lock (``.<key>.lock``, held from the cache miss
 until the entry is stored) makes a second process that asks for the same data wait for the
@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 DATA_VERSION = 1
-MD_CHECKPOINT_EVERY_S = 300.0  # seconds between two saves of a running MD's state
+MD_CHECKPOINT_EVERY_S = 60.0  # seconds between two saves of a running MD's state (~20 ms each)
 FILES = ("traj.h5", "energies.npy", "replica_energies.npy")
 REPLICA_TRAJ = "replica_traj.h5"
 

@@ -240,7 +240,7 @@ def simulate(
     progress: bool = True,
     hydrogen_mass: float | None = None,
     checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: float = 300.0,
+    checkpoint_every: float = 60.0,
     keep_checkpoint: bool = False,
 ) -> MDResult:
     """Langevin MD (``LangevinMiddleIntegrator``) at one or several temperatures.
@@ -419,7 +419,7 @@ def simulate_from_settings(
     progress: bool = True,
     platform_properties: dict[str, str] | None = None,
     checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: float = 300.0,
+    checkpoint_every: float = 60.0,
     keep_checkpoint: bool = False,
 ) -> MDResult:
     """Run :func:`simulate` from a settings dict (keys of :data:`MD_DEFAULTS`);

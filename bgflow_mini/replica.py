@@ -96,7 +96,7 @@ def run_replicas(
     keep_all: bool = False,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: float = 300.0,
+    checkpoint_every: float = 60.0,
     keep_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Run plain Langevin MD (one temperature) or replica exchange (several).
