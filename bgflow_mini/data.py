@@ -45,7 +45,7 @@ import openmm
 import torch
 
 import bgflow_mini
-from bgflow_mini.file_lock import FileLock
+from bgflow_mini.file_lock import NO_LOCKS, FileLock
 from bgflow_mini.md import resolve_settings, simulate_from_settings
 from bgflow_mini.md_checkpoint import CheckpointMismatch, remove_checkpoint
 
@@ -209,21 +209,27 @@ def generate_or_load(
     key = cache_key(name, resolved, system_fingerprint(system))
     root = Path(data_dir).expanduser().resolve() / name
     final = root / key
+    partial = root / f".{key}.partial"
+    lock = FileLock(root / f".{key}.lock")
     say = log or (lambda *_: None)
     if final.exists():
+        if partial.exists():  # a crash between storing the entry and removing its checkpoint
+            _drop_checkpoint(partial, lock)
         return _hit(final, key, verify, say)
 
     _ensure_writable(root)
-    partial = root / f".{key}.partial"
-    lock = FileLock(root / f".{key}.lock")
     try:
         if not lock.acquire(blocking=False):
             say(f"[bgflow_mini.data] another process is making this MD ({partial}): waiting")
             lock.acquire(blocking=True)
     except OSError as exc:
+        if exc.errno not in NO_LOCKS:
+            raise
         say(f"[bgflow_mini.data] no file locks in {root} ({exc}): MD without a checkpoint")
     try:
         if final.exists():  # made by the process we waited for
+            if lock.held:  # a checkpoint left by a crash after the store: no longer needed
+                remove_checkpoint(partial)
             return _hit(final, key, verify, say)
         if lock.held and (partial / "state.npz").exists():
             say(f"[bgflow_mini.data] cache miss: resuming the MD checkpointed in {partial}")
@@ -236,7 +242,9 @@ def generate_or_load(
             result = simulate_from_settings(system, resolved, **run)
         except CheckpointMismatch as exc:  # same key: another version's or a damaged one
             say(f"[bgflow_mini.data] {exc}: removed, MD from the start")
-            shutil.rmtree(partial)
+            remove_checkpoint(partial)
+            if partial.exists():  # damaged beyond a checkpoint's files; the folder is ours
+                shutil.rmtree(partial)
             result = simulate_from_settings(system, resolved, **run)
         meta = _store(result, final, root, key, name, resolved, system)
         if lock.held:  # the entry is stored: the checkpoint of its MD can go
@@ -244,6 +252,20 @@ def generate_or_load(
     finally:
         lock.release(remove=True)
     return CacheEntry(final, key, False, meta)
+
+
+def _drop_checkpoint(partial: Path, lock: FileLock) -> None:
+    """Remove the MD checkpoint of a stored entry, unless a process holds it (or the
+    cache is read-only): it is then left for that process."""
+    try:
+        if not lock.acquire(blocking=False):
+            return
+        try:
+            remove_checkpoint(partial)
+        finally:
+            lock.release(remove=True)
+    except OSError:
+        pass  # a read-only cache or no locks: harmless, the entry is complete
 
 
 def _hit(final: Path, key: str, verify: bool, say: Any) -> CacheEntry:

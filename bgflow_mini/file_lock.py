@@ -8,7 +8,8 @@ none) and locks the path again, so two processes never both believe they hold th
 ``flock`` locks are per open file and released by the kernel when the holder exits or is
 killed, so a crash never leaves a stale lock. On file systems without locks (some network
 or FUSE mounts) and off POSIX, :meth:`FileLock.acquire` raises ``OSError``; on NFS mounted
-with local locks, processes on different machines do not see each other's locks.
+with local locks (``-o local_lock``), the lock is per machine: processes on different machines
+do not see each other's locks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FileLock"]
+__all__ = ["FileLock", "NO_LOCKS"]
+
+#: ``errno`` values of :meth:`FileLock.acquire`'s ``OSError`` that mean "this file system has
+#: no locks" (callers may go on unlocked); any other error is a real one.
+NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 
 
 class FileLock:
@@ -43,25 +48,30 @@ class FileLock:
 
     def acquire(self, blocking: bool = True) -> bool:
         """Take the lock: ``True`` once held; ``False`` when ``blocking`` is off and
-        another process holds it. ``OSError`` where the file system has no locks."""
+        another process holds it. ``OSError`` where the file system has no locks (its
+        ``errno`` in :data:`NO_LOCKS`) or the file cannot be opened."""
         if self._fh is not None:
             return True
         if fcntl is None:  # pragma: no cover - not POSIX
             raise OSError(errno.ENOTSUP, "file locks need POSIX fcntl.flock")
         while True:
-            fh = open(self.path, "a")  # noqa: SIM115 - held open while the lock is
+            # read-write: NFS emulates flock with fcntl locks, which want a writable file
+            fh = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), "r+")
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
                 fh.close()
                 return False
-            except OSError:
+            except BaseException:  # no locks here, or interrupted while waiting
                 fh.close()
                 raise
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino
             except FileNotFoundError:
                 same = False
+            except BaseException:
+                fh.close()
+                raise
             if same:
                 self._fh = fh
                 return True

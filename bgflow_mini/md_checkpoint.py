@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .file_lock import FileLock
+from .file_lock import NO_LOCKS, FileLock
 
 __all__ = ["CheckpointMismatch", "MDCheckpoint", "remove_checkpoint"]
 
@@ -38,6 +38,7 @@ _STATE_TMP = f".{_STATE}.tmp"
 _SIGNATURE = "signature.json"
 _LOCK = ".lock"
 _HINT = "delete the folder to start afresh"
+_CANNOT_RESERVE = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 class CheckpointMismatch(ValueError):
@@ -52,6 +53,8 @@ class MDCheckpoint:
         signature: JSON-able settings that fix what the run computes (temperatures, frames,
             steps, seed, ...); a folder written with another signature is refused.
         arrays: ``{name: (shape, dtype)}`` of the output arrays.
+        state: ``{name: shape}`` of the entries a saved state must hold (``None``: any
+            shape); a state without one of them, or with another shape, is damaged.
     """
 
     def __init__(
@@ -59,10 +62,14 @@ class MDCheckpoint:
         folder: str | os.PathLike,
         signature: Mapping[str, Any],
         arrays: Mapping[str, tuple[tuple[int, ...], Any]],
+        state: Mapping[str, tuple[int, ...] | None] | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.signature = json.loads(json.dumps(dict(signature), sort_keys=True))
         self.specs = {k: (tuple(int(n) for n in s), np.dtype(d)) for k, (s, d) in arrays.items()}
+        self.state_specs = {
+            k: None if s is None else tuple(int(n) for n in s) for k, s in (state or {}).items()
+        }
         self.arrays: dict[str, np.memmap] = {}
         self._lock: FileLock | None = None
 
@@ -84,8 +91,10 @@ class MDCheckpoint:
         self._lock = FileLock(self.folder / _LOCK)
         try:
             busy = not self._lock.acquire(blocking=False)
-        except OSError:  # no file locks here: go on unlocked
-            busy = False
+        except OSError as exc:
+            if exc.errno not in NO_LOCKS:
+                raise
+            busy = False  # no file locks on this file system: go on unlocked
         if busy:
             raise RuntimeError(f"MD checkpoint {self.folder} is in use by another process")
         try:
@@ -129,6 +138,11 @@ class MDCheckpoint:
             with np.load(self.folder / _STATE, allow_pickle=False) as data:
                 state = {k: data[k] for k in data.files}
             state["rng"] = json.loads(str(state["rng"]))
+            for name, shape in self.state_specs.items():
+                if name not in state:
+                    raise KeyError(f"{_STATE} has no {name!r}")
+                if shape is not None and np.shape(state[name]) != shape:
+                    raise ValueError(f"{_STATE}: {name} is {np.shape(state[name])}, not {shape}")
         except CheckpointMismatch:
             raise
         except Exception as exc:  # a missing array, a torn or foreign file
@@ -156,11 +170,13 @@ class MDCheckpoint:
 
     def close(self) -> None:
         """Close the memory maps and release the folder (its files stay)."""
-        for arr in self.arrays.values():
-            arr.flush()
-        self.arrays.clear()
-        if self._lock is not None:
-            self._lock.release()
+        try:
+            for arr in self.arrays.values():
+                arr.flush()
+        finally:
+            self.arrays.clear()
+            if self._lock is not None:
+                self._lock.release()
 
     def remove(self) -> None:
         """Close the memory maps and delete the checkpoint (the run has finished)."""
@@ -198,8 +214,10 @@ def _reserve(path: Path) -> None:
         try:
             os.posix_fallocate(fh.fileno(), 0, size)
         except OSError as exc:
+            if exc.errno in _CANNOT_RESERVE:
+                return  # the file system cannot reserve space: go on without
             if exc.errno == errno.ENOSPC:
                 raise OSError(
                     errno.ENOSPC, f"no room for the MD checkpoint's {size / 1e9:.2f} GB", str(path)
                 ) from exc
-            # EINVAL / EOPNOTSUPP: the file system cannot reserve space; go on without
+            raise  # a quota, an I/O error: now rather than part way through the run

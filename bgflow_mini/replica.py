@@ -166,8 +166,15 @@ def run_replicas(
             "n_atoms": int(n_atoms), "positions_sha256": _sha256(positions.tobytes()),
             "system_sha256": _sha256(openmm.XmlSerializer.serialize(system).encode()),
         }  # fmt: skip
-        ckpt = MDCheckpoint(checkpoint, signature, arrays)
-        resume = ckpt.open()
+        n_pairs, xyz_shape = (max(n_rep - 1, 0),), (n_rep, n_atoms, 3)
+        state_spec = {
+            "chunk": (), "frame": (), "attempts": n_pairs, "accepts": n_pairs,
+            "walker": (n_rep,), "direction": (n_rep,), "round_trips": (),
+            "n_swap_rounds": (), "xyz": xyz_shape, "vel": xyz_shape, "resumed_at": None,
+            "production_time_s": (),
+        }  # fmt: skip
+        ckpt = MDCheckpoint(checkpoint, signature, arrays, state_spec)
+        resume = ckpt.open()  # checked: every entry there, with its shape
     start = 0 if resume is None else int(resume["chunk"])
     seeds = replica_seeds(seed, n_rep, None if resume is None else start)
     if resume is not None:

@@ -310,7 +310,10 @@ def _populations(values, states, cvs, log_w, finite) -> dict[str, dict[str, floa
     flow is too thin); ``ess_within`` = Kish ESS / n_S of the weights of the n_S samples
     in the state (1 when the flow's density inside the state is proportional to the
     target's; NaN for an empty state): a low value with a matching population means the
-    shape inside the state is off, not its weight.
+    shape inside the state is off, not its weight. Over disjoint states covering the samples,
+    ``1 / ESS = sum_S p_S^2 / (q_S ess_within_S)`` with p the reweighted population and q_S =
+    n_S / n over all n samples (non-finite ones have zero weight); ``raw`` counts the
+    finite-energy samples only, so it differs from q_S by the non-finite share.
     """
     lw = np.asarray(log_w, dtype=np.float64)
     lw = np.where(np.isfinite(lw), lw, -np.inf)

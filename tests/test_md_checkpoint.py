@@ -189,6 +189,49 @@ def test_checkpoint_arrays_must_match(tmp_path) -> None:
         MDCheckpoint(tmp_path, sig, {"potential": ((2, 5), np.float64)}).open()
 
 
+def test_a_state_without_an_entry_is_damaged_and_the_folder_freed(tmp_path, monkeypatch) -> None:
+    folder = tmp_path / "ckpt"
+    _crash_after(monkeypatch, 20)
+    with pytest.raises(_Crash):
+        _run(folder, checkpoint_every=0.0)
+    monkeypatch.undo()
+    with np.load(folder / "state.npz") as saved:
+        state = {k: saved[k] for k in saved.files if k != "walker"}
+    np.savez(folder / "state.npz", **state)
+    with pytest.raises(CheckpointMismatch, match="damaged .*no 'walker'"):
+        _run(folder)
+    state["walker"] = np.arange(3)  # three replicas' worth in a two-replica run
+    np.savez(folder / "state.npz", **state)
+    with pytest.raises(CheckpointMismatch, match=r"walker is \(3,\), not \(2,\)"):
+        _run(folder)
+    lock = FileLock(folder / ".lock")  # released after each refusal
+    assert lock.acquire(blocking=False)
+    lock.release()
+
+
+def test_only_a_file_system_without_reservations_is_passed_over(tmp_path, monkeypatch) -> None:
+    import errno
+
+    import bgflow_mini.md_checkpoint as mc
+
+    def refuse(code):
+        def fallocate(*args):
+            raise OSError(code, "refused")
+
+        return fallocate
+
+    path = tmp_path / "a.npy"
+    np.save(path, np.zeros(4))
+    monkeypatch.setattr(mc.os, "posix_fallocate", refuse(errno.EOPNOTSUPP))
+    mc._reserve(path)  # cannot reserve here: goes on
+    monkeypatch.setattr(mc.os, "posix_fallocate", refuse(errno.EDQUOT))
+    with pytest.raises(OSError, match="refused"):
+        mc._reserve(path)
+    monkeypatch.setattr(mc.os, "posix_fallocate", refuse(errno.ENOSPC))
+    with pytest.raises(OSError, match="no room for the MD checkpoint"):
+        mc._reserve(path)
+
+
 def test_a_folder_of_other_files_is_refused_and_kept(tmp_path) -> None:
     folder = tmp_path / "results"
     folder.mkdir()
@@ -216,7 +259,7 @@ def test_a_kept_checkpoint_returns_the_finished_run(tmp_path) -> None:
     for key in ("positions", "potential", "kinetic", "walkers", "swap_attempts",
                 "swap_accepts", "round_trips", "production_steps"):  # fmt: skip
         np.testing.assert_array_equal(again[key], first[key])
-    assert again["production_time_s"] == pytest.approx(first["production_time_s"], rel=0.5)
+    assert again["production_time_s"] > 0
     remove_checkpoint(folder)
     assert not folder.exists()
 
@@ -282,6 +325,19 @@ def test_data_cache_keeps_the_md_until_the_entry_is_stored(tmp_path, monkeypatch
     assert sorted(p.name for p in root.iterdir()) == [entry.key]
 
 
+def test_a_stored_entry_drops_a_checkpoint_left_beside_it(tmp_path, monkeypatch) -> None:
+    """A crash after the entry was stored but before its checkpoint was removed: the next
+    call hits the entry and removes the leftover checkpoint."""
+    dw, settings = _dw_md()
+    monkeypatch.setattr(data, "remove_checkpoint", lambda folder: None)  # "killed" there
+    key = generate_or_load(dw, settings, tmp_path, n_workers=1, progress=False, log=None).key
+    monkeypatch.undo()
+    root = tmp_path / "double_well_md"
+    assert (root / f".{key}.partial" / "state.npz").exists()
+    entry = generate_or_load(dw, settings, tmp_path, n_workers=1, progress=False, log=None)
+    assert entry.hit and sorted(p.name for p in root.iterdir()) == [key]
+
+
 def test_data_cache_replaces_a_checkpoint_of_another_version(tmp_path) -> None:
     dw, settings = _dw_md()
     key = generate_or_load(dw, settings, tmp_path, n_workers=1, progress=False, log=None).key
@@ -308,15 +364,17 @@ def test_a_second_process_waits_for_the_md_instead_of_repeating_it(tmp_path) -> 
     assert holder.acquire(blocking=False)
     messages: list[str] = []
     waiter = threading.Thread(target=lambda: messages.append(generate_or_load(
-        dw, settings, tmp_path, n_workers=1, progress=False, log=messages.append)))  # fmt: skip
-    waiter.start()
-    for _ in range(200):
-        if messages:
-            break
-        time.sleep(0.01)
-    assert messages and "another process is making this MD" in messages[0]
-    shutil.move(aside, entry.path)  # the other process stores its entry, then unlocks
-    holder.release(remove=True)
+        dw, settings, tmp_path, n_workers=1, progress=False, log=messages.append)),
+        daemon=True)  # fmt: skip
+    try:
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while not messages and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert messages and "another process is making this MD" in messages[0]
+        shutil.move(aside, entry.path)  # the other process stores its entry, then unlocks
+    finally:
+        holder.release(remove=True)
     waiter.join(timeout=60)
     hit = messages[-1]
     assert hit.hit and hit.path == entry.path
@@ -386,3 +444,26 @@ def test_a_process_killed_with_sigkill_resumes(tmp_path) -> None:
     entry = generate_or_load(dw, settings, tmp_path, n_workers=1, progress=False, log=None)
     assert entry.meta["info"]["resumed_at_steps"] and len(load_trajectory(entry)) == 4000
     assert sorted(p.name for p in root.iterdir()) == [entry.key]
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "EIO"])
+def test_only_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch, code) -> None:
+    """No locks on the file system: MD without a checkpoint; any other error is raised."""
+    import errno
+
+    import bgflow_mini.file_lock as fl
+
+    def flock(*args):
+        raise OSError(getattr(errno, code), "flock refused")
+
+    dw, settings = _dw_md()
+    monkeypatch.setattr(fl.fcntl, "flock", flock)
+    messages: list[str] = []
+    run = dict(n_workers=1, progress=False, log=messages.append)
+    if code == "EIO":
+        with pytest.raises(OSError, match="flock refused"):
+            generate_or_load(dw, settings, tmp_path, **run)
+        return
+    entry = generate_or_load(dw, settings, tmp_path, **run)
+    assert any("no file locks" in m and "MD without a checkpoint" in m for m in messages)
+    assert len(load_trajectory(entry)) == 40
