@@ -148,6 +148,7 @@ def summary_table(metrics: Mapping) -> str:
     for name, p in pops.items():
         lines.append(_population_row(name, p))
     lines += _state_floor_rows((metrics.get("data_info") or {}).get("state_floor") or {})
+    lines += _driver_rows(metrics.get("weight_drivers") or {})
     ev = metrics.get("energy_evaluations")
     if ev:
         counts = f"{ev['training']:,} / {ev['evaluation']:,}"
@@ -202,3 +203,17 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _driver_rows(drivers: Mapping) -> list[str]:
+    """The three coordinates ``log w`` follows most, over all samples and per state."""
+
+    def listed(entries: list) -> str:
+        return ", ".join(f"{d['coordinate']} {d['r2']:.2f}" for d in entries[:3])
+
+    if not drivers.get("all"):
+        return []
+    rows = [f"| log w follows (binned R^2) | {listed(drivers['all'])} |"]
+    for name, entries in (drivers.get("states") or {}).items():
+        rows.append(f"| log w inside {name} follows | {listed(entries)} |")
+    return rows

@@ -25,6 +25,7 @@ from .coordinates import InternalCoordinates
 from .evaluation import generator_samples, largest_weights, ramachandran_kl
 from .pareto import pareto_k
 from .reweighting import block_ess, effective_sample_size
+from .weight_drivers import weight_drivers
 
 if TYPE_CHECKING:
     from .pipeline import DataSplit
@@ -120,6 +121,9 @@ def evaluate(
       samples in which every alpha carbon keeps the hand of the target's reference
       structure (:mod:`bgflow_mini.chirality`), with ``..._per_centre`` and the share
       of the importance weight on such samples (``..._reweighted``);
+    * ``weight_drivers`` (molecules): the Z-matrix bonds, angles and torsions along
+      which ``log w`` varies most (binned R^2, :mod:`bgflow_mini.weight_drivers`), over
+      all samples and inside each state that carries >= 10 % of the squared weights;
     * ``ring_bonds`` (molecules with rings): every ring bond's length distribution in
       the finite-energy samples against the MD test frames
       (:func:`~bgflow_mini.ring_geometry.ring_bond_stats`: ``max_std_ratio``,
@@ -194,6 +198,7 @@ def evaluate(
         metrics["ic_out_of_domain_fraction"] = domain["out_of_domain"] / domain["evaluated"]
     metrics.update(_ramachandran(values, log_w, finite, data, cvs, bins))
     metrics.update(_chirality(target, x, log_w))
+    metrics.update(_weight_drivers(generator, target, x, log_w, values, states, cvs))
     topology = getattr(target, "topology", None)
     if topology is not None:
         from .ring_geometry import ring_bond_stats
@@ -392,3 +397,14 @@ def _chirality(target, x: np.ndarray, log_w: np.ndarray) -> dict:
             c.residue: float(f) for c, f in zip(centres, same.mean(axis=0))
         },
     }
+
+
+def _weight_drivers(generator, target, x, log_w, values, states, cvs) -> dict:
+    """``weight_drivers`` of molecular targets (see :func:`evaluate`); empty for others."""
+    rows = (getattr(generator, "spec", None) or {}).get("zmatrix")
+    topology = getattr(target, "topology", None)
+    if rows is None or topology is None:
+        return {}
+    names = [f"{a.residue.name}{a.residue.resSeq}:{a.name}" for a in topology.atoms]
+    masks = {s: np.asarray(cvmod.in_state(values, st, cvs)) for s, st in states.items()}
+    return {"weight_drivers": weight_drivers(x, log_w, rows, names, masks=masks)}

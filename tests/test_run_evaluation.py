@@ -25,6 +25,7 @@ from bgflow_mini.report import summary_table
 from bgflow_mini.systems import load_system
 from bgflow_mini.targets import MolecularTarget
 from bgflow_mini.training import Trainer
+from bgflow_mini.weight_drivers import weight_drivers
 
 
 def _peptide_like(folder: Path) -> Path:
@@ -151,6 +152,15 @@ def test_evaluate_with_any_named_cvs_and_several_residues(peptide):
     assert heavy[0]["index"] == top and heavy[0]["share"] == pytest.approx(w[top] / w.sum())
     assert heavy[0]["cvs"]["psi"] == pytest.approx(math.degrees(v["psi"][top]))
     assert heavy[0]["cvs"]["d_hb"] == pytest.approx(v["d_hb"][top])
+    # the coordinates log w follows: the same as weight_drivers on the samples directly
+    drivers = m["weight_drivers"]
+    rows = bg.spec["zmatrix"]
+    names = [f"{a.residue.name}{a.residue.resSeq}:{a.name}" for a in target.topology.atoms]
+    masks = {k: np.asarray(cvmod.in_state(v, st, cvs)) for k, st in states.items()}
+    assert drivers == weight_drivers(s["x"], s["log_w"], rows, names, masks=masks)
+    assert len(drivers["all"]) == 5 and all(0 <= d["r2"] <= 1 for d in drivers["all"])
+    assert set(drivers["states"]) <= set(states) and drivers["states"]
+    assert f"| log w follows (binned R^2) | {drivers['all'][0]['coordinate']} " in table
 
     # the main ΔF between rotamer states, one of them across the cut
     m2, _ = run_evaluation.evaluate(
