@@ -89,14 +89,17 @@ def zmatrix_coordinates(
     torsion]`` atom indices, ``-1`` where a row has none) at positions ``x`` ``(n, N, 3)``
     or ``(n, 3N)`` (nm).
 
-    Returns ``values (n, F)`` (nm, radians; torsions in [-pi, pi)) and ``F`` labels such
+    Returns ``values (n, F)`` (nm, radians, in ``x``'s floating dtype; torsions in [-pi,
+    pi)) and ``F`` labels such
     as ``"torsion N-CA-CB-CG"`` with the atoms' ``names`` (default: their indices; names of
     the form ``"PHE2:CA"`` drop a residue prefix equal to the atom's before, as in
     ``"torsion ACE1:C-PHE2:N-CA-CB"``). Rows
     placed by Cartesian coordinates in a ring frame give their bond, angle and torsion all
     the same: they are geometry of the molecule either way.
     """
-    xt = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    xt = torch.as_tensor(np.asarray(x))
+    if not xt.is_floating_point():
+        xt = xt.double()
     r = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
     xt = xt.reshape(xt.shape[0], -1, 3)
     names = [str(i) for i in range(xt.shape[1])] if names is None else list(names)
@@ -121,6 +124,7 @@ def weight_drivers(
     bins: int = 20,
     clip: float = 15.0,
     min_share: float = 0.1,
+    chunk_rows: int = 64,
 ) -> dict:
     """The Z-matrix coordinates with the largest binned R^2 of ``log w``.
 
@@ -130,24 +134,33 @@ def weight_drivers(
     ``min_share`` of the sum of squared weights and number at least ``5 * bins`` (``log w``
     clipped below the state's own maximum). ``x`` ``(n, N, 3)`` nm, ``log_w`` ``(n,)``,
     ``rows`` and ``names`` as in :func:`zmatrix_coordinates`; ``bins``, ``clip`` as in
-    :func:`binned_r2`.
+    :func:`binned_r2`. The coordinates are made ``chunk_rows`` Z-matrix rows at a time,
+    so memory stays at about ``n * 3 * chunk_rows`` float64 values for any molecule.
     """
-    values, labels = zmatrix_coordinates(x, rows, names)
     lw = np.asarray(log_w, dtype=np.float64).ravel()
-
-    def ranked(m: np.ndarray | None) -> list[dict]:
-        r2 = binned_r2(lw if m is None else lw[m], values if m is None else values[m], bins, clip)
-        best = np.argsort(-r2, kind="stable")[: int(top)]
-        return [{"coordinate": labels[i], "r2": float(r2[i])} for i in best]
-
     finite = np.isfinite(lw)
     w2 = np.zeros_like(lw)
     if finite.any():
         w2[finite] = np.exp(2.0 * (lw[finite] - lw[finite].max()))
-    out: dict = {"all": ranked(None), "states": {}}
+    chosen: dict[str, np.ndarray] = {}
     for name, mask in (masks or {}).items():
         m = np.asarray(mask, dtype=bool)
         share = float(w2[m].sum() / w2.sum()) if w2.sum() > 0 else 0.0
         if share >= min_share and m.sum() >= 5 * int(bins):
-            out["states"][name] = ranked(m)
-    return out
+            chosen[name] = m
+    r = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+    labels: list[str] = []
+    r2: dict[str | None, list[np.ndarray]] = {None: [], **{name: [] for name in chosen}}
+    for start in range(0, len(r), max(1, int(chunk_rows))):
+        values, part = zmatrix_coordinates(x, r[start : start + int(chunk_rows)], names)
+        labels += part
+        r2[None].append(binned_r2(lw, values, bins, clip))
+        for name, m in chosen.items():
+            r2[name].append(binned_r2(lw[m], values[m], bins, clip))
+
+    def ranked(parts: list[np.ndarray]) -> list[dict]:
+        values = np.concatenate(parts) if parts else np.zeros(0)
+        best = np.argsort(-values, kind="stable")[: int(top)]
+        return [{"coordinate": labels[i], "r2": float(values[i])} for i in best]
+
+    return {"all": ranked(r2[None]), "states": {name: ranked(r2[name]) for name in chosen}}

@@ -117,3 +117,19 @@ def test_weight_drivers_finds_the_torsion_and_the_heavy_state(aldp):
     assert out["states"]["a"][0]["coordinate"] == labels[j]
     few = weight_drivers(traj.xyz, log_w, rows, names, masks={"a": heavy}, bins=40)
     assert few["states"] == {}  # 100 samples < 5 * 40
+
+
+def test_weight_drivers_gives_the_same_in_chunks_and_in_float32(aldp):
+    traj, rows, names = aldp
+    rng = np.random.default_rng(3)
+    log_w = rng.normal(size=200)
+    masks = {"all_of_them": np.ones(200, bool)}
+    ref = weight_drivers(traj.xyz.astype(np.float64), log_w, rows, names, masks=masks, top=60)
+    got = weight_drivers(traj.xyz, log_w, rows, names, masks=masks, top=60, chunk_rows=5)
+    assert got["states"].keys() == ref["states"].keys() == {"all_of_them"}
+    for key in ("all", "states"):
+        a = ref[key] if key == "all" else ref[key]["all_of_them"]
+        b = got[key] if key == "all" else got[key]["all_of_them"]
+        assert {d["coordinate"] for d in a} == {d["coordinate"] for d in b}
+        r2a = {d["coordinate"]: d["r2"] for d in a}
+        assert all(abs(d["r2"] - r2a[d["coordinate"]]) < 0.02 for d in b)
