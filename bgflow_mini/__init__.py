@@ -89,6 +89,7 @@ SUBMODULES = (
     "toy_recipes",
     "training",
     "units",
+    "weight_drivers",
 )
 
 
