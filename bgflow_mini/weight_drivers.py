@@ -89,13 +89,12 @@ def zmatrix_coordinates(
     torsion]`` atom indices, ``-1`` where a row has none) at positions ``x`` ``(n, N, 3)``
     or ``(n, 3N)`` (nm).
 
-    Returns ``values (n, F)`` (nm, radians, in ``x``'s floating dtype; torsions in [-pi,
-    pi)) and ``F`` labels such
-    as ``"torsion N-CA-CB-CG"`` with the atoms' ``names`` (default: their indices; names of
-    the form ``"PHE2:CA"`` drop a residue prefix equal to the atom's before, as in
-    ``"torsion ACE1:C-PHE2:N-CA-CB"``). Rows
-    placed by Cartesian coordinates in a ring frame give their bond, angle and torsion all
-    the same: they are geometry of the molecule either way.
+    Returns ``values (n, F)`` (nm, radians, in ``x``'s floating dtype; torsions in
+    [-pi, pi)) and ``F`` labels such as ``"torsion N-CA-CB-CG"`` with the atoms' ``names``
+    (default: their indices; names of the form ``"PHE2:CA"`` drop a residue prefix equal to
+    the atom's before, as in ``"torsion ACE1:C-PHE2:N-CA-CB"``). Rows placed by Cartesian
+    coordinates in a ring frame give their bond, angle and torsion all the same: they are
+    geometry of the molecule either way.
     """
     xt = torch.as_tensor(np.asarray(x))
     if not xt.is_floating_point():
