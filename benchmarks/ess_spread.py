@@ -9,19 +9,24 @@ every set. With heavy-tailed weights the ESS of one set is a noisy statistic. Wi
 (:func:`bgflow_mini.symmetry.symmetrize`; a row per variant, ``sym`` marks the mixture).
 With ``--ais-steps K`` every set is also drawn by annealed importance sampling
 (:mod:`bgflow_mini.ais`, K HMC steps per sample, step sizes tuned once per model; a row
-marked ``AIS K``), the exact weights of the final points.
+marked ``AIS K``), the exact weights of the final points. With ``--weights saved ema
+best_ess`` each run is measured with each of those weights of its training checkpoint
+(:func:`bgflow_mini.load_generator`'s ``weights``; ``saved`` is ``model.pt``, what
+``training.select`` chose), on the same seeded latent draws.
 
 Usage::
 
     python benchmarks/ess_spread.py outputs/run_a outputs/run_b --temperatures 1.0 1.1
     python benchmarks/ess_spread.py outputs/phe_run --temperatures 1.0 --symmetrize
     python benchmarks/ess_spread.py outputs/ala4_run --temperatures 1.0 --ais-steps 16
+    python benchmarks/ess_spread.py outputs/phe_run --temperatures 1.0 --weights ema best_ess
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import statistics
 from pathlib import Path
 
@@ -29,6 +34,7 @@ import torch
 from _machine import cpu_model  # benchmarks/_machine.py
 
 from bgflow_mini import load_generator
+from bgflow_mini.checkpoint import WEIGHTS
 from bgflow_mini.energies import TorchForceField
 from bgflow_mini.pareto import pareto_k
 from bgflow_mini.reweighting import effective_sample_size
@@ -44,14 +50,16 @@ def spread(
     n: int,
     symmetrized: bool = False,
     ais_steps: int = 0,
+    weights: str = "saved",
 ) -> list[tuple[float, float]]:
     """``(ESS/N, Pareto k)`` of ``draws`` fresh sets of ``n`` samples of ``run``'s model at
     ``temperature`` (with ``symmetrized``, of the model's mixture over its side-chain flips;
-    with ``ais_steps``, annealed importance samples at temperature 1)."""
+    with ``ais_steps``, annealed importance samples at temperature 1; ``weights``: which
+    weights of the run, see :func:`bgflow_mini.load_generator`)."""
     from bgflow_mini.ais import annealed_importance_sampling, tune_step_sizes
     from bgflow_mini.symmetry import symmetrize
 
-    gen = load_generator(run / "model.pt")
+    gen = load_generator(run / "model.pt" if weights == "saved" else run, weights=weights)
     name = gen.spec["target"]["name"]
     system = load_system(name)
     if symmetrized:
@@ -82,6 +90,13 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--symmetrize", action="store_true", help="also the mixture over flips")
     ap.add_argument("--ais-steps", type=int, default=0, help="also AIS sets with K steps")
+    ap.add_argument(
+        "--weights",
+        nargs="+",
+        default=["saved"],
+        choices=WEIGHTS,
+        help="which weights of each run (saved: model.pt; others: checkpoints/latest.pt)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads)
     print(f"## ESS of fresh sample sets ({datetime.date.today()}, {cpu_model()})\n")
@@ -94,18 +109,18 @@ def main() -> None:
         + [(False, args.ais_steps)] * (args.ais_steps > 0)
     )
     for run in args.runs:
-        for t in args.temperatures:
-            for sym, ais in variants:
-                if ais and t != 1.0:
-                    continue
-                sets = spread(run, t, args.draws, args.n, symmetrized=sym, ais_steps=ais)
-                ess = [e for e, _ in sets]
-                each = " / ".join(f"{e:.4f}" for e in ess)
-                ks = " / ".join(f"{k:.2f}" for _, k in sets)
-                med = statistics.median(ess)
-                name = f"{run.name}{' (sym)' if sym else ''}{f' (AIS {ais})' if ais else ''}"
-                row = f"| {name} | {t:g} | {each} | {min(ess):.4f} | {med:.4f} | {ks} |"
-                print(row, flush=True)
+        for t, (sym, ais), w in itertools.product(args.temperatures, variants, args.weights):
+            if ais and t != 1.0:
+                continue
+            sets = spread(run, t, args.draws, args.n, sym, ais, weights=w)
+            ess = [e for e, _ in sets]
+            each = " / ".join(f"{e:.4f}" for e in ess)
+            ks = " / ".join(f"{k:.2f}" for _, k in sets)
+            med = statistics.median(ess)
+            name = f"{run.name}{' (sym)' if sym else ''}{f' (AIS {ais})' if ais else ''}"
+            name += f" ({w} weights)" if w != "saved" else ""
+            row = f"| {name} | {t:g} | {each} | {min(ess):.4f} | {med:.4f} | {ks} |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

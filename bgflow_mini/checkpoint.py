@@ -9,6 +9,12 @@ whole model. Files are written atomically and read with ``weights_only=True``.
 
     >>> save_generator(generator, "model.pt")
     >>> g = load_generator("model.pt")            # no Hydra, no config.yaml
+    >>> g = load_generator("RUN", weights="ema")  # the training checkpoint's final average
+
+A training checkpoint (``checkpoints/latest.pt``) also holds the weights a run did not
+select: ``weights="ema"`` (the final exponential moving average), ``"best_ess"`` (the
+snapshot with the best periodic ESS estimate) or ``"last"`` (the last step's), so the
+choice of ``training.select`` can be compared or changed after training.
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ __all__ = [
     "find_checkpoint",
     "read_checkpoint",
     "load_generator",
+    "WEIGHTS",
     "resolve_device",
     "resolve_dtype",
 ]
 
 FORMAT = 1
+WEIGHTS = ("saved", "ema", "best_ess", "last")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -191,14 +199,28 @@ def save_generator(
     return save_torch(state, path)
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The weights file of a run folder (``model.pt``, else ``checkpoints/latest.pt``,
-    else ``checkpoints/best.pt``) or ``path`` itself when it is a file."""
+def find_checkpoint(path: str | os.PathLike, weights: str = "saved") -> Path:
+    """The weights file of a run folder or ``path`` itself when it is a file.
+
+    ``weights="saved"``: the folder's ``model.pt``, else ``checkpoints/latest.pt``, else
+    ``checkpoints/best.pt``. Any other choice of :data:`WEIGHTS` needs the training
+    checkpoint: the folder's ``checkpoints/latest.pt``.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
     p = Path(path).expanduser().resolve()
     if p.is_dir():
-        for name in ("model.pt", "checkpoints/latest.pt", "checkpoints/best.pt"):
+        names = ("model.pt", "checkpoints/latest.pt", "checkpoints/best.pt")
+        if weights != "saved":
+            names = ("checkpoints/latest.pt",)
+        for name in names:
             if (p / name).is_file():
                 return p / name
+        if weights != "saved":
+            raise FileNotFoundError(
+                f"weights={weights!r} reads the training checkpoint {p / names[0]}, which "
+                "does not exist (a run folder keeps it unless it was deleted)"
+            )
         raise FileNotFoundError(f"{p} holds no model.pt or checkpoints/*.pt: not a run folder")
     if not p.is_file():
         raise FileNotFoundError(f"no run folder or checkpoint at {p}")
@@ -240,6 +262,7 @@ def load_generator(
     energy: Callable | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
+    weights: str = "saved",
 ) -> BoltzmannGenerator:
     """Rebuild a trained generator from a checkpoint alone (eval mode).
 
@@ -249,8 +272,14 @@ def load_generator(
             the model is meant for; its fingerprint must match the checkpoint's.
         energy: attached as the generator's target energy (None: no energy).
         device, dtype: where the model lives (``dtype=None``: the dtype it was saved in).
+        weights: ``"saved"`` (the file's weights: a ``model.pt`` holds those the run
+            selected, a training checkpoint its last step's), or from a training checkpoint
+            ``"ema"`` (the final average), ``"best_ess"`` (the best-estimate snapshot) or
+            ``"last"``; with a run folder these read ``checkpoints/latest.pt``.
     """
+    path = find_checkpoint(path, weights)
     state = read_checkpoint(path)
+    source = _training_weights(state, weights, path)
     spec = state["spec"]
     if target is not None:
         from .targets import as_target
@@ -270,6 +299,48 @@ def load_generator(
             f"checkpoint {path} does not match the generator its spec describes: "
             f"{str(err).splitlines()[0]}"
         ) from err
+    if source is not None:
+        _copy_parameters(gen, source, path, weights)
     gen.energy = energy  # before .to(): a torch energy moves with the model
     gen = gen.to(device=resolve_device(device), dtype=resolve_dtype(dtype or spec["dtype"]))
     return gen.eval()
+
+
+def _training_weights(state: Mapping, weights: str, path: Path) -> list | None:
+    """The parameter list that ``weights`` names in a training checkpoint's ``state``
+    (None: the state's own ``model`` weights). Raises ``ValueError`` saying why not."""
+    if weights == "saved":
+        return None
+    if "optimizer" not in state:
+        raise ValueError(
+            f"{path} is a model file with the weights the run selected only; "
+            f"weights={weights!r} needs the training checkpoint (the run folder or its "
+            "checkpoints/latest.pt)"
+        )
+    if weights == "last":
+        return None
+    if weights == "ema":
+        if state.get("ema") is None:
+            raise ValueError(f"{path} holds no EMA: the run trained with ema_decay=null")
+        return list(state["ema"])
+    best = state.get("best") or {}
+    if best.get("params") is None:
+        raise ValueError(
+            f"{path} holds no best-ESS snapshot: no periodic ESS estimate ran "
+            "(training.ess_every=0, or the run stopped before the first one)"
+        )
+    return list(best["params"])
+
+
+@torch.no_grad()
+def _copy_parameters(gen: torch.nn.Module, source: list, path: Path, weights: str) -> None:
+    """Copy ``source`` (one tensor per parameter, in ``parameters()`` order) into ``gen``."""
+    params = list(gen.parameters())
+    shapes = [tuple(p.shape) for p in params] == [tuple(t.shape) for t in source]
+    if len(params) != len(source) or not shapes:
+        raise ValueError(
+            f"{path}: the {weights!r} weights ({len(source)} tensors) do not match the "
+            f"generator's {len(params)} parameters"
+        )
+    for p, t in zip(params, source, strict=True):
+        p.copy_(t)

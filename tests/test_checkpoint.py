@@ -99,6 +99,78 @@ def test_trainer_checkpoint_is_loadable_and_other_target_is_refused(tmp_path: Pa
         load_generator(tmp_path, target=MuellerBrown())
 
 
+def _log_prob_with(gen, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``gen``'s log-density at ``x`` with ``params`` copied in (then restored)."""
+    saved = [p.detach().clone() for p in gen.parameters()]
+    with torch.no_grad():
+        for p, t in zip(gen.parameters(), params, strict=True):
+            p.copy_(t)
+        out = gen.log_prob(x)
+        for p, t in zip(gen.parameters(), saved, strict=True):
+            p.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("weights", ["ema", "best_ess", "last"])
+def test_training_checkpoint_weights_other_than_the_selected(tmp_path: Path, weights: str) -> None:
+    target = as_target(DoubleWell())
+    data = DoubleWell().sample(512, seed=4)
+    torch.manual_seed(1)
+    gen = target.generator(data, FLOW, target.energy()).double()
+    trainer = Trainer(
+        gen, lr=3e-3, batch_size=64, progress=False, ess_every=10, ess_samples=256, ema_decay=0.9
+    )
+    trainer.fit(30, data=data)
+    trainer.ess_every = 0  # no estimate after step 30: the snapshot is older than the EMA
+    trainer.fit(20, data=data)
+    assert trainer.best["step"] <= 30 and trainer.step == 50
+    trainer.save_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    want = {
+        "ema": [t.clone() for t in trainer.ema],
+        "best_ess": [t.clone() for t in trainer.best["params"]],
+        "last": [p.detach().clone() for p in gen.parameters()],
+    }
+    trainer.finalize("best_ess")  # model.pt holds the selected (best-estimate) weights
+    save_generator(gen.eval(), tmp_path / "model.pt")
+    x = data[:64].double()
+    # the three weight sets differ, so picking the wrong one would show
+    lp = {k: _log_prob_with(gen, v, x) for k, v in want.items()}
+    assert not torch.allclose(lp["ema"], lp["last"]) and not torch.allclose(
+        lp["ema"], lp["best_ess"]
+    )
+    for where in (tmp_path, tmp_path / "checkpoints" / "latest.pt"):
+        loaded = load_generator(where, target=target, weights=weights)
+        for p, t in zip(loaded.parameters(), want[weights], strict=True):
+            assert torch.equal(p, t)
+        with torch.no_grad():
+            assert torch.equal(loaded.log_prob(x), lp[weights])
+    saved = load_generator(tmp_path)  # model.pt: what finalize chose
+    with torch.no_grad():
+        assert torch.equal(saved.log_prob(x), lp["best_ess"])
+    assert find_checkpoint(tmp_path, weights) == tmp_path / "checkpoints" / "latest.pt"
+    with pytest.raises(ValueError, match="model file .* training checkpoint"):
+        load_generator(tmp_path / "model.pt", weights=weights)
+
+
+def test_missing_training_weights_are_clear_errors(tmp_path: Path) -> None:
+    target = as_target(DoubleWell())
+    data = DoubleWell().sample(128, seed=5)
+    gen = target.generator(data, FLOW)
+    trainer = Trainer(gen, batch_size=32, progress=False)  # no EMA, no ESS estimates
+    trainer.fit(2, data=data)
+    save_generator(gen, tmp_path / "model.pt")
+    with pytest.raises(FileNotFoundError, match="checkpoints/latest.pt"):
+        load_generator(tmp_path, weights="ema")
+    trainer.save_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    with pytest.raises(ValueError, match="no EMA"):
+        load_generator(tmp_path, weights="ema")
+    with pytest.raises(ValueError, match="no best-ESS snapshot"):
+        load_generator(tmp_path, weights="best_ess")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        load_generator(tmp_path, weights="best")
+    assert load_generator(tmp_path, weights="last") is not None
+
+
 def test_broken_files_are_clear_errors(tmp_path: Path) -> None:
     target = as_target(DoubleWell())
     data = DoubleWell().sample(64, seed=3)

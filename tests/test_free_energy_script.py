@@ -115,6 +115,7 @@ def test_sampling_from_a_checkpoint_with_a_state_from_the_config(aldp_run, tmp_p
         "cvs_2d=[]",
         "md_reference=null",
         "energy=torchff",  # the config group works as in train.py
+        "weights=ema",  # the training checkpoint's final average, not model.pt
         "n_bootstrap=10",
         "progress=false",
     ]
@@ -124,7 +125,9 @@ def test_sampling_from_a_checkpoint_with_a_state_from_the_config(aldp_run, tmp_p
     assert result["md_reference"] is None and set(result["dF"]) == {"unweighted", "reweighted"}
     traj = mdtraj.load_hdf5(str(out / "samples" / "samples.h5"))
     assert traj.n_frames == 600
-    assert json.loads((out / "samples" / "summary.json").read_text())["energy"] == "TorchForceField"
+    summary = json.loads((out / "samples" / "summary.json").read_text())
+    assert summary["energy"] == "TorchForceField" and summary["weights"] == "ema"
+    assert summary["checkpoint"] == str(aldp_run / "checkpoints" / "latest.pt")
     cvs = load_system("aldp_vacuum").cvs
     v = cvmod.compute_cvs(traj.xyz, cvs)
     in_b = cvmod.in_state(v, {"phi": [0.5, 1.8], "psi": [-1.5, 0.0]}, cvs)

@@ -226,3 +226,33 @@ def test_sample_with_ais_writes_exact_weights_and_its_settings(aldp_run, tmp_pat
     assert np.median(np.abs(lq_model[finite] - lq[finite])) > 1e-3
     bad = run_script("sample", [*args, "ais.steps=-1", f"out={tmp_path / 'x'}"], tmp_path, ok=False)
     assert "ais.steps=-1" in bad.stderr + bad.stdout
+
+
+def test_sample_other_weights_of_the_training_checkpoint(toy_run, tmp_path):
+    """weights=ema / last sample the training checkpoint's other weights; model.pt alone
+    and an unknown name are clear errors before any sampling."""
+    x = None
+    for weights in ("ema", "last"):
+        out = tmp_path / weights
+        args = [f"checkpoint={toy_run}", "n_samples=300", f"out={out}", f"weights={weights}"]
+        run_script("sample", [*args, "progress=false"], tmp_path)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["weights"] == weights
+        assert summary["checkpoint"] == str(toy_run / "checkpoints" / "latest.pt")
+        x = torch.as_tensor(np.load(out / "samples.npy"))
+        gen = load_generator(toy_run, weights=weights)
+        with torch.no_grad():
+            lq = gen.log_prob(x.to(next(gen.parameters()).dtype)).double().numpy()
+        np.testing.assert_allclose(np.load(out / "log_q.npy"), lq, rtol=1e-5, atol=1e-5)
+    # the two weight sets are not the same model (the EMA lags the last step)
+    with torch.no_grad():
+        a, b = (load_generator(toy_run, weights=w).log_prob(x.float()) for w in ("ema", "last"))
+    assert not torch.allclose(a, b)
+    bad = [f"out={tmp_path / 'bad'}", "n_samples=10"]
+    res = run_script(
+        "sample", [f"checkpoint={toy_run / 'model.pt'}", "weights=ema", *bad], tmp_path, False
+    )
+    assert "training checkpoint" in res.stderr and "Traceback" not in res.stderr
+    res = run_script("sample", [f"checkpoint={toy_run}", "weights=best", *bad], tmp_path, False)
+    assert "weights" in res.stderr and "best_ess" in res.stderr
+    assert not (tmp_path / "bad" / "summary.json").exists()

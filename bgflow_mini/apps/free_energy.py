@@ -37,7 +37,8 @@ from .validation import ConfigError, md_replica_problems, validate_free_energy_c
 __all__ = ["main", "free_energy", "load_md", "md_replicas"]
 
 _SAMPLE_KEYS = (
-    "checkpoint", "n_samples", "batch_size", "energy", "seed", "device", "dtype", "ais"
+    "checkpoint", "weights", "n_samples", "batch_size", "energy", "seed", "device", "dtype",
+    "ais",
 )  # fmt: skip
 
 
@@ -101,7 +102,8 @@ def free_energy(cfg: DictConfig, out: Path) -> dict:
     validate_free_energy_config(cfg)
     set_threads(cfg.num_threads)
     if cfg.samples is None:  # check names against the checkpoint's target, then sample
-        state = read_checkpoint(find_checkpoint(to_absolute_path(str(cfg.checkpoint))))
+        weights = str(cfg.get("weights") or "saved")
+        state = read_checkpoint(find_checkpoint(to_absolute_path(str(cfg.checkpoint)), weights))
         validate_free_energy_config(cfg, load_target(state["spec"]["target"]))
         run = ((state.get("extra") or {}).get("config") or {}).get("data") or {}
         k = md_replicas(cfg, {"data_replicas": run.get("replicas")})

@@ -4,6 +4,7 @@
     bgflow-sample checkpoint=RUN/checkpoints/best.pt n_samples=1000000 \\
         formats=[h5,dcd,pdb] out=samples/best energy=torchff device=cuda
     bgflow-sample checkpoint=RUN energy=torchff ais.steps=16   # annealed importance sampling
+    bgflow-sample checkpoint=RUN weights=ema   # the final EMA of checkpoints/latest.pt
 
 The checkpoint alone rebuilds the generator and its target (no config file needed).
 Writes a sample folder (see :func:`bgflow_mini.samples.write_samples`): positions batch by
@@ -54,17 +55,21 @@ def sample(cfg: DictConfig, out: Path) -> dict:
     validate_sample_config(cfg)
     set_threads(cfg.num_threads)
     torch.manual_seed(int(cfg.seed))
-    checkpoint = find_checkpoint(to_absolute_path(str(cfg.checkpoint)))
+    weights = str(cfg.get("weights") or "saved")
+    checkpoint = find_checkpoint(to_absolute_path(str(cfg.checkpoint)), weights)
     state = read_checkpoint(checkpoint)
     run = dict(state.get("extra") or {})
     target = load_target(state["spec"]["target"])
     energy, spec = run_energy(target, cfg.get("energy"), run.get("config") or {}, cfg.regularize)
     with energy:
-        generator = load_generator(checkpoint, target, energy, str(cfg.device), cfg.get("dtype"))
+        generator = load_generator(
+            checkpoint, target, energy, str(cfg.device), cfg.get("dtype"), weights
+        )
         p = next(generator.parameters())
         extra = {
             "system": target.name,
             "checkpoint": str(checkpoint),
+            "weights": weights,
             "energy": type(energy).__name__,
             "energy_config": spec,
             "regularized_energy": bool(cfg.regularize),

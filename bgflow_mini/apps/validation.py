@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bgflow_mini.checkpoint import WEIGHTS
 from bgflow_mini.flows.nets import ACTIVATIONS
 from bgflow_mini.training import Phase
 
@@ -216,6 +217,7 @@ SAMPLE: Rules = [
     *RUNTIME,
     *AIS,
     *rows(TEXT, "checkpoint"),
+    *rows(optional(one_of(WEIGHTS)), "weights"),  # null: saved
     *rows(optional(TEXT), "config", "out"),
     *rows(POS_INT, "n_samples", "batch_size"),
     *rows(list_of(one_of(FORMATS)), "formats"),
@@ -226,6 +228,7 @@ FREE_ENERGY: Rules = [
     *RUNTIME,
     *AIS,
     *rows(optional(TEXT), "samples", "checkpoint", "config", "out", "data_dir"),
+    *rows(optional(one_of(WEIGHTS)), "weights"),  # null: saved
     *rows(
         Rule(
             "null, auto, a path, or a non-empty list of paths (independent MD runs, pooled;"
