@@ -4,7 +4,9 @@ For every run folder given (its ``model.pt``), draws ``--draws`` independent set
 samples at each latent temperature ``--temperatures`` (``log q`` is that of the tempered
 model, so the weights stay exact), weights them with ``TorchForceField`` (float32, the run's
 own system), and prints one row per model and temperature with the normalised Kish ESS of
-every set. With heavy-tailed weights the ESS of one set is a noisy statistic. With
+every set and the median over the sets of the generator's temperature relative to the
+target's, from the line of ``log w`` on ``u`` (:func:`bgflow_mini.weight_drivers.energy_slope`;
+above 1: too hot). With heavy-tailed weights the ESS of one set is a noisy statistic. With
 ``--symmetrize`` each model is also measured as the mixture over its side-chain flips
 (:func:`bgflow_mini.symmetry.symmetrize`; a row per variant, ``sym`` marks the mixture).
 With ``--ais-steps K`` every set is also drawn by annealed importance sampling
@@ -39,6 +41,7 @@ from bgflow_mini.energies import TorchForceField
 from bgflow_mini.pareto import pareto_k
 from bgflow_mini.reweighting import effective_sample_size
 from bgflow_mini.systems import load_system
+from bgflow_mini.weight_drivers import energy_slope
 
 __all__ = ["main", "spread"]
 
@@ -51,11 +54,12 @@ def spread(
     symmetrized: bool = False,
     ais_steps: int = 0,
     weights: str = "saved",
-) -> list[tuple[float, float]]:
-    """``(ESS/N, Pareto k)`` of ``draws`` fresh sets of ``n`` samples of ``run``'s model at
-    ``temperature`` (with ``symmetrized``, of the model's mixture over its side-chain flips;
-    with ``ais_steps``, annealed importance samples at temperature 1; ``weights``: which
-    weights of the run, see :func:`bgflow_mini.load_generator`)."""
+) -> list[tuple[float, float, float]]:
+    """``(ESS/N, Pareto k, generator temperature / target's)`` of ``draws`` fresh sets of
+    ``n`` samples of ``run``'s model at ``temperature`` (with ``symmetrized``, of the
+    model's mixture over its side-chain flips; with ``ais_steps``, annealed importance
+    samples at temperature 1; ``weights``: which weights of the run, see
+    :func:`bgflow_mini.load_generator`)."""
     from bgflow_mini.ais import annealed_importance_sampling, tune_step_sizes
     from bgflow_mini.symmetry import symmetrize
 
@@ -73,11 +77,12 @@ def spread(
         torch.manual_seed(draw)
         if ais_steps:
             res = annealed_importance_sampling(gen, n, steps=ais_steps, step_sizes=eps)
-            log_w = res.log_w
+            log_w, u = res.log_w, res.u
         else:
             _, log_q, u = gen.sample_weighted(n, batch_size=4096, temperature=temperature)
             log_w = (-u - log_q).double()
-        out.append((effective_sample_size(log_w), pareto_k(log_w)["k"]))
+        ratio = energy_slope(log_w, u.double())["temperature_ratio"]
+        out.append((effective_sample_size(log_w), pareto_k(log_w)["k"], ratio))
     return out
 
 
@@ -101,8 +106,8 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
     print(f"## ESS of fresh sample sets ({datetime.date.today()}, {cpu_model()})\n")
     print(f"{args.draws} sets of {args.n:,} samples per model and latent temperature\n")
-    print("| run | T | ESS of each set | min | median | Pareto k of each set |")
-    print("| --- | ---: | --- | ---: | ---: | --- |")
+    print("| run | T | ESS of each set | min | median | Pareto k of each set | T_q / T |")
+    print("| --- | ---: | --- | ---: | ---: | --- | ---: |")
     variants = (
         [(False, 0)]
         + [(True, 0)] * args.symmetrize
@@ -113,13 +118,14 @@ def main() -> None:
             if ais and t != 1.0:
                 continue
             sets = spread(run, t, args.draws, args.n, sym, ais, weights=w)
-            ess = [e for e, _ in sets]
+            ess = [e for e, _, _ in sets]
             each = " / ".join(f"{e:.4f}" for e in ess)
-            ks = " / ".join(f"{k:.2f}" for _, k in sets)
+            ks = " / ".join(f"{k:.2f}" for _, k, _ in sets)
+            tq = statistics.median(r for _, _, r in sets)
             med = statistics.median(ess)
             name = f"{run.name}{' (sym)' if sym else ''}{f' (AIS {ais})' if ais else ''}"
             name += f" ({w} weights)" if w != "saved" else ""
-            row = f"| {name} | {t:g} | {each} | {min(ess):.4f} | {med:.4f} | {ks} |"
+            row = f"| {name} | {t:g} | {each} | {min(ess):.4f} | {med:.4f} | {ks} | {tq:.3f} |"
             print(row, flush=True)
 
 

@@ -108,6 +108,7 @@ def summary_table(metrics: Mapping) -> str:
                 )
             if key == "ess":
                 lines += _largest_weight_rows(metrics.get("largest_weights") or [])
+                lines += _energy_slope_rows(metrics.get("energy_slope") or {})
     for res in metrics.get("ramachandran_residues") or []:
         kl, floor = (metrics.get(f"ramachandran_kl{k}_{res}") for k in ("", "_md_train"))
         if kl is not None:
@@ -203,6 +204,16 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _energy_slope_rows(fit: Mapping) -> list[str]:
+    """How hot the generator is: the line of log w on the energy."""
+    if not fit or not math.isfinite(fit.get("slope", math.nan)):
+        return []
+    return [
+        f"| generator temperature / target's (log w on u: slope, R^2) | "
+        f"{fit['temperature_ratio']:.3f} ({fit['slope']:+.3f}, {fit['r2']:.2f}) |"
+    ]
 
 
 def _driver_rows(drivers: Mapping) -> list[str]:

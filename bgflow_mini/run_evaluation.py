@@ -25,7 +25,7 @@ from .coordinates import InternalCoordinates
 from .evaluation import generator_samples, largest_weights, ramachandran_kl
 from .pareto import pareto_k
 from .reweighting import block_ess, effective_sample_size
-from .weight_drivers import weight_drivers
+from .weight_drivers import energy_slope, weight_drivers
 
 if TYPE_CHECKING:
     from .pipeline import DataSplit
@@ -103,6 +103,9 @@ def evaluate(
       above 0.7 the ESS and reweighted free energies of this set are unreliable);
     * ``largest_weights``: the 5 largest weights, their share, energy and CV values
       (:func:`~bgflow_mini.evaluation.largest_weights`): where the flow is too thin;
+    * ``energy_slope``: the line of ``log w`` on ``u`` and the temperature (relative to
+      the target's) it makes the generator resemble
+      (:func:`~bgflow_mini.weight_drivers.energy_slope`): above 1, too hot;
     * ``state_populations``: per state the raw and reweighted fraction of samples, its
       share of the squared weights (``weight2_share``) and the ESS/n of its own samples
       (``ess_within``): which state holds the ESS down, and whether by its weight or
@@ -170,6 +173,7 @@ def evaluate(
         "ess_blocks": block_ess(log_w, 5) if len(log_w) >= 5 else None,
         "pareto_k": pareto_k(log_w)["k"],
         "largest_weights": largest_weights(log_w, u, values, cvs, k=5),
+        "energy_slope": energy_slope(log_w, u),
         "finite_energy_fraction": float(finite.mean()),
         "n_nonfinite_energies": int((~finite).sum()),
         "test_nll": test_nll(generator, data.test),

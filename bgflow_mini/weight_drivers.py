@@ -11,6 +11,9 @@ changes: the flow has its marginal, or its coupling to the coordinates that foll
 wrong. The values are not additive over coordinates (they overlap when coordinates are
 correlated), and a small R^2 everywhere means the error is spread over many coordinates.
 
+:func:`energy_slope` asks the same of the energy itself: a generator that is the target at
+another temperature has ``log w`` linear in ``u``, and the slope says which temperature.
+
 ``log w`` is clipped at ``clip`` below its maximum first (weights below ``e^-clip`` of the
 largest carry nothing in any estimate; without the clip a few samples at very high
 energy would own the variance), non-finite values count as clipped.
@@ -18,6 +21,7 @@ energy would own the variance), non-finite values count as clipped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +30,7 @@ import torch
 
 from .coordinates.internal import bond_angles, bond_lengths, dihedral_angles
 
-__all__ = ["binned_r2", "zmatrix_coordinates", "weight_drivers"]
+__all__ = ["binned_r2", "zmatrix_coordinates", "weight_drivers", "energy_slope"]
 
 
 def _clipped(log_w: Any, clip: float) -> np.ndarray:
@@ -163,3 +167,37 @@ def weight_drivers(
         return [{"coordinate": labels[i], "r2": float(values[i])} for i in best]
 
     return {"all": ranked(r2[None]), "states": {name: ranked(r2[name]) for name in chosen}}
+
+
+def energy_slope(log_w: Any, u: Any, clip: float = 15.0) -> dict:
+    """The least-squares line of ``log w`` on the reduced energy ``u`` (kT), both ``(n,)``.
+
+    ``log w = -u - log q + c``, so a slope ``s`` means ``log q = -(1 + s) u + ...`` along
+    the line: the generator resembles the target at ``temperature_ratio = 1 / (1 + s)``
+    times its temperature (above 1: too hot, too broad, its largest weights at low
+    energy; ``inf`` where ``1 + s <= 0``). ``r2`` is the share of the variance of ``log w``
+    the line explains (how much of the weight's spread a tempering of the flow could
+    remove). Fitted over the samples with a finite ``u`` and ``log w`` within ``clip`` of
+    the largest (the samples that carry weight). Returns ``{"slope", "temperature_ratio",
+    "r2", "n"}``; with fewer than 3 such samples or a constant ``u`` all three are NaN; a
+    ``log w`` constant to rounding (the generator is the target) gives slope 0, r2 0.
+    """
+    lw = np.asarray(log_w, dtype=np.float64).ravel()
+    e = np.asarray(u, dtype=np.float64).ravel()
+    if lw.shape != e.shape:
+        raise ValueError(f"log_w and u must have the same shape, got {lw.shape}, {e.shape}")
+    keep = np.isfinite(lw) & np.isfinite(e)
+    if keep.any():
+        keep &= lw >= lw[keep].max() - float(clip)
+    y, x = lw[keep], e[keep]
+    nan = {"slope": math.nan, "temperature_ratio": math.nan, "r2": math.nan, "n": int(keep.sum())}
+    if len(x) < 3 or np.ptp(x) == 0.0:
+        return nan
+    xc, yc = x - x.mean(), y - y.mean()
+    if np.ptp(y) <= 1e-9 * (1.0 + np.abs(y).max()):  # log w constant to rounding: exact
+        return {"slope": 0.0, "temperature_ratio": 1.0, "r2": 0.0, "n": int(len(x))}
+    slope = float(xc @ yc / (xc @ xc))
+    total = float(yc @ yc)
+    r2 = 1.0 - float(np.square(yc - slope * xc).sum()) / total if total > 0 else 0.0
+    ratio = 1.0 / (1.0 + slope) if 1.0 + slope > 0 else math.inf
+    return {"slope": slope, "temperature_ratio": ratio, "r2": max(0.0, r2), "n": int(len(x))}

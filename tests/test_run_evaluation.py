@@ -25,7 +25,7 @@ from bgflow_mini.report import summary_table
 from bgflow_mini.systems import load_system
 from bgflow_mini.targets import MolecularTarget
 from bgflow_mini.training import Trainer
-from bgflow_mini.weight_drivers import weight_drivers
+from bgflow_mini.weight_drivers import energy_slope, weight_drivers
 
 
 def _peptide_like(folder: Path) -> Path:
@@ -143,6 +143,10 @@ def test_evaluate_with_any_named_cvs_and_several_residues(peptide):
     assert m["pareto_k"] == pareto_k(s["log_w"])["k"]  # the tail shape of the same weights
     row = f"| Pareto k of the largest weights (> 0.7: ESS, dF unreliable) | {m['pareto_k']:.2f} |"
     assert row in table
+    fit = m["energy_slope"]  # the line of log w on u, the same as on the samples directly
+    assert fit == energy_slope(s["log_w"], s["u"])
+    head = "| generator temperature / target's (log w on u: slope, R^2) |"
+    assert f"{head} {fit['temperature_ratio']:.3f} ({fit['slope']:+.3f}, " in table
     assert "chi1_negative -> chi1_positive" in table and "residue 2" in table
     # the largest weights: the samples' own weights, energies and CVs (torsions in degrees)
     heavy = m["largest_weights"]

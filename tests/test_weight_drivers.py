@@ -3,6 +3,7 @@ against mdtraj, and the per-state selection."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import mdtraj as md
@@ -10,7 +11,12 @@ import numpy as np
 import pytest
 
 from bgflow_mini.coordinates import build_zmatrix
-from bgflow_mini.weight_drivers import binned_r2, weight_drivers, zmatrix_coordinates
+from bgflow_mini.weight_drivers import (
+    binned_r2,
+    energy_slope,
+    weight_drivers,
+    zmatrix_coordinates,
+)
 
 ALDP_PDB = Path(__file__).resolve().parents[1] / "systems" / "aldp_vacuum" / "aldp.pdb"
 
@@ -133,3 +139,39 @@ def test_weight_drivers_gives_the_same_in_chunks_and_in_float32(aldp):
         assert {d["coordinate"] for d in a} == {d["coordinate"] for d in b}
         r2a = {d["coordinate"]: d["r2"] for d in a}
         assert all(abs(d["r2"] - r2a[d["coordinate"]]) < 0.02 for d in b)
+
+
+@pytest.mark.parametrize("sigma", [0.8, 1.0, 1.25])
+def test_energy_slope_gives_the_temperature_of_a_tempered_gaussian(sigma):
+    """Target u = |x|^2 / 2 (kT), generator N(0, sigma^2 I) in 3 dimensions: log q =
+    -u / sigma^2 + c, so log w = (1 / sigma^2 - 1) u + c exactly and the generator is the
+    target at sigma^2 times its temperature."""
+    rng = np.random.default_rng(0)
+    x = sigma * rng.normal(size=(20_000, 3))
+    u = 0.5 * np.square(x).sum(1)
+    log_q = -u / sigma**2 - 1.5 * np.log(2 * np.pi * sigma**2)
+    out = energy_slope(-u - log_q, u)
+    assert out["slope"] == pytest.approx(1 / sigma**2 - 1, abs=1e-9)
+    assert out["temperature_ratio"] == pytest.approx(sigma**2, rel=1e-9)
+    assert out["r2"] == pytest.approx(1.0 if sigma != 1.0 else 0.0, abs=1e-9)
+    # clipped: samples more than clip below the largest log w are left out of the fit
+    assert out["n"] == int((-u - log_q >= (-u - log_q).max() - 15.0).sum())
+
+
+def test_energy_slope_of_weights_unrelated_to_the_energy_and_degenerate_inputs():
+    rng = np.random.default_rng(1)
+    u = rng.normal(size=50_000)
+    out = energy_slope(rng.normal(size=50_000), u)  # log w independent of u
+    assert abs(out["slope"]) < 0.02 and out["r2"] < 1e-3
+    assert out["temperature_ratio"] == pytest.approx(1.0, abs=0.02)
+    lw = -2.0 * u  # slope -2: 1 + s < 0, no temperature fits
+    assert energy_slope(lw, u)["temperature_ratio"] == math.inf
+    # non-finite energies and weights are left out; too few samples give NaN
+    u2, lw2 = u.copy(), -0.5 * u
+    u2[:10], lw2[10:20] = np.inf, -np.inf
+    assert energy_slope(lw2, u2)["n"] == 50_000 - 20
+    assert energy_slope(lw2, u2)["slope"] == pytest.approx(-0.5)
+    assert math.isnan(energy_slope([0.0, 1.0], [1.0, 2.0])["slope"])
+    assert math.isnan(energy_slope(np.zeros(10), np.ones(10))["r2"])  # constant u
+    with pytest.raises(ValueError, match="same shape"):
+        energy_slope(np.zeros(3), np.zeros(4))
