@@ -176,9 +176,10 @@ def energy_slope(log_w: Any, u: Any, clip: float = 15.0) -> dict:
     the line: the generator resembles the target at ``temperature_ratio = 1 / (1 + s)``
     times its temperature (above 1: too hot, too broad, its largest weights at low
     energy; ``inf`` where ``1 + s <= 0``). ``r2`` is the share of the variance of ``log w``
-    the line explains (how much of the weight's spread a tempering of the flow could
-    remove). Fitted over the samples with a finite ``u`` and ``log w`` within ``clip`` of
-    the largest (the samples that carry weight). Returns ``{"slope", "temperature_ratio",
+    the line explains (a diagnosis: subtracting the line from ``log w`` afterwards is no
+    correction, it hands the weight to the high-energy samples). Fitted over the samples
+    with a finite ``u`` and ``log w`` within ``clip`` of the largest (the samples that
+    carry weight). Returns ``{"slope", "temperature_ratio",
     "r2", "n"}``; with fewer than 3 such samples or a constant ``u`` all three are NaN; a
     ``log w`` constant to rounding (the generator is the target) gives slope 0, r2 0.
     """
@@ -193,9 +194,9 @@ def energy_slope(log_w: Any, u: Any, clip: float = 15.0) -> dict:
     nan = {"slope": math.nan, "temperature_ratio": math.nan, "r2": math.nan, "n": int(keep.sum())}
     if len(x) < 3 or np.ptp(x) == 0.0:
         return nan
-    xc, yc = x - x.mean(), y - y.mean()
     if np.ptp(y) <= 1e-9 * (1.0 + np.abs(y).max()):  # log w constant to rounding: exact
         return {"slope": 0.0, "temperature_ratio": 1.0, "r2": 0.0, "n": int(len(x))}
+    xc, yc = x - x.mean(), y - y.mean()
     slope = float(xc @ yc / (xc @ xc))
     total = float(yc @ yc)
     r2 = 1.0 - float(np.square(yc - slope * xc).sum()) / total if total > 0 else 0.0
