@@ -179,9 +179,9 @@ def energy_slope(log_w: Any, u: Any, clip: float = 15.0) -> dict:
     the line explains (a diagnosis: subtracting the line from ``log w`` afterwards is no
     correction, it hands the weight to the high-energy samples). Fitted over the samples
     with a finite ``u`` and ``log w`` within ``clip`` of the largest (the samples that
-    carry weight). Returns ``{"slope", "temperature_ratio",
-    "r2", "n"}``; with fewer than 3 such samples or a constant ``u`` all three are NaN; a
-    ``log w`` constant to rounding (the generator is the target) gives slope 0, r2 0.
+    carry weight). Returns ``{"slope", "temperature_ratio", "r2", "n"}``; with fewer than
+    3 such samples or a constant ``u`` all three are NaN; a ``log w`` constant to rounding
+    (the generator is the target) gives slope 0, r2 0.
     """
     lw = np.asarray(log_w, dtype=np.float64).ravel()
     e = np.asarray(u, dtype=np.float64).ravel()
