@@ -56,6 +56,9 @@ class DataSplit:
     (``reference_seeds``). None: ``reference`` alone (toys). ``ml_log_weights``: the
     ML rows' log draw weights when a state floor raised them
     (:func:`bgflow_mini.state_balance.state_floor_log_weights`), else None.
+    ``ml_weightings``: the ML rows' log draw weights under further replica weightings
+    (``extra_weightings`` of :func:`molecular_data`, for phases with their own
+    ``replica_weights``), the state floor applied to each where one is set.
     """
 
     train: Tensor
@@ -67,11 +70,23 @@ class DataSplit:
     pool_log_weights: Tensor | None = None
     md_reference: MDReference | None = None
     ml_log_weights: Tensor | None = None
+    ml_weightings: dict[str, Tensor] = field(default_factory=dict)
 
-    def ml_data(self) -> tuple[Tensor, Tensor | None]:
-        """The maximum-likelihood rows and their draw weights (None: uniform draws)."""
+    def ml_data(self, weighting: str | None = None) -> tuple[Tensor, Tensor | None]:
+        """The maximum-likelihood rows and their draw weights (None: uniform draws);
+        ``weighting`` (``"mbar"`` or ``"equal"``) asks for the replica pool's rows drawn
+        with that weighting instead of the run's own."""
         rows = self.train if self.pool is None else self.pool
-        lw = self.pool_log_weights if self.ml_log_weights is None else self.ml_log_weights
+        own = (self.info.get("replica_pool") or {}).get("weighting")
+        if weighting is None or weighting == own:
+            lw = self.pool_log_weights if self.ml_log_weights is None else self.ml_log_weights
+        elif weighting in self.ml_weightings:
+            lw = self.ml_weightings[weighting]
+        else:
+            raise ValueError(
+                f"no ML draw weights for replica weighting {weighting!r}: the data has "
+                + (f"{own!r} and {sorted(self.ml_weightings)}" if own else "no replica pool")
+            )
         return rows, None if lw is None else torch.exp(lw - lw.max())
 
 
@@ -87,6 +102,7 @@ def molecular_data(
     replicas: int = 1,
     replica_weights: str = "mbar",
     reference_seeds: Sequence[int] = (),
+    extra_weightings: Sequence[str] = (),
 ) -> DataSplit:
     """MD data of ``system`` from the cache in ``data_dir`` (generated on a miss).
 
@@ -100,7 +116,8 @@ def molecular_data(
     training-time frames of the ``k`` lowest temperatures for the maximum-likelihood term,
     weighted by ``replica_weights`` (:func:`bgflow_mini.replica_pool.pool_log_weights`);
     ``info["replica_pool"]`` records the pool's size, Kish effective size and the weight
-    share of each temperature. Validation, test and ``reference`` stay target-temperature
+    share of each temperature; ``extra_weightings`` computes the pool's weights under those
+    weightings too (``ml_weightings``). Validation, test and ``reference`` stay target-temperature
     frames; ``md_reference`` adds every frame of the pooled temperatures with MBAR
     weights for the target temperature (the evaluation's ``"md_mbar"`` reference).
 
@@ -113,9 +130,15 @@ def molecular_data(
     from .md import MD_DEFAULTS
     from .replica_pool import WEIGHTINGS, kish_size, pool_log_weights, series_log_weights
 
-    if replica_weights not in WEIGHTINGS:  # before any MD
+    for weighting in (replica_weights, *extra_weightings):  # before any MD
+        if weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"replica_weights must be one of {list(WEIGHTINGS)}, got {weighting!r}"
+            )
+    if extra_weightings and replicas < 2:
         raise ValueError(
-            f"replica_weights must be one of {list(WEIGHTINGS)}, got {replica_weights!r}"
+            f"replica weightings {list(extra_weightings)} need a replica pool (replicas > 1), "
+            f"got replicas={replicas}"
         )
     own_seed = int(md_settings.get("seed", MD_DEFAULTS["seed"]))
     seeds = [int(x) for x in reference_seeds]
@@ -151,6 +174,14 @@ def molecular_data(
             "weight_share": [float(w[ds.pool_replica == r].sum()) for r in range(replicas)],
         }
         split.pool, split.pool_log_weights = ds.pool, torch.as_tensor(lw)
+        for weighting in sorted(set(extra_weightings) - {replica_weights}):
+            other = pool_log_weights(ds.pool_energies, ds.pool_replica, ds.temperatures, weighting)
+            split.ml_weightings[weighting] = torch.as_tensor(other)
+            w = np.exp(other)
+            info["replica_pool"].setdefault("phase_weightings", {})[weighting] = {
+                "kish_frames": kish_size(other),
+                "weight_share": [float(w[ds.pool_replica == r].sum()) for r in range(replicas)],
+            }
         ref_lw = series_log_weights(ds.replica_energies, ds.temperatures)
         xyz = ds.replica_positions.reshape(-1, ds.replica_positions.shape[-1]).numpy()
         own = MDReference(xyz, str(entry.path), ref_lw, replicas, ds.temperatures.tolist())
@@ -196,7 +227,8 @@ def apply_state_floor(
     The ML rows (``pool`` or ``train``) get ``ml_log_weights``
     (:func:`bgflow_mini.state_balance.state_floor_log_weights`) in which each of ``states``
     (CV ranges over ``cvs``) holds at least that share; ``info["state_floor"]`` reports
-    the shares before and after. Validation, test and the reference are untouched.
+    the shares before and after. The further weightings of ``ml_weightings`` are floored
+    the same way. Validation, test and the reference are untouched.
     """
     from .state_balance import state_floor_log_weights, state_masks
 
@@ -205,6 +237,9 @@ def apply_state_floor(
     lw = None if split.pool_log_weights is None else split.pool_log_weights.numpy()
     lw, report = state_floor_log_weights(lw, masks, state_floor)
     split.ml_log_weights = torch.as_tensor(lw)
+    for weighting, other in split.ml_weightings.items():
+        floored, _ = state_floor_log_weights(other.numpy(), masks, state_floor)
+        split.ml_weightings[weighting] = torch.as_tensor(floored)
     split.info["state_floor"] = report
     if log is not None:
         moved = {

@@ -33,6 +33,10 @@ class Phase:
         temperature: relative temperature ``τ = T / T_target`` of the reverse-KL target
             and of the buffer's weights (1: the energy's own temperature).
         resample_every: steps between buffer refills (``None``: the trainer's default).
+        replica_weights: the ML draw weighting of a replica pool in this phase,
+            ``"mbar"`` (to the target temperature) or ``"equal"`` (the plain mixture);
+            ``None``: the run's own (``data.replica_weights``). The weights come from
+            :meth:`~bgflow_mini.training.Trainer.fit_phases`' ``data_weights`` mapping.
     """
 
     steps: int
@@ -45,6 +49,7 @@ class Phase:
     w_iw: float = 0.0
     temperature: float = 1.0
     resample_every: int | None = None
+    replica_weights: str | None = None
 
 
 def cosine_schedule(

@@ -157,8 +157,8 @@ class MolecularTarget(Target):
     def data(self, *, seed: int = 0, progress: bool = True, **settings: Any):
         """MD data from the cache (generated on a miss): ``md`` (settings), ``data_dir``,
         ``fractions``, ``stride``, ``n_workers``, ``replicas``, ``replica_weights``,
-        ``reference_seeds`` (see :func:`~bgflow_mini.pipeline.molecular_data`); other
-        settings are ignored."""
+        ``reference_seeds``, ``extra_weightings`` (see
+        :func:`~bgflow_mini.pipeline.molecular_data`); other settings are ignored."""
         from .pipeline import molecular_data
 
         return molecular_data(
@@ -172,6 +172,7 @@ class MolecularTarget(Target):
             replicas=int(settings.get("replicas") or 1),
             replica_weights=str(settings.get("replica_weights") or "mbar"),
             reference_seeds=list(settings.get("reference_seeds") or ()),
+            extra_weightings=list(settings.get("extra_weightings") or ()),
         )
 
     def _build(

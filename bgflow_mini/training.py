@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -68,6 +68,30 @@ def _weights_cdf(weights: Tensor, data: Tensor) -> Tensor:
         raise ValueError("data_weights must be finite, non-negative and not all zero")
     cdf = torch.cumsum(w, 0)
     return cdf / cdf[-1]
+
+
+def _phase_weights(
+    phases: Sequence[Phase], data_weights: Tensor | Mapping | None
+) -> list[Tensor | None]:
+    """Each phase's data weights (see :meth:`Trainer.fit_phases`); a phase that names a
+    weighting needs ``data_weights`` to be a mapping holding it."""
+    if not isinstance(data_weights, Mapping):
+        named = sorted({p.replica_weights for p in phases if p.replica_weights is not None})
+        if named:
+            raise ValueError(
+                f"phases ask for replica weightings {named}, but data_weights is one set of "
+                "weights: pass a mapping from each phase's replica_weights to its weights"
+            )
+        return [data_weights] * len(phases)
+    missing = sorted(
+        {str(p.replica_weights) for p in phases if p.replica_weights not in data_weights}
+    )
+    if missing:
+        raise ValueError(
+            f"no data weights for the phases' replica_weights {missing}; "
+            f"data_weights holds {sorted(map(str, data_weights))}"
+        )
+    return [data_weights[p.replica_weights] for p in phases]
 
 
 class TrainingStalled(RuntimeError):
@@ -384,18 +408,24 @@ class Trainer:
         self,
         phases: Sequence[Phase],
         data: Tensor | None = None,
-        data_weights: Tensor | None = None,
+        data_weights: Tensor | Mapping[str | None, Tensor | None] | None = None,
     ) -> list[dict]:
-        """Run a schedule of :class:`Phase` objects, continuing from ``self.step``
-        (``data_weights`` as in :meth:`fit`).
+        """Run a schedule of :class:`Phase` objects, continuing from ``self.step``.
 
-        Steps already done (e.g. after :meth:`load_checkpoint`) are not repeated, so
-        calling this again with the same phases resumes an interrupted schedule. Every
-        phase's batches are checked against the shards before the first step.
+        ``data_weights``: one set for every phase (as in :meth:`fit`), or a mapping from a
+        phase's ``replica_weights`` (``None`` for phases without one) to that phase's
+        weights ``(n,)`` (a value of ``None``: uniform draws). Steps already done (e.g.
+        after :meth:`load_checkpoint`) are not repeated, so calling this again with the
+        same phases resumes an interrupted schedule. Every phase's batches and weights
+        are checked before the first step.
         """
         check_global_batches(phases, self.batch_size, self.kl_batch_size, self.shards)
+        weights = _phase_weights(phases, data_weights)
+        for phase, w in zip(phases, weights):
+            if w is not None and data is not None and phase.w_ml > 0:
+                _weights_cdf(w, data)  # a bad set of a later phase fails before step 1
         done, records = 0, []
-        for phase in phases:
+        for i, phase in enumerate(phases):
             end = done + int(phase.steps)
             remaining = end - max(self.step, done)
             if remaining > 0:
@@ -412,7 +442,7 @@ class Trainer:
                     w_iw=phase.w_iw,
                     temperature=phase.temperature,
                     resample_every=phase.resample_every,
-                    data_weights=data_weights,
+                    data_weights=weights[i],
                 )
             done = end
         return records

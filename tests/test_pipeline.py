@@ -124,6 +124,23 @@ def test_molecular_data_pools_replicas_with_their_weights(tmp_path):
     ] == pytest.approx(2 * n)
     with pytest.raises(ValueError, match="replica_weights"):
         molecular_data(toy_system(), settings, tmp_path, replicas=2, replica_weights="kish", **kw)
+    # a phase's own weighting: the same pool drawn equally beside the run's MBAR weights
+    both = molecular_data(
+        toy_system(), settings, tmp_path, replicas=2, extra_weightings=["equal"], **kw
+    )
+    torch.testing.assert_close(both.ml_data()[1], weights)
+    torch.testing.assert_close(both.ml_data("mbar")[1], weights)
+    rows_eq, w_both = both.ml_data("equal")
+    assert torch.equal(rows_eq, rows) and torch.equal(w_both, w_eq)
+    extra = both.info["replica_pool"]["phase_weightings"]["equal"]
+    assert extra["kish_frames"] == pytest.approx(2 * n)
+    assert extra["weight_share"] == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match="no ML draw weights for replica weighting 'equal'"):
+        split.ml_data("equal")
+    with pytest.raises(ValueError, match="no replica pool"):
+        plain.ml_data("mbar")
+    with pytest.raises(ValueError, match=r"need a replica pool \(replicas > 1\)"):
+        molecular_data(toy_system(), settings, tmp_path, extra_weightings=["equal"], **kw)
 
 
 def test_molecular_data_pools_reference_runs_of_other_md_seeds(tmp_path):

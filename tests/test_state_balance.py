@@ -226,6 +226,17 @@ def test_masks_and_split_from_named_torsion_states():
     assert rows is split.train and w.shape == (100,)
     assert float(w[95:].sum() / w.sum()) == pytest.approx(0.25, rel=1e-3)
     assert split.info["state_floor"]["states"]["pos"]["before"] == pytest.approx(0.05)
+    # a phase's own weighting of the rows is floored too
+    split = DataSplit(t, t[:2], t[:2], t, pool=t, pool_log_weights=torch.zeros(100))
+    split.info["replica_pool"] = {"weighting": "equal"}
+    split.ml_weightings["mbar"] = torch.as_tensor(np.log(np.r_[np.full(50, 3.0), np.ones(50)]))
+    apply_state_floor(split, cvs, states, 0.25, log=None)
+    for weighting in ("equal", "mbar"):
+        w = split.ml_data(weighting)[1]
+        assert float(w[95:].sum() / w.sum()) == pytest.approx(0.25, rel=1e-3)
+    w = split.ml_data("mbar")[1]  # within a state the weighting's own ratios stay
+    assert float(w[0] / w[60]) == pytest.approx(3.0)
+    assert float(split.ml_data("equal")[1][0] / split.ml_data("equal")[1][60]) == 1.0
 
 
 def test_a_flow_trained_on_floored_draws_fills_the_rare_well_and_reweights_exactly():

@@ -355,6 +355,45 @@ def test_ml_and_weighted_ml_batches_share_one_flow_pass(compiled):
     assert want_iw != pytest.approx(want_ml)  # two different batches
 
 
+def _spy_draws(trainer: Trainer) -> list:
+    """The data weights' cdf (None: uniform) that each of ``trainer``'s steps draws with."""
+    seen, step = [], trainer._train_step
+
+    def spy(rows_cdf, *args):
+        seen.append(rows_cdf[1])
+        return step(rows_cdf, *args)
+
+    trainer._train_step = spy
+    return seen
+
+
+def test_phases_draw_with_their_own_replica_weights():
+    """A mapping of data weights: each phase draws with the set its replica_weights names."""
+    rows = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    own = torch.cat([torch.ones(32), torch.zeros(32)])
+    mbar = torch.cat([torch.zeros(32), torch.full((32,), 3.0)])
+    phases = [Phase(steps=2, name="a"), Phase(steps=3, name="b", replica_weights="mbar")]
+    trainer = Trainer(make_bg(), batch_size=16, progress=False)
+    seen = _spy_draws(trainer)
+    trainer.fit_phases(phases, data=rows, data_weights={None: own, "mbar": mbar})
+    assert len(seen) == 5
+    for cdf, w in zip(seen, [own] * 2 + [mbar] * 3):
+        torch.testing.assert_close(cdf, torch.cumsum(w.double(), 0) / w.sum())
+    trainer = Trainer(make_bg(), batch_size=16, progress=False)
+    seen = _spy_draws(trainer)  # None as a value: uniform draws in that phase
+    trainer.fit_phases(phases, data=rows, data_weights={None: None, "mbar": mbar})
+    assert seen[0] is None and seen[1] is None and seen[2] is not None
+
+    fresh = Trainer(make_bg(), batch_size=16, progress=False)
+    with pytest.raises(ValueError, match=r"replica weightings \['mbar'\].*one set"):
+        fresh.fit_phases(phases, data=rows, data_weights=own)
+    with pytest.raises(ValueError, match=r"replica_weights \['mbar'\]"):
+        fresh.fit_phases(phases, data=rows, data_weights={None: own})
+    with pytest.raises(ValueError, match="non-negative"):  # the later phase's set, at once
+        fresh.fit_phases(phases, data=rows, data_weights={None: own, "mbar": -mbar})
+    assert fresh.step == 0 and not fresh.history
+
+
 def test_data_weights_choose_which_rows_are_fitted():
     """Weighted rows: the ML fit follows the weights (zero-weight rows are ignored)."""
     g = torch.Generator().manual_seed(3)

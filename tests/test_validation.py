@@ -171,6 +171,14 @@ TRAIN_BAD = [
     (["data.replicas=3"], ["data.replicas=3", "md.keep_replicas=1", "set md.keep_replicas=3"]),
     (["data.replicas=0"], ["data.replicas=0", INT1]),
     (["data.replica_weights=kish"], ["data.replica_weights='kish'", "['equal', 'mbar']"]),
+    (
+        ["+training.phases.1.replica_weights=kish"],
+        ["training.phases.1.replica_weights='kish'", "null or one of ['equal', 'mbar']"],
+    ),
+    (
+        ["+training.phases.1.replica_weights=mbar"],
+        ["training.phases.1.replica_weights='mbar'", "data.replicas=1 pools none"],
+    ),
     (["evaluation.md_reference_seeds=[-1]"], ["md_reference_seeds=[-1]", "integer >= 0"]),
     (["evaluation.md_reference_seeds=[0]"], ["md_reference_seeds=[0]", "from md.seed=0"]),
     (["evaluation.md_reference_seeds=[2,2]"], ["md_reference_seeds=[2, 2]", "differ"]),

@@ -179,6 +179,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         replicas=cfg.data.get("replicas", 1),
         replica_weights=cfg.data.get("replica_weights", "mbar"),
         reference_seeds=list(cfg.evaluation.get("md_reference_seeds") or []),
+        extra_weightings=sorted({p.replica_weights for p in phases if p.replica_weights}),
         seed=int(cfg.seed),
         progress=bool(cfg.progress) and main,
     )
@@ -282,6 +283,9 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
     t_train, steps_before = time.time(), trainer.step
     try:
         ml_rows, ml_weights = data.ml_data()  # replica pool (data.replicas > 1) or train
+        if any(p.replica_weights for p in phases):  # phases with their own pool weighting
+            named = {p.replica_weights for p in phases if p.replica_weights}
+            ml_weights = {None: ml_weights, **{w: data.ml_data(w)[1] for w in named}}
         trainer.fit_phases(phases, data=ml_rows, data_weights=ml_weights)
         train_time = time.time() - t_train
         trainer.save_checkpoint(latest, extra)  # the last step's state, for resuming (rank 0)

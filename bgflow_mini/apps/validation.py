@@ -165,6 +165,7 @@ PHASE: Rules = [  # steps first: the only key without a default
     *rows(optional(POS), "lr"),
     *rows(optional(POS_INT), "batch_size", "kl_batch_size", "resample_every"),
     *rows(Rule("a string", lambda v: isinstance(v, str)), "name"),
+    *rows(optional(one_of(("mbar", "equal"))), "replica_weights"),
 ]
 TRAIN: Rules = [
     *RUNTIME,
@@ -326,6 +327,14 @@ def _phases(d: Mapping) -> list[str]:
         w = (p.get("w_ml", 1.0), p.get("w_kl", 0.0), p.get("w_iw", 0.0))
         if all(_is_num(x) for x in w) and not any(w):
             lines.append(f"{where}: w_ml, w_kl and w_iw are all 0; at least one must be > 0")
+        k = _get(d, "data.replicas")
+        k = 1 if k is _ABSENT or k is None else k
+        if p.get("replica_weights") is not None and not (isinstance(k, int) and k > 1):
+            lines.append(
+                f"{where}.replica_weights={_show(p['replica_weights'])}: weights a replica "
+                f"pool, but data.replicas={_show(k)} pools none; set data.replicas > 1 "
+                "(and md.keep_replicas to match) or drop the key"
+            )
     return lines
 
 
