@@ -43,6 +43,22 @@ def _md_runs_row(metrics: Mapping) -> list[str]:
     return [f"| MD reference | {ref['label']}: md.seed {seeds} (each run: dF_reference_*_run<i>) |"]
 
 
+def _replica_pool_rows(pool: Mapping) -> list[str]:
+    """Rows giving the ML draws' share of each pooled temperature, for the run's weighting
+    and for any phase's own (``phase_weightings``)."""
+    if not pool:
+        return []
+    temps = "/".join(f"{t:.0f}" for t in pool["temperatures"])
+    rows = [(pool["weighting"], pool)]
+    rows += sorted((pool.get("phase_weightings") or {}).items())
+    return [
+        f"| ML draws, {temps} K pool, {name} weights: share per temperature | "
+        + " / ".join(f"{x:.3f}" for x in r["weight_share"])
+        + f" (Kish effective {r['kish_frames']:.0f} of {pool['n_frames']} frames) |"
+        for name, r in rows
+    ]
+
+
 def _state_floor_rows(floor: Mapping) -> list[str]:
     """Rows naming the states whose share of the ML draws a state floor raised."""
     if not floor:
@@ -148,7 +164,9 @@ def summary_table(metrics: Mapping) -> str:
     pops = metrics.get("state_populations") or {}
     for name, p in pops.items():
         lines.append(_population_row(name, p))
-    lines += _state_floor_rows((metrics.get("data_info") or {}).get("state_floor") or {})
+    info = metrics.get("data_info") or {}
+    lines += _replica_pool_rows(info.get("replica_pool") or {})
+    lines += _state_floor_rows(info.get("state_floor") or {})
     lines += _driver_rows(metrics.get("weight_drivers") or {})
     ev = metrics.get("energy_evaluations")
     if ev:

@@ -39,6 +39,23 @@ def test_largest_weights_finds_the_heavy_samples_and_their_cvs():
     assert f"{100 * heavy[0]['share']:.2f} %" in table and "phi " in table
 
 
+def test_summary_shows_the_replica_pool_of_each_weighting():
+    pool = {
+        "weighting": "equal",
+        "temperatures": [300.0, 356.2, 422.9],
+        "n_frames": 900,
+        "kish_frames": 900.0,
+        "weight_share": [1 / 3, 1 / 3, 1 / 3],
+        "phase_weightings": {"mbar": {"kish_frames": 410.4, "weight_share": [0.7, 0.2, 0.1]}},
+    }
+    table = summary_table({"ess": 0.1, "data_info": {"replica_pool": pool}})
+    head = "| ML draws, 300/356/423 K pool"
+    assert f"{head}, equal weights: share per temperature | 0.333 / 0.333 / 0.333 (Kish " in table
+    assert f"{head}, mbar weights: share per temperature | 0.700 / 0.200 / 0.100 (Kish " in table
+    assert "effective 410 of 900 frames" in table
+    assert "pool" not in summary_table({"ess": 0.1, "data_info": {}})
+
+
 def test_largest_weights_edge_cases():
     assert largest_weights([-np.inf, np.nan], [0.0, 0.0]) == []  # nothing carries weight
     heavy = largest_weights([0.0, -np.inf, 1.0], [1.0, 2.0, 3.0], k=5)  # fewer than k finite
