@@ -163,25 +163,25 @@ def molecular_data(
     own = MDReference(ds.positions.numpy(), str(entry.traj_path))
     if ds.pool is not None:
         lw = pool_log_weights(ds.pool_energies, ds.pool_replica, ds.temperatures, replica_weights)
-        w = np.exp(lw)
+
+        def summary(log_w: np.ndarray) -> dict:  # Kish size and each temperature's share
+            w = np.exp(log_w)
+            shares = [float(w[ds.pool_replica == r].sum()) for r in range(replicas)]
+            return {"kish_frames": kish_size(log_w), "weight_share": shares}
+
         info["replica_pool"] = {
             "replicas": int(replicas),
             "weighting": replica_weights,
             "temperatures": ds.temperatures.tolist(),
             "n_frames": int(len(lw)),
             "target_frames": int(ds.train.shape[0]),
-            "kish_frames": kish_size(lw),
-            "weight_share": [float(w[ds.pool_replica == r].sum()) for r in range(replicas)],
+            **summary(lw),
         }
         split.pool, split.pool_log_weights = ds.pool, torch.as_tensor(lw)
         for weighting in sorted(set(extra_weightings) - {replica_weights}):
             other = pool_log_weights(ds.pool_energies, ds.pool_replica, ds.temperatures, weighting)
             split.ml_weightings[weighting] = torch.as_tensor(other)
-            w = np.exp(other)
-            info["replica_pool"].setdefault("phase_weightings", {})[weighting] = {
-                "kish_frames": kish_size(other),
-                "weight_share": [float(w[ds.pool_replica == r].sum()) for r in range(replicas)],
-            }
+            info["replica_pool"].setdefault("phase_weightings", {})[weighting] = summary(other)
         ref_lw = series_log_weights(ds.replica_energies, ds.temperatures)
         xyz = ds.replica_positions.reshape(-1, ds.replica_positions.shape[-1]).numpy()
         own = MDReference(xyz, str(entry.path), ref_lw, replicas, ds.temperatures.tolist())

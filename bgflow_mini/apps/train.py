@@ -167,6 +167,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
     torch.manual_seed(int(cfg.seed))
     data_dir = to_absolute_path(str(cfg.data_dir))
     floor = cfg.data.get("state_floor")  # checked against the states by validation
+    own_weightings = sorted({p.replica_weights for p in phases if p.replica_weights})
     if not main:
         ctx.barrier()  # rank 0 generates (or finds) the MD data first; the others load it
     data = target.data(
@@ -179,7 +180,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         replicas=cfg.data.get("replicas", 1),
         replica_weights=cfg.data.get("replica_weights", "mbar"),
         reference_seeds=list(cfg.evaluation.get("md_reference_seeds") or []),
-        extra_weightings=sorted({p.replica_weights for p in phases if p.replica_weights}),
+        extra_weightings=own_weightings,  # phases that draw the pool their own way
         seed=int(cfg.seed),
         progress=bool(cfg.progress) and main,
     )
@@ -283,9 +284,8 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
     t_train, steps_before = time.time(), trainer.step
     try:
         ml_rows, ml_weights = data.ml_data()  # replica pool (data.replicas > 1) or train
-        if any(p.replica_weights for p in phases):  # phases with their own pool weighting
-            named = {p.replica_weights for p in phases if p.replica_weights}
-            ml_weights = {None: ml_weights, **{w: data.ml_data(w)[1] for w in named}}
+        if own_weightings:  # a mapping: each phase's weights by its replica_weights
+            ml_weights = {None: ml_weights, **{w: data.ml_data(w)[1] for w in own_weightings}}
         trainer.fit_phases(phases, data=ml_rows, data_weights=ml_weights)
         train_time = time.time() - t_train
         trainer.save_checkpoint(latest, extra)  # the last step's state, for resuming (rank 0)
