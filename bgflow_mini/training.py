@@ -425,7 +425,7 @@ class Trainer:
             if w is not None and data is not None and phase.w_ml > 0:
                 _weights_cdf(w, data)  # a bad set of a later phase fails before step 1
         done, records = 0, []
-        for i, phase in enumerate(phases):
+        for phase, weights_of_phase in zip(phases, weights):
             end = done + int(phase.steps)
             remaining = end - max(self.step, done)
             if remaining > 0:
@@ -442,7 +442,7 @@ class Trainer:
                     w_iw=phase.w_iw,
                     temperature=phase.temperature,
                     resample_every=phase.resample_every,
-                    data_weights=weights[i],
+                    data_weights=weights_of_phase,
                 )
             done = end
         return records

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bgflow_mini.checkpoint import WEIGHTS
 from bgflow_mini.flows.nets import ACTIVATIONS
+from bgflow_mini.replica_pool import WEIGHTINGS
 from bgflow_mini.training import Phase
 
 __all__ = [
@@ -165,7 +166,7 @@ PHASE: Rules = [  # steps first: the only key without a default
     *rows(optional(POS), "lr"),
     *rows(optional(POS_INT), "batch_size", "kl_batch_size", "resample_every"),
     *rows(Rule("a string", lambda v: isinstance(v, str)), "name"),
-    *rows(optional(one_of(("mbar", "equal"))), "replica_weights"),
+    *rows(optional(one_of(WEIGHTINGS)), "replica_weights"),
 ]
 TRAIN: Rules = [
     *RUNTIME,
@@ -206,7 +207,7 @@ OPTIONAL_TRAIN: Rules = [  # only checked when present (a custom flow may not ha
     *rows(POS, "flow.tail_bound"),
     *rows(ACTIVATION, "flow.activation"),
     *rows(POS_INT, "data.replicas"),
-    *rows(one_of(("mbar", "equal")), "data.replica_weights"),
+    *rows(one_of(WEIGHTINGS), "data.replica_weights"),
     *rows(
         optional(Rule("a number in (0, 0.5)", lambda v: _is_num(v) and 0 < v < 0.5)),
         "data.state_floor",
