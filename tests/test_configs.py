@@ -70,6 +70,19 @@ def test_every_experiment(experiment):
     check_instantiable(cfg)
 
 
+def test_ring_recipe_is_the_long_recipe_with_a_larger_flow():
+    ring = OmegaConf.to_container(compose_train(["experiment=ring_dipeptide_long_rnvp"]))
+    long = OmegaConf.to_container(
+        compose_train(["experiment=dipeptide_long_rnvp", "system=tyr_dipeptide_vacuum"])
+    )
+    assert (ring["flow"]["n_blocks"], ring["flow"]["hidden"]) == (8, [128, 128])
+    assert (long["flow"]["n_blocks"], long["flow"]["hidden"]) == (6, [96, 96])
+    ring["flow"], long["flow"] = {}, {}
+    assert ring == long  # MD, data, phases, floor, selection: one recipe
+    other = compose_train(["experiment=ring_dipeptide_long_rnvp", "system=trp_dipeptide_vacuum"])
+    assert other.system.name == "trp_dipeptide_vacuum" and other.flow.n_blocks == 8
+
+
 def test_default_config_builds_a_generator_for_toys():
     from bgflow_mini import pipeline
 
