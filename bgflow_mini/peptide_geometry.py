@@ -34,6 +34,7 @@ __all__ = [
     "AMINO_ACIDS",
     "CAPS",
     "CHI1_ATOM",
+    "CHI2_ATOM",
     "AROMATIC",
     "DEFAULT_PHI",
     "DEFAULT_PSI",
@@ -63,6 +64,13 @@ CHI1_ATOM: dict[str, str] = {
     "PRO": "CG", "SER": "OG", "THR": "OG1", "TRP": "CG", "TYR": "CG", "VAL": "CG1",
 }  # fmt: skip
 """Fourth atom of the side-chain torsion chi1 = N-CA-CB-<atom> (mdtraj's choice)."""
+CHI2_ATOM: dict[str, str] = {
+    "ARG": "CD", "ASN": "OD1", "ASP": "OD1", "GLN": "CD", "GLU": "CD", "HIS": "ND1",
+    "ILE": "CD1", "LEU": "CD1", "LYS": "CD", "MET": "SD", "PHE": "CD1", "PRO": "CD",
+    "TRP": "CD1", "TYR": "CD1",
+}  # fmt: skip
+"""Fourth atom of chi2 = CA-CB-<chi1's atom>-<atom> (mdtraj's choice; e.g. Trp's indole
+flip between its two modes, near -110 and +80 degrees in vacuum)."""
 VARIANTS: dict[str, str] = {"HID": "HIS", "HIE": "HIS", "HIP": "HIS", "CYX": "CYS", "CYM": "CYS",
                             "ASH": "ASP", "GLH": "GLU", "LYN": "LYS"}  # fmt: skip
 """Protonation-variant residue names -> standard name."""
@@ -164,8 +172,9 @@ def _amino_acids(topology: app.Topology) -> list[tuple[int, app.Residue, str]]:
 
 
 def peptide_cvs(topology: app.Topology) -> dict[str, dict[str, Any]]:
-    """Torsion CVs phi, psi, chi1 of every non-cap residue (0-based atom indices, the
-    atoms mdtraj uses); suffix ``_k`` (k = 1..n) unless there is a single residue.
+    """Torsion CVs phi, psi, chi1, chi2 of every non-cap residue that has them (0-based
+    atom indices, the atoms mdtraj uses); suffix ``_k`` (k = 1..n) unless there is a single
+    residue.
     Proline also gets ``omega`` of the peptide bond before it (CA or the ACE methyl, C,
     N, CA): X-Pro bonds are cis in a few per cent of frames (ACE-Pro in vacuum: 6 %)."""
     residues, amino = list(topology.residues()), _amino_acids(topology)
@@ -176,7 +185,9 @@ def peptide_cvs(topology: app.Topology) -> dict[str, dict[str, Any]]:
         prev = _atom(residues[res.index - 1], "C") if res.index > 0 else None
         nxt = _atom(residues[res.index + 1], "N") if res.index + 1 < len(residues) else None
         gamma = _atom(res, CHI1_ATOM[base]) if base in CHI1_ATOM else None
+        delta = _atom(res, CHI2_ATOM[base]) if base in CHI2_ATOM else None
         terms = [("phi", (prev, n, ca, c)), ("psi", (n, ca, c, nxt)), ("chi1", (n, ca, cb, gamma))]
+        terms.append(("chi2", (ca, cb, gamma, delta)))
         if base == "PRO" and res.index > 0:
             before = residues[res.index - 1]
             ca_prev = (

@@ -12,10 +12,11 @@ hydrogens in the file are dropped), hydrogens from ``openmm.app.Modeller.addHydr
 the given pH with the force field's templates (it also picks the histidine tautomer),
 energy minimisation (NoCutoff, no constraints, tolerance 0.1 kJ/mol/nm) and the PDB written
 with ``openmm.app.PDBFile.writeFile``. ``system.yaml`` names torsion CVs for every residue
-that is not a cap (``phi_k``, ``psi_k``, ``chi1_k`` for residue k = 1..n; plain ``phi``,
-``psi``, ``chi1`` for a single residue), with the atom indices mdtraj's
-``compute_phi / compute_psi / compute_chi1`` use, and states (radians, ``lo <= v < hi``,
-periodic; a range past pi wraps): ``phi_k_negative`` [-pi, 0) and ``phi_k_positive``
+that is not a cap (``phi_k``, ``psi_k``, ``chi1_k``, ``chi2_k`` where the side chain has
+them, for residue k = 1..n; plain ``phi``, ``psi``, ``chi1``, ``chi2`` for a single residue;
+proline also ``omega``), with the atom indices mdtraj's ``compute_phi / compute_psi /
+compute_chi1 / compute_chi2`` use, and states (radians, ``lo <= v < hi``, periodic; a
+range past pi wraps): ``phi_k_negative`` [-pi, 0) and ``phi_k_positive``
 [0, 2) per residue, proline's ring pucker instead (``pucker_k_down`` chi1 in [0, 1.2),
 ``pucker_k_up`` chi1 in [-1.2, 0)), then chi1 rotamers of PHE/TYR/TRP/HIS (``chi1_k_plus``
 [0, 2pi/3), ``chi1_k_trans`` [2pi/3, 4pi/3), ``chi1_k_minus`` [-2pi/3, 0)). The first two
@@ -239,7 +240,8 @@ def _yaml_text(header: list[str], cfg: dict[str, Any]) -> str:
               "constraints: null", "rigid_water: false",
               f"temperature: {cfg['temperature']!r}  # K",
               f"# 0-based atom indices; equal to mdtraj.compute_phi / compute_psi / "
-              f"compute_chi1 on {cfg['pdb']}", "cvs:" if cfg["cvs"] else "cvs: {}"]  # fmt: skip
+              f"compute_chi1 / compute_chi2 on {cfg['pdb']}",
+              "cvs:" if cfg["cvs"] else "cvs: {}"]  # fmt: skip
     lines += [f"  {k}: {{type: torsion, atoms: {v['atoms']}}}" for k, v in cfg["cvs"].items()]
     lines.append("# states as CV ranges in radians: lo <= v < hi, periodic (hi > pi wraps)")
     lines.append("states:" if cfg["states"] else "states: {}")

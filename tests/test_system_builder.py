@@ -20,6 +20,7 @@ pytest.importorskip("pdbfixer")
 
 from bgflow_mini import cv as cvmod  # noqa: E402
 from bgflow_mini.energies import OpenMMEnergy  # noqa: E402
+from bgflow_mini.peptide_geometry import AMINO_ACIDS, CHI2_ATOM, build_peptide, peptide_cvs  # noqa: E402
 from bgflow_mini.system_builder import (  # noqa: E402
     SystemBuildError,
     build_system,
@@ -80,7 +81,7 @@ def _check_cvs_equal_mdtraj(system) -> None:
     single = sum(r.name not in ("ACE", "NME") for r in traj.topology.residues) == 1
     expected = {}
     for cv, fn in (("phi", mdtraj.compute_phi), ("psi", mdtraj.compute_psi),
-                   ("chi1", mdtraj.compute_chi1)):  # fmt: skip
+                   ("chi1", mdtraj.compute_chi1), ("chi2", mdtraj.compute_chi2)):  # fmt: skip
         for atoms in fn(traj)[0]:
             k = 1 + sum(r.name not in ("ACE", "NME") for r in traj.topology.residues
                         if r.index < traj.topology.atom(int(atoms[1])).residue.index)  # fmt: skip
@@ -337,3 +338,21 @@ def test_chain_break_is_refused(tmp_path) -> None:
         app.PDBFile.writeFile(modeller.topology, modeller.positions, fh, keepIds=True)
     with pytest.raises(SystemBuildError, match=r"chain break between ALA2 and ALA4"):
         build_system(tmp_path / "out", pdb=tmp_path / "gap.pdb")
+
+
+def test_side_chain_torsions_of_every_amino_acid_equal_mdtraj() -> None:
+    """chi1 and chi2 of all 20 amino acids in one chain: the atoms mdtraj's compute_chi1 /
+    compute_chi2 use, residue by residue (heavy atoms from PeptideBuilder, no minimising)."""
+    topology, positions = build_peptide(list(AMINO_ACIDS))
+    cvs = peptide_cvs(topology)
+    traj = mdtraj.Trajectory(positions[None], mdtraj.Topology.from_openmm(topology))
+    for cv, fn in (("chi1", mdtraj.compute_chi1), ("chi2", mdtraj.compute_chi2)):
+        expected = {}
+        for atoms in fn(traj)[0]:
+            k = traj.topology.atom(int(atoms[1])).residue.index  # ACE is residue 0
+            expected[f"{cv}_{k}"] = [int(i) for i in atoms]
+        got = {k: v["atoms"] for k, v in cvs.items() if k.startswith(cv + "_")}
+        assert got == expected
+    named = {AMINO_ACIDS[int(k.split("_")[1]) - 1] for k in cvs if k.startswith("chi2_")}
+    assert named == set(CHI2_ATOM)  # every residue with a chi2 has one, and no other
+    assert len(named) == 14
