@@ -76,8 +76,8 @@ def _dihedral(x: np.ndarray, idx) -> float:
     return float(mdtraj.compute_dihedrals(t, np.array([idx]))[0, 0])
 
 
-def _check_cvs_equal_mdtraj(system) -> None:
-    traj = mdtraj.load(str(system.path / system.config["pdb"]))
+def _mdtraj_cvs(traj: mdtraj.Trajectory) -> dict[str, list[int]]:
+    """The torsion CVs a built system should name, with the atoms mdtraj uses."""
     single = sum(r.name not in ("ACE", "NME") for r in traj.topology.residues) == 1
     expected = {}
     for cv, fn in (("phi", mdtraj.compute_phi), ("psi", mdtraj.compute_psi),
@@ -95,6 +95,12 @@ def _check_cvs_equal_mdtraj(system) -> None:
                         if r.index < res.index)  # fmt: skip
             quad = [first, before.atom("C").index, res.atom("N").index, res.atom("CA").index]
             expected["omega" if single else f"omega_{k}"] = quad
+    return expected
+
+
+def _check_cvs_equal_mdtraj(system) -> None:
+    traj = mdtraj.load(str(system.path / system.config["pdb"]))
+    expected = _mdtraj_cvs(traj)
     assert {k: v["atoms"] for k, v in system.cvs.items()} == expected
     values = system.compute_cvs(system.positions[None].reshape(1, -1))
     for name, atoms in expected.items():  # same values (and sign convention) as mdtraj
@@ -340,19 +346,13 @@ def test_chain_break_is_refused(tmp_path) -> None:
         build_system(tmp_path / "out", pdb=tmp_path / "gap.pdb")
 
 
-def test_side_chain_torsions_of_every_amino_acid_equal_mdtraj() -> None:
-    """chi1 and chi2 of all 20 amino acids in one chain: the atoms mdtraj's compute_chi1 /
-    compute_chi2 use, residue by residue (heavy atoms from PeptideBuilder, no minimising)."""
+def test_torsions_of_every_amino_acid_equal_mdtraj() -> None:
+    """phi, psi, chi1, chi2 (and proline's omega) of all 20 amino acids in one chain: the
+    atoms mdtraj uses, residue by residue (heavy atoms from PeptideBuilder, no minimising)."""
     topology, positions = build_peptide(list(AMINO_ACIDS))
     cvs = peptide_cvs(topology)
     traj = mdtraj.Trajectory(positions[None], mdtraj.Topology.from_openmm(topology))
-    for cv, fn in (("chi1", mdtraj.compute_chi1), ("chi2", mdtraj.compute_chi2)):
-        expected = {}
-        for atoms in fn(traj)[0]:
-            k = traj.topology.atom(int(atoms[1])).residue.index  # ACE is residue 0
-            expected[f"{cv}_{k}"] = [int(i) for i in atoms]
-        got = {k: v["atoms"] for k, v in cvs.items() if k.startswith(cv + "_")}
-        assert got == expected
+    assert {k: v["atoms"] for k, v in cvs.items()} == _mdtraj_cvs(traj)
     named = {AMINO_ACIDS[int(k.split("_")[1]) - 1] for k in cvs if k.startswith("chi2_")}
     assert named == set(CHI2_ATOM)  # every residue with a chi2 has one, and no other
     assert len(named) == 14
