@@ -84,6 +84,19 @@ def test_ring_recipe_is_the_long_recipe_with_a_larger_flow():
     assert other.system.name == "trp_dipeptide_vacuum" and other.flow.n_blocks == 8
 
 
+def test_cool_recipe_is_the_ring_recipe_with_a_cooling_phase():
+    cool = OmegaConf.to_container(compose_train(["experiment=ring_dipeptide_cool_rnvp"]))
+    ring = OmegaConf.to_container(compose_train(["experiment=ring_dipeptide_long_rnvp"]))
+    phases = cool["training"].pop("phases")
+    ring["training"].pop("phases")
+    assert cool == ring  # flow, MD, data (the equal-weight mixture), floor, selection
+    assert [p["name"] for p in phases] == ["ml", "mixed", "cool"]
+    assert sum(p["steps"] for p in phases[1:]) == 22000
+    assert cool["data"]["replica_weights"] == "equal" and cool["data"]["replicas"] == 3
+    assert phases[2]["replica_weights"] == "mbar" and "replica_weights" not in phases[1]
+    assert phases[2]["w_kl"] == phases[2]["w_iw"] == phases[1]["w_iw"] == 1.0
+
+
 def test_default_config_builds_a_generator_for_toys():
     from bgflow_mini import pipeline
 
