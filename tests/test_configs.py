@@ -88,8 +88,11 @@ def test_cool_recipe_is_the_ring_recipe_with_a_cooling_phase():
     cool = OmegaConf.to_container(compose_train(["experiment=ring_dipeptide_cool_rnvp"]))
     ring = OmegaConf.to_container(compose_train(["experiment=ring_dipeptide_long_rnvp"]))
     phases = cool["training"].pop("phases")
-    ring["training"].pop("phases")
+    ring_phases = ring["training"].pop("phases")
     assert cool == ring  # flow, MD, data (the equal-weight mixture), floor, selection
+    # the ML and mixed phases are the ring recipe's (a list is restated, not merged)
+    assert phases[0] == ring_phases[0] and len(ring_phases) == 2
+    assert {**phases[1], "steps": ring_phases[1]["steps"]} == ring_phases[1]
     assert [p["name"] for p in phases] == ["ml", "mixed", "cool"]
     assert sum(p["steps"] for p in phases[1:]) == 22000
     assert cool["data"]["replica_weights"] == "equal" and cool["data"]["replicas"] == 3
