@@ -247,6 +247,9 @@ class Trainer:
         self.average = WeightAverage(generator, ema_decay)
         self.ema_decay = self.average.decay
         self.last_eval_samples: Tensor | None = None
+        self.last_eval_log_weights: Tensor | None = None
+        self.draw_log_factors: Tensor | None = None  # see set_draw_log_factors
+        self._draw_version = 0
         self.buffer = ImportanceBuffer(buffer_size, iw_truncate)  # phases with w_iw > 0
         self.resample_every = int(resample_every)
 
@@ -288,6 +291,35 @@ class Trainer:
                 f"{int(bad.nonzero()[0])}); clean the data before training"
             )
         return data
+
+    def set_draw_log_factors(self, log_factors: Tensor | None) -> None:
+        """Multiply the ML draw weight of every data row by ``exp(log_factors)`` ``(n,)``
+        (on top of a phase's ``data_weights``; ``None``: no factors), from the next step
+        on, in this and later :meth:`fit` calls (e.g. :class:`~bgflow_mini.state_feedback.
+        StateFeedback`). Not saved in checkpoints: the caller restores them on resuming."""
+        if log_factors is not None:
+            log_factors = torch.as_tensor(log_factors, dtype=torch.float64).detach().cpu()
+            if log_factors.ndim != 1 or not torch.isfinite(log_factors).all():
+                raise ValueError("draw log factors must be a finite 1-D tensor, one per data row")
+        self.draw_log_factors = log_factors
+        self._draw_version += 1
+
+    def _draw_cdf(self, data: Tensor, data_weights: Tensor | None) -> Tensor | None:
+        """The cumulative draw weights of ``data``: ``data_weights`` (None: uniform) times
+        the draw factors; None for uniform draws."""
+        factors = self.draw_log_factors
+        if factors is None:
+            return None if data_weights is None else _weights_cdf(data_weights, data)
+        if factors.numel() != data.shape[0]:
+            raise ValueError(
+                f"draw log factors have {factors.numel()} entries for {data.shape[0]} data rows"
+            )
+        base = (
+            torch.ones(data.shape[0], dtype=torch.float64)
+            if data_weights is None
+            else torch.as_tensor(data_weights).detach().cpu().double().reshape(-1)
+        )
+        return _weights_cdf(base * torch.exp(factors - factors.max()), data)
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -336,7 +368,8 @@ class Trainer:
             if data is None:
                 raise ValueError("w_ml > 0 needs data: fit(steps, data=...)")
             data = self._check_data(data)
-        cdf = None if data_weights is None or w_ml == 0 else _weights_cdf(data_weights, data)
+        cdf = None if w_ml == 0 else self._draw_cdf(data, data_weights)
+        version = self._draw_version
         if (w_kl > 0 or self.ess_every > 0) and self.generator.energy is None:
             raise ValueError("reverse KL and ESS need a generator with an energy")
         if lr is not None:
@@ -350,6 +383,8 @@ class Trainer:
         start = len(self.history)
         bar = tqdm(range(int(steps)), disable=not self.progress, desc=name or "train")
         for _ in bar:
+            if w_ml > 0 and version != self._draw_version:  # a callback changed the factors
+                cdf, version = self._draw_cdf(data, data_weights), self._draw_version
             record = self._train_step((data, cdf), w_ml, w_kl, bs, kl_bs, anneal)
             record["phase"] = name
             checked = self._periodic(record)
@@ -594,6 +629,7 @@ class Trainer:
                 self.n_energy_evaluations += int(x.shape[0])
                 ess = effective_sample_size(log_w)
                 self.last_eval_samples = x  # for callbacks, e.g. the collapse guard
+                self.last_eval_log_weights = log_w  # e.g. the state feedback
                 self.average.offer(ess, self.step)
             record["ess_eval"] = ess
         if self.val_data is not None and self.eval_every and self.step % self.eval_every == 0:

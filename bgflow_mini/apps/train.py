@@ -42,6 +42,7 @@ from bgflow_mini.pipeline import apply_state_floor
 from bgflow_mini.report import peak_memory_mb, summary_table
 from bgflow_mini.run_logger import RunLogger
 from bgflow_mini.samples import save_sample_set
+from bgflow_mini.state_balance import state_masks
 from bgflow_mini.targets import as_target
 from bgflow_mini.training import Phase, Trainer, check_global_batches
 
@@ -238,12 +239,16 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
             for s, p in reference.items()
         }
     monitor = StateMonitor(target.cvs, target.states, reference)
+    ml_rows, ml_weights = data.ml_data()  # replica pool (data.replicas > 1) or train
+    feedback = None
+    if tc.get("state_feedback"):  # every rank: it changes the ML draws
+        masks = state_masks(ml_rows.detach().cpu().double().numpy(), target.cvs, target.states)
+        feedback = instantiate(tc.state_feedback)(target.cvs, target.states, masks)
+    columns = monitor.columns + (feedback.columns if feedback else [])
     overfit = OverfitMonitor()  # warns when ML memorises the MD frames
     logger = None
     if main:  # rank 0 alone writes metrics.csv and checkpoints
-        logger = RunLogger(
-            out, tc.metrics_every, tc.checkpoint_every, extra, t0, columns=monitor.columns
-        )
+        logger = RunLogger(out, tc.metrics_every, tc.checkpoint_every, extra, t0, columns=columns)
     trainer = Trainer(
         generator,
         lr=tc.lr,
@@ -259,7 +264,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         seed=int(cfg.seed),
         progress=bool(cfg.progress),
         # the monitor adds pop_<state> before the row is written
-        callbacks=[monitor, overfit, logger] if main else [],
+        callbacks=([feedback] if feedback else []) + ([monitor, overfit, logger] if main else []),
         ema_decay=tc.get("ema_decay"),
         buffer_size=int(tc.get("buffer_size", 8192)),
         resample_every=int(tc.get("resample_every", 50)),
@@ -281,9 +286,10 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         logger.restart(trainer)  # (re)writes metrics.csv from the restored history
         monitor.replay(trainer.history)
         overfit.replay(trainer.history)
+    if feedback is not None:  # the factors the run had reached, on every rank
+        feedback.replay(trainer, trainer.history)
     t_train, steps_before = time.time(), trainer.step
     try:
-        ml_rows, ml_weights = data.ml_data()  # replica pool (data.replicas > 1) or train
         if own_weightings:  # a mapping: each phase's weights by its replica_weights
             ml_weights = {None: ml_weights, **{w: data.ml_data(w)[1] for w in own_weightings}}
         trainer.fit_phases(phases, data=ml_rows, data_weights=ml_weights)
@@ -328,6 +334,7 @@ def _train(cfg, out, ckpt, target, ctx, dtype, phases, t0) -> dict:
         collapse_warnings=monitor.summary(),
         overfill_warnings=monitor.overfill_summary(),
         overfit_warnings=overfit.summary(),
+        state_feedback=feedback.summary() if feedback else None,
         skipped_steps=trainer.n_skipped,
         training_nonfinite_energies=trainer.n_nonfinite_samples,
         training_capped_energies=trainer.n_capped_samples,

@@ -526,6 +526,38 @@ def _state_floor(d: Mapping, target: Any) -> list[str]:
     return []
 
 
+def _state_feedback(d: Mapping, target: Any) -> list[str]:
+    """``training.state_feedback``: a ``_target_`` mapping with sensible numbers, periodic
+    ESS estimates to feed it, and a target with named states."""
+    tc = d.get("training") if isinstance(d.get("training"), Mapping) else {}
+    fb = tc.get("state_feedback")
+    if fb is None:
+        return []
+    if not isinstance(fb, Mapping) or "_target_" not in fb:
+        return [f"training.state_feedback={_show(fb)}: expected null or a mapping with _target_"]
+    lines = []
+    bounds = {"gain": 0.0, "max_factor": 1.0, "step_max": 0.0}
+    for key, low in bounds.items():
+        v = fb.get(key)
+        if v is not None and not (_is_num(v) and math.isfinite(v) and v > low):
+            lines.append(f"training.state_feedback.{key}={_show(v)}: expected a number > {low:g}")
+    for key in ("min_ess", "tolerance"):
+        v = fb.get(key)
+        if v is not None and not (_is_num(v) and v >= 0):
+            lines.append(f"training.state_feedback.{key}={_show(v)}: expected a number >= 0")
+    if not (_is_num(tc.get("ess_every")) and tc.get("ess_every") > 0):
+        lines.append(
+            "training.state_feedback updates at the periodic ESS estimates: set "
+            "training.ess_every > 0"
+        )
+    if target is not None and not (getattr(target, "states", None) or {}):
+        lines.append(
+            f"training.state_feedback steers the flow's share of named states, but "
+            f"{target.name} defines none (system.yaml: states); set it to null"
+        )
+    return lines
+
+
 def validate_train_config(cfg: DictConfig | Mapping, target: Any = None) -> None:
     """Check a composed ``configs/train.yaml``; ``target`` (the loaded system, with
     ``name``, ``cvs`` and ``states``) also checks the evaluation states.
@@ -540,7 +572,7 @@ def validate_train_config(cfg: DictConfig | Mapping, target: Any = None) -> None
     lines += _symmetrize(d, target) + _reference_seeds(d, target) + _state_floor(d, target)
     if getattr(target, "kind", None) == "molecular" and not isinstance(d.get("md"), Mapping):
         lines.append(f"md={_show(d.get('md'))}: a molecule needs MD settings (md=remd or md=plain)")
-    lines += _sync_every(d)
+    lines += _sync_every(d) + _state_feedback(d, target)
     toy = d.get("data", {}).get("toy") if isinstance(d.get("data"), Mapping) else None
     if isinstance(toy, Mapping) and all(isinstance(toy.get(k), int) for k in ("n_steps", "thin")):
         if toy["n_steps"] < toy["thin"]:
