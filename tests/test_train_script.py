@@ -170,16 +170,25 @@ ANNEALED = (
     "{name: iw_2, steps: 100, w_ml: 0, w_iw: 1, temperature: 2.0},"
     "{name: iw_1, steps: 100, w_ml: 0, w_iw: 1, temperature: 1.0}]"
 )
+# state feedback that moves at every estimate (no dead band, no minimum ESS)
+FEEDBACK = (
+    "training.state_feedback={_target_: bgflow_mini.state_feedback.StateFeedback, "
+    "_partial_: true, min_ess: 0, tolerance: 0, gain: 1.0}"
+)
 
 
 @pytest.mark.parametrize(
     "steps",
-    [phases(150, 150), ANNEALED],
-    ids=["ml_then_mixed", "annealed"],
+    [phases(150, 150), ANNEALED, FEEDBACK],
+    ids=["ml_then_mixed", "annealed", "state_feedback"],
 )
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, steps):
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
-    if steps == ANNEALED:
+    kill_after = 0  # the first checkpoint
+    if steps == FEEDBACK:  # the resumed run must draw with the factors it had reached:
+        steps = (phases(150, 150), FEEDBACK)  # killed after the updates at 160 and 200
+        kill_after = 220
+    elif steps == ANNEALED:
         steps = (
             "training=annealed",
             steps,
@@ -200,12 +209,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, steps):
     )
     ckpt = cut_dir / "checkpoints" / "latest.pt"
     deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    while proc.poll() is None and time.time() < deadline:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= kill_after:
+            break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     killed_at = torch.load(ckpt, weights_only=True)["step"]
-    assert 0 < killed_at < 300, "the run was not interrupted mid-way"
+    assert max(kill_after, 1) <= killed_at < 300, "the run was not interrupted mid-way"
     assert not (cut_dir / "metrics.json").exists()
 
     run(
@@ -230,6 +241,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, steps):
         return [r.split(",")[:col] + r.split(",")[col + 1 :] for r in rows]
 
     assert strip(csv_got) == strip(csv_ref)
+    if FEEDBACK in steps:  # the factors moved, or the test would not test the replay
+        factors = m_ref["state_feedback"]["factors"]
+        assert m_ref["state_feedback"]["updates"] >= 3 and max(factors.values()) > 1.05
+        assert m_got["state_feedback"] == m_ref["state_feedback"]
 
 
 def test_resume_without_run_folder_is_a_clear_error(tmp_path):

@@ -500,3 +500,20 @@ def test_a_state_floor_the_states_cannot_hold_is_refused_before_any_work():
     validate_train_config(bad, target=TARGET)  # two exclusive states: 0.4 each can hold
     nostates = SimpleNamespace(**{**vars(TARGET), "states": {}})
     raises(validate_train_config, bad, "defines none", target=nostates)
+
+
+def test_state_feedback_settings_are_checked_before_any_work():
+    from bgflow_mini.targets import as_target
+
+    trp = as_target("trp_dipeptide_vacuum")
+    good = ["experiment=ring_dipeptide_feedback_rnvp", "system=trp_dipeptide_vacuum"]
+    validate_train_config(load("train", good), target=trp)
+    bad = load("train", [*good, "training.state_feedback.gain=0", "training.ess_every=0",
+                         "training.state_feedback.tolerance=-1"])  # fmt: skip
+    raises(
+        validate_train_config, bad, "state_feedback.gain=0", "state_feedback.tolerance=-1",
+        "training.ess_every > 0", target=trp,
+    )  # fmt: skip
+    stateless = SimpleNamespace(name="blob", cvs={}, states={}, default_states=())
+    raises(validate_train_config, load("train", good), "blob defines none", target=stateless)
+    raises(validate_train_config, load("train", ["training.state_feedback=3"]), "_target_")
