@@ -82,6 +82,7 @@ SUBMODULES = (
     "schedules",
     "sharded_draws",
     "state_balance",
+    "state_feedback",
     "symmetry",
     "system_builder",
     "systems",
