@@ -72,6 +72,15 @@ def _state_floor_rows(floor: Mapping) -> list[str]:
     return [f"| ML draws, state floor {floor['floor']}: share before -> after | {text} |"]
 
 
+def _state_feedback_rows(fb: Mapping) -> list[str]:
+    """The factors state feedback put on the ML draw weights (those not at 1)."""
+    if not fb:
+        return []
+    moved = [f"{k} {v:.2f}" for k, v in (fb.get("factors") or {}).items() if abs(v - 1) > 5e-3]
+    text = ", ".join(moved) + " (others 1)" if moved else "every factor 1"
+    return [f"| ML draws, state feedback after {fb['updates']} updates: factors | {text} |"]
+
+
 def _ais_rows(ais: Mapping, main: tuple) -> list[str]:
     """Rows of the evaluation on annealed importance samples (``metrics["ais"]``)."""
     if not ais:
@@ -167,6 +176,7 @@ def summary_table(metrics: Mapping) -> str:
     info = metrics.get("data_info") or {}
     lines += _replica_pool_rows(info.get("replica_pool") or {})
     lines += _state_floor_rows(info.get("state_floor") or {})
+    lines += _state_feedback_rows(metrics.get("state_feedback") or {})
     lines += _driver_rows(metrics.get("weight_drivers") or {})
     ev = metrics.get("energy_evaluations")
     if ev:

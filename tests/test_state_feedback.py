@@ -176,3 +176,15 @@ def test_callback_acts_only_on_reverse_kl_estimates_at_the_target_temperature() 
     torch.testing.assert_close(resumed.factors[-1], fake.factors[-1])
     assert fb.summary() == {"factors": {"A": 1.0, "B": pytest.approx(math.exp(0.25))},
                             "updates": 1}  # fmt: skip
+
+
+def test_the_summary_table_names_the_factors_that_moved() -> None:
+    from bgflow_mini.report import summary_table
+
+    fb = {"factors": {"A": 1.0, "B": 2.345}, "updates": 7}
+    assert "| ML draws, state feedback after 7 updates: factors | B 2.35 (others 1) |" in (
+        summary_table({"state_feedback": fb})
+    )
+    fb = {"factors": {"A": 1.0, "B": 1.0}, "updates": 3}
+    assert "after 3 updates: factors | every factor 1 |" in summary_table({"state_feedback": fb})
+    assert "state feedback" not in summary_table({"state_feedback": None})
