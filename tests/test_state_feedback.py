@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_training import _spy_draws  # the cdf each step draws with
 
 from bgflow_mini import BoltzmannGenerator, StandardNormal
 from bgflow_mini.energies import DoubleWell
@@ -22,18 +23,6 @@ TARGET = as_target(DoubleWell())  # states A (x1 < 0) and B (x1 > 0)
 def make_bg() -> BoltzmannGenerator:
     torch.manual_seed(0)
     return BoltzmannGenerator(StandardNormal(2), coupling_flow(2, 2, hidden=(8,)), TARGET.energy())
-
-
-def spy_draws(trainer: Trainer) -> list:
-    """The cumulative draw weights (None: uniform) each of ``trainer``'s steps uses."""
-    seen, step = [], trainer._train_step
-
-    def spy(rows_cdf, *args):
-        seen.append(rows_cdf[1])
-        return step(rows_cdf, *args)
-
-    trainer._train_step = spy
-    return seen
 
 
 def rows(n_b: int, n: int = 100) -> torch.Tensor:
@@ -119,7 +108,7 @@ def test_trainer_draws_with_the_factors_from_the_next_step_on() -> None:
     data = rows(50).float()
     base = torch.linspace(1.0, 2.0, 100)
     trainer = Trainer(make_bg(), batch_size=16, progress=False)
-    seen = spy_draws(trainer)
+    seen = _spy_draws(trainer)
     factors = torch.where(data[:, 0] > 0, math.log(3.0), 0.0)
 
     def change_at_step_2(tr, record):
