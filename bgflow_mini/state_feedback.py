@@ -26,6 +26,11 @@ has fewer than ``min_ess`` effective samples (the shares would be noise), and in
 another temperature than the target's. The factors are written to the step's record
 (``fb_<state>``, and the number of updates so far in ``fb_updates``) and read back from a
 restored history, so a resumed run continues with the same draw weights.
+
+Measured on Trp (BENCHMARKS.md, "State feedback on the ML draws"): it cost ESS at both
+settings tried (0.373 against 0.471, 0.359 against 0.387): the draws it gives an
+under-filled state come out of the others, whose shapes get worse where the flow has no
+capacity to spare. No recipe turns it on.
 """
 
 from __future__ import annotations
