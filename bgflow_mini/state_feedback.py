@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
+from .replica_pool import kish_size
 from .state_balance import state_masks
 
 __all__ = ["StateFeedback", "state_shares"]
@@ -70,8 +71,7 @@ def state_shares(
     total = logsumexp(lw[ok])
     rew = {s: float(np.exp(logsumexp(lw[m & ok]) - total)) if (m & ok).any() else 0.0
            for s, m in masks.items()}  # fmt: skip
-    n_eff = float(np.exp(2 * total - logsumexp(2 * lw[ok])))
-    return raw, rew, n_eff
+    return raw, rew, kish_size(lw)
 
 
 class StateFeedback:
