@@ -40,10 +40,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from scipy.special import logsumexp
 
 from .replica_pool import kish_size
-from .state_balance import state_masks
+from .state_balance import _log_share, state_masks
 
 __all__ = ["StateFeedback", "state_shares"]
 
@@ -68,9 +67,7 @@ def state_shares(
     if not ok.any():
         return raw, {s: 0.0 for s in masks}, 0.0
     lw = np.where(ok, lw, -np.inf)
-    total = logsumexp(lw[ok])
-    rew = {s: float(np.exp(logsumexp(lw[m & ok]) - total)) if (m & ok).any() else 0.0
-           for s, m in masks.items()}  # fmt: skip
+    rew = {s: float(np.exp(_log_share(lw, m & ok))) for s, m in masks.items()}
     return raw, rew, kish_size(lw)
 
 
